@@ -1,0 +1,366 @@
+"""The local provider: a resource-group spec as a real multi-node Ray cluster on 127.0.0.1.
+
+One head raylet (``num_cpus=0``: it schedules, runs no tasks; dashboard + job
+server + Ray client server), one raylet per worker, scaled down to fit this
+machine, each labelled with its worker group (``group=<name>``, ``type=CPU|GPU``).
+Token auth is on (token file 0600 in the cluster's state folder), all ports are
+free ones chosen here (never 6379/8265), object stores are bounded. With
+``category: HIGH_AVAILABILITY`` GCS state lives in the local Redis, so the head
+can be killed and restarted.
+
+State lives in ``.adbray/clusters/<name>/state.json``; ``down`` stops exactly the
+processes whose command lines carry this cluster's temp dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .spec import ResourceGroupSpec
+
+STATE_ROOT = Path(os.environ.get("ADBRAY_STATE", Path.home() / ".adbray"))
+MB = 1024 * 1024
+# How far a spec is scaled down locally (this machine has few cores).
+LOCAL_MAX_WORKERS_PER_GROUP = int(os.environ.get("ADBRAY_LOCAL_MAX_WORKERS", "2"))
+LOCAL_MAX_CPUS_PER_WORKER = int(os.environ.get("ADBRAY_LOCAL_MAX_CPUS", "2"))
+LOCAL_WORKER_MEMORY = 2 * 1024 * MB
+LOCAL_OBJECT_STORE = int(os.environ.get("ADBRAY_LOCAL_OBJECT_STORE_MB", "300")) * MB
+HEAD_OBJECT_STORE = 200 * MB
+REDIS_ADDRESS = os.environ.get("ADBRAY_REDIS_ADDRESS", "127.0.0.1:6379")
+
+
+class LocalClusterError(RuntimeError):
+    """The local cluster could not be started, found or stopped."""
+
+
+@dataclass
+class NodePlan:
+    group: str
+    type: str
+    num_cpus: int
+    num_gpus: int
+    memory: int = LOCAL_WORKER_MEMORY
+    object_store_memory: int = LOCAL_OBJECT_STORE
+
+    @property
+    def labels(self) -> str:
+        return f"group={self.group},type={self.type}"
+
+
+@dataclass
+class ClusterState:
+    name: str
+    category: str
+    gcs_port: int
+    dashboard_port: int
+    client_port: int
+    temp_dir: str
+    token_path: str
+    nodes: list[dict] = field(default_factory=list)
+    scaling: list[str] = field(default_factory=list)
+    redis_namespace: str | None = None
+    head_pids: list[int] = field(default_factory=list)
+    extra_env: dict = field(default_factory=dict)
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def client_address(self) -> str:
+        return f"ray://127.0.0.1:{self.client_port}"
+
+    def token(self) -> str:
+        return Path(self.token_path).read_text().strip()
+
+    def env(self) -> dict:
+        """Environment for a Ray client of this cluster (driver, CLI, job submit)."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
+                "RAY_ADDRESS": self.gcs_address}
+
+
+def state_dir(name: str) -> Path:
+    return STATE_ROOT / "clusters" / name
+
+
+def free_port() -> int:
+    """A free TCP port from the OS's ephemeral range (outside Ray's 10002-19999)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not (10002 <= port <= 19999) and port not in (6379, 8265, 10001):
+            return port
+
+
+def plan_nodes(spec: ResourceGroupSpec, max_workers: int = LOCAL_MAX_WORKERS_PER_GROUP,
+               max_cpus: int = LOCAL_MAX_CPUS_PER_WORKER) -> tuple[list[NodePlan], list[str]]:
+    """Worker raylets for a spec, scaled to this machine, and one line per group saying how."""
+    nodes, notes = [], []
+    for g in spec.worker_groups:
+        count = min(g.min_workers, max_workers)
+        cpus = min(g.cores, max_cpus)
+        gpus = max(1, int(g.gpus)) if g.type == "GPU" else 0
+        nodes += [NodePlan(g.name, g.type, cpus, gpus) for _ in range(count)]
+        unit = f", {g.distribution_unit or 1} GPU/worker -> {gpus} logical GPU" if g.type == "GPU" else ""
+        notes.append(
+            f"{g.name}: {g.type} {g.spec} ({g.cores}C/{g.memory_gb}G) x{g.min_workers}..{g.max_workers}"
+            f" -> local {count} worker(s) x {cpus} CPU{unit}"
+        )
+    return nodes, notes
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _start_env(state: ClusterState, ha: bool) -> dict:
+    env = dict(os.environ)
+    env.update(state.extra_env)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state.token_path)
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    if ha:
+        env.update(RAY_REDIS_ADDRESS=REDIS_ADDRESS, RAY_external_storage_namespace=state.redis_namespace)
+    return env
+
+
+def _run(cmd: list[str], env: dict, what: str) -> None:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise LocalClusterError(f"{what} failed: {' | '.join(tail)}")
+
+
+def start_head(state: ClusterState) -> None:
+    """Start (or restart, same ports) the head raylet with 0 CPUs; remembers the head's pids."""
+    # a restart on the same port: Ray refuses while the address file names a GCS
+    # that surviving worker raylets still point at
+    Path(state.temp_dir, "ray_current_cluster").unlink(missing_ok=True)
+    before = {p.pid for p in processes(state)}
+    cmd = [
+        _ray_bin(), "start", "--head", "--num-cpus=0", "--num-gpus=0",
+        f"--port={state.gcs_port}", "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={state.dashboard_port}",
+        f"--ray-client-server-port={state.client_port}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--object-store-memory={HEAD_OBJECT_STORE}", f"--temp-dir={state.temp_dir}",
+        "--labels=group=head,type=HEAD", "--disable-usage-stats",
+    ]
+    _run(cmd, _start_env(state, state.category == "HIGH_AVAILABILITY"), "starting the head")
+    state.head_pids = sorted(p.pid for p in processes(state) if p.pid not in before)
+    save_state(state)
+
+
+def start_worker(state: ClusterState, node: NodePlan) -> None:
+    cmd = [
+        _ray_bin(), "start", f"--address={state.gcs_address}", "--node-ip-address=127.0.0.1",
+        f"--num-cpus={node.num_cpus}", f"--num-gpus={node.num_gpus}", f"--memory={node.memory}",
+        f"--object-store-memory={node.object_store_memory}", f"--labels={node.labels}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--temp-dir={state.temp_dir}",
+        "--disable-usage-stats",
+    ]
+    _run(cmd, _start_env(state, False), f"starting worker of group {node.group}")
+
+
+def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict | None = None) -> ClusterState:
+    """Start the spec as a local multi-node cluster; returns its state.
+
+    ``env`` is set on every Ray process of the cluster (e.g. Serve's
+    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``).
+    """
+    sdir = state_dir(spec.name)
+    if (sdir / "state.json").exists():
+        existing = load_state(spec.name)
+        if processes(existing):
+            raise LocalClusterError(f"cluster {spec.name!r} is already up ({existing.dashboard_url}); "
+                                    f"run `adbray cluster down --name {spec.name}` first")
+        shutil.rmtree(sdir, ignore_errors=True)
+    sdir.mkdir(parents=True, exist_ok=True)
+    token_path = sdir / "auth_token"
+    token_path.write_text(token or spec.auth_token or secrets.token_hex(32))
+    os.chmod(token_path, 0o600)
+    nodes, notes = plan_nodes(spec)
+    state = ClusterState(
+        name=spec.name, category=spec.category, gcs_port=free_port(), dashboard_port=free_port(),
+        client_port=free_port(), temp_dir=f"/tmp/adbray-{spec.name[:20]}-{secrets.token_hex(3)}",
+        token_path=str(token_path), nodes=[asdict(n) for n in nodes], scaling=notes,
+        redis_namespace=f"adbray-{spec.name}-{secrets.token_hex(4)}" if spec.category == "HIGH_AVAILABILITY"
+        else None,
+        extra_env=dict(env or {}),
+    )
+    save_state(state)
+    for line in notes:
+        log(f"scaling {line}")
+    try:
+        start_head(state)
+        for n in nodes:
+            start_worker(state, n)
+        wait_for_nodes(state, 1 + len(nodes))
+    except Exception:
+        down(spec.name, log=lambda *_: None)
+        raise
+    log(f"cluster {spec.name} up: {state.dashboard_url} (ray client {state.client_address}), "
+        f"token {state.token_path}")
+    return state
+
+
+def save_state(state: ClusterState) -> None:
+    path = state_dir(state.name) / "state.json"
+    path.write_text(json.dumps(asdict(state), indent=2))
+
+
+def load_state(name: str) -> ClusterState:
+    path = state_dir(name) / "state.json"
+    if not path.is_file():
+        raise LocalClusterError(f"no local cluster named {name!r} (no {path})")
+    return ClusterState(**json.loads(path.read_text()))
+
+
+def list_clusters() -> list[str]:
+    root = STATE_ROOT / "clusters"
+    return sorted(p.name for p in root.iterdir() if (p / "state.json").exists()) if root.is_dir() else []
+
+
+def alive_nodes(state: ClusterState, timeout: float = 10.0) -> list[dict]:
+    """Alive nodes as the GCS reports them (via the dashboard's state API)."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{state.dashboard_url}/api/v0/nodes?limit=1000&detail=1",
+                                 headers={"Authorization": f"Bearer {state.token()}"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body = json.loads(resp.read())
+    rows = body.get("data", {}).get("result", {}).get("result", [])
+    return [r for r in rows if r.get("state") == "ALIVE"]
+
+
+def wait_for_nodes(state: ClusterState, count: int, timeout: float = 90.0) -> list[dict]:
+    """Block until ``count`` nodes are alive; raise LocalClusterError on timeout."""
+    deadline, last = time.time() + timeout, "no answer"
+    while time.time() < deadline:
+        try:
+            nodes = alive_nodes(state)
+            if len(nodes) >= count:
+                return nodes
+            last = f"{len(nodes)} of {count} nodes alive"
+        except OSError as e:
+            last = str(e)
+        time.sleep(1)
+    raise LocalClusterError(f"cluster {state.name}: {last} after {timeout:.0f}s")
+
+
+def status(name: str) -> dict:
+    """Nodes, resources and addresses of a running local cluster."""
+    state = load_state(name)
+    info = {"name": name, "category": state.category, "dashboard_url": state.dashboard_url,
+            "ray_address": state.client_address, "gcs_address": state.gcs_address,
+            "token_path": state.token_path, "scaling": state.scaling, "processes": len(processes(state))}
+    try:
+        nodes = alive_nodes(state)
+    except OSError as e:
+        info.update(up=False, error=str(e), nodes=[])
+        return info
+    info["up"] = True
+    info["nodes"] = [
+        {"node_id": n["node_id"], "head": n.get("is_head_node", False),
+         "labels": {k: v for k, v in (n.get("labels") or {}).items() if not k.startswith("ray.io/")},
+         "resources": {k: v for k, v in (n.get("resources_total") or {}).items()
+                       if k in ("CPU", "GPU", "memory", "object_store_memory")}}
+        for n in nodes
+    ]
+    total: dict[str, float] = {}
+    for n in info["nodes"]:
+        for k, v in n["resources"].items():
+            total[k] = total.get(k, 0) + v
+    info["resources"] = total
+    return info
+
+
+def processes(state: ClusterState) -> list:
+    """Every live process that belongs to this cluster (its temp dir is in the command line)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or ())
+        except (psutil.Error, TypeError):
+            continue
+        if state.temp_dir in cmd or f"--gcs_server_port={state.gcs_port}" in cmd \
+                or f":{state.gcs_port}" in cmd:
+            found.append(p)
+    # agents, dashboard modules and workers rename themselves: take every descendant too
+    by_pid = {p.pid: p for p in found}
+    for p in list(found):
+        try:
+            for child in p.children(recursive=True):
+                by_pid.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+    by_pid.pop(os.getpid(), None)
+    return list(by_pid.values())
+
+
+def kill_processes(procs: list, grace: float = 5.0) -> None:
+    import psutil
+
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def head_processes(state: ClusterState) -> list:
+    """The head's processes (GCS, head raylet, dashboard, client server, ...), as started."""
+    return [p for p in processes(state) if p.pid in set(state.head_pids)]
+
+
+def down(name: str, log=print) -> int:
+    """Stop every process of this cluster, and nothing else; returns how many were stopped."""
+    state = load_state(name)
+    procs = processes(state)
+    kill_processes(procs)
+    leftover = processes(state)
+    if leftover:
+        kill_processes(leftover, grace=2)
+    if state.redis_namespace:
+        _clear_redis(state.redis_namespace)
+    shutil.rmtree(state.temp_dir, ignore_errors=True)
+    shutil.rmtree(state_dir(name), ignore_errors=True)
+    log(f"cluster {name} down: stopped {len(procs)} processes")
+    return len(procs)
+
+
+def _clear_redis(namespace: str) -> None:
+    try:
+        import redis
+
+        host, port = REDIS_ADDRESS.rsplit(":", 1)
+        r = redis.Redis(host=host, port=int(port), socket_timeout=3)
+        for key in r.scan_iter(match=f"*{namespace}*", count=1000):
+            r.delete(key)
+    except Exception as e:  # the cluster is down either way; a stale namespace is harmless
+        print(f"warning: could not clear Redis namespace {namespace}: {e}", file=sys.stderr)

@@ -1,0 +1,177 @@
+"""The resource-group spec (``resource_group.yaml``), validated like the service.
+
+The spec-name table (cores/memory per spec) lives here and only here.
+"""
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.config import ConfigError, StrictModel, read_yaml, validate
+
+# AnalyticDB Spark resource specs: name -> (cores, memory GiB)
+SPECS: dict[str, tuple[int, int]] = {
+    "small": (1, 4),
+    "m.xlarge": (8, 64),
+    "m.2xlarge": (16, 128),
+}
+HEAD_SPECS = tuple(SPECS)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
+SHELL_META = re.compile(r"[;&|`$\\\n\r]")
+MAX_REQUIREMENTS = 200
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ("multimodal", "recsys", "riskcontrol", "embodied")
+
+
+def parse_unit(unit: str) -> Fraction:
+    """``"1/3"`` -> Fraction(1, 3); ``"1"``/``"2"`` -> whole GPUs. Must be > 0."""
+    text = str(unit).strip()
+    m = re.fullmatch(r"(\d+)(?:/(\d+))?", text)
+    if not m:
+        raise ValueError(f"distribution_unit {unit!r} must look like 1, 2 or 1/3")
+    num, den = int(m.group(1)), int(m.group(2) or 1)
+    if den == 0:
+        raise ValueError(f"distribution_unit {unit!r} divides by zero")
+    if num == 0:
+        raise ValueError(f"distribution_unit {unit!r} must be > 0")
+    return Fraction(num, den)
+
+
+class HeadSpec(StrictModel):
+    spec: Literal["small", "m.xlarge", "m.2xlarge"] = "small"
+    disk_gb: int = Field(100, ge=30, le=2000)
+
+
+class WorkerGroup(StrictModel):
+    name: str
+    type: Literal["CPU", "GPU"] = "CPU"
+    spec: str = "m.xlarge"
+    disk_gb: int = Field(100, ge=30, le=2000)
+    min_workers: int = Field(1, ge=1, le=8)
+    max_workers: int = Field(1, ge=1, le=8)
+    distribution_unit: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must match [A-Za-z0-9][A-Za-z0-9_-]{0,254}")
+        return v
+
+    @field_validator("distribution_unit")
+    @classmethod
+    def _unit(cls, v):
+        if v is not None:
+            parse_unit(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
+        if self.type == "CPU" and self.spec not in SPECS:
+            raise ValueError(f"unknown CPU spec {self.spec!r} (allowed: {', '.join(SPECS)})")
+        if self.type == "GPU" and not self.spec.strip():
+            raise ValueError("GPU spec name must not be empty")
+        if self.type == "CPU" and self.distribution_unit is not None:
+            raise ValueError("distribution_unit is only for GPU groups")
+        return self
+
+    @property
+    def cores(self) -> int:
+        """Cores per worker: from the table for CPU specs; GPU specs default to 8."""
+        return SPECS.get(self.spec, (8, 64))[0]
+
+    @property
+    def memory_gb(self) -> int:
+        return SPECS.get(self.spec, (8, 64))[1]
+
+    @property
+    def gpus(self) -> float:
+        """GPUs per worker (the distribution unit; 1 if a GPU group gives none)."""
+        if self.type != "GPU":
+            return 0.0
+        return float(parse_unit(self.distribution_unit or "1"))
+
+
+class ResourceGroupSpec(StrictModel):
+    name: str
+    category: Literal["BASIC", "HIGH_AVAILABILITY"] = "BASIC"
+    head: HeadSpec = HeadSpec()
+    worker_groups: list[WorkerGroup] = Field(min_length=1)
+    requirements: list[str] = Field(default_factory=list)
+    auth_token: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must match [A-Za-z0-9][A-Za-z0-9_-]{0,254}")
+        return v
+
+    @field_validator("requirements")
+    @classmethod
+    def _reqs(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_REQUIREMENTS:
+            raise ValueError(f"at most {MAX_REQUIREMENTS} requirement lines, got {len(v)}")
+        for line in v:
+            if SHELL_META.search(line):
+                raise ValueError(f"requirement {line!r} contains a shell metacharacter")
+            if not line.strip():
+                raise ValueError("empty requirement line")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [g.name for g in self.worker_groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker group names must be unique: {names}")
+        return self
+
+    def group(self, name: str) -> WorkerGroup:
+        for g in self.worker_groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def reserved(self, at: Literal["min", "max"]) -> dict:
+        """Cores, memory, GPUs and disk the group reserves at min or max workers."""
+        head_cores, head_mem = SPECS[self.head.spec]
+        total = {"cores": head_cores, "memory_gb": head_mem, "gpus": 0.0, "disk_gb": self.head.disk_gb,
+                 "workers": 0}
+        for g in self.worker_groups:
+            n = g.min_workers if at == "min" else g.max_workers
+            total["workers"] += n
+            total["cores"] += n * g.cores
+            total["memory_gb"] += n * g.memory_gb
+            total["gpus"] += n * g.gpus
+            total["disk_gb"] += n * g.disk_gb
+        total["gpus"] = round(total["gpus"], 3)
+        return total
+
+
+def spec_path(template_or_path: str) -> Path:
+    """A template name (``riskcontrol``) or a YAML path -> the spec file path."""
+    p = Path(template_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    if template_or_path in TEMPLATES or (REPO_ROOT / template_or_path).is_dir():
+        return REPO_ROOT / template_or_path / "resource_group.yaml"
+    return p
+
+
+def load_spec(template_or_path: str, name: str | None = None, overrides=()) -> ResourceGroupSpec:
+    """Load and validate a spec; any problem is a one-line ConfigError."""
+    from pipelines.config import apply_overrides
+
+    path = spec_path(template_or_path)
+    if not path.is_file():
+        raise ConfigError(f"no resource_group.yaml for {template_or_path!r} (looked at {path})")
+    data = apply_overrides(read_yaml(path), overrides)
+    if name:
+        data["name"] = name
+    return validate(ResourceGroupSpec, data, source=str(path))

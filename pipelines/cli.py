@@ -1,0 +1,59 @@
+"""What every template entry point shares: common options and error handling.
+
+    @click.command()
+    @template_options
+    def main(config, overrides, address, run_dir): ...
+
+    if __name__ == "__main__":
+        run_main(main)
+
+Errors are one line on stderr and a non-zero exit; the JSON summary is the
+last stdout line on success.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .config import ConfigError
+from .connect import ClusterUnreachable
+
+
+def template_options(fn):
+    """``--config``, ``--set`` (repeatable), ``--address``, ``--run-dir``."""
+    fn = click.option("--run-dir", default=None, help="Output folder (default runs/<template>/<run_id>).")(fn)
+    fn = click.option("--address", default=None,
+                      help="Ray address: auto, ray://host:10001 or http://host:8265.")(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a config field, e.g. --set train.num_workers=2.")(fn)
+    fn = click.option("--config", "config", default=None, type=click.Path(),
+                      help="Config YAML (default: the template's configs/local.yaml).")(fn)
+    return fn
+
+
+class RunFailed(RuntimeError):
+    """The run did not do what it says (e.g. too many rejects)."""
+
+
+def run_main(command: click.Command, argv=None) -> int:
+    """Invoke a click command; known errors become one stderr line and exit code."""
+    try:
+        command.main(args=argv, standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return 2
+    except (ConfigError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except (ClusterUnreachable, RunFailed, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
+
+
+def exit_with(command: click.Command, argv=None) -> None:
+    """``sys.exit(run_main(command, argv))`` for ``__main__`` blocks."""
+    sys.exit(run_main(command, argv))

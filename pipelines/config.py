@@ -1,0 +1,106 @@
+"""Config models loaded from YAML with ``--set a.b=c`` overrides.
+
+Templates define pydantic models and call :func:`load_config`. Invalid config is
+raised as :class:`ConfigError` with one line naming the field and, where the
+field is a ``Literal``/enum, the allowed values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error."""
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into (["a", "b"], value parsed as YAML scalar)."""
+    if "=" not in item:
+        raise ConfigError(f"bad override {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"bad override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``a.b=c`` overrides in place on a nested dict and return it."""
+    for item in overrides or ():
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One line: the first failing field path, the message and allowed values."""
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ())) or "<root>"
+    msg = first.get("msg", "invalid value")
+    ctx = first.get("ctx") or {}
+    extra = ""
+    if "expected" in ctx:
+        extra = f" (allowed: {ctx['expected']})"
+    more = len(err.errors()) - 1
+    tail = f" [+{more} more]" if more > 0 else ""
+    value = first.get("input")
+    shown = f", got {value!r}" if not isinstance(value, dict) and first.get("type") != "missing" else ""
+    return f"{source}: {loc}: {msg}{extra}{shown}{tail}"
+
+
+def validate(model: type[M], data: dict, source: str = "config") -> M:
+    """Validate a dict into ``model`` or raise a one-line ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(
+    model: type[M],
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    default_path: str | Path | None = None,
+) -> M:
+    """Load ``model`` from ``path`` (or ``default_path``) plus ``--set`` overrides."""
+    src = path or default_path
+    data = read_yaml(src) if src else {}
+    apply_overrides(data, overrides)
+    return validate(model, data, source=str(src or "config"))

@@ -1,0 +1,111 @@
+"""Connect to a Ray cluster without ever silently starting a local one.
+
+``connect()`` accepts ``None``/``"auto"`` (inside a Ray job, or ``RAY_ADDRESS``),
+``ray://host:10001``, a dashboard URL ``http://host:8265`` (converted to
+``ray://host:10001``) or a GCS address ``host:port``. When an address is given
+and cannot be reached, :class:`ClusterUnreachable` is raised.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from urllib.parse import urlparse
+
+DASHBOARD_PORT = 8265
+CLIENT_PORT = 10001
+
+
+class ClusterUnreachable(ConnectionError):
+    """The given Ray address does not answer."""
+
+
+def _host_port(address: str, default_port: int) -> tuple[str, int]:
+    parsed = urlparse(address if "://" in address else f"x://{address}")
+    if not parsed.hostname:
+        raise ValueError(f"bad Ray address {address!r}")
+    return parsed.hostname, parsed.port or default_port
+
+
+def to_client_address(address: str, client_port: int = CLIENT_PORT) -> str:
+    """``http://h:8265`` -> ``ray://h:10001``; ``ray://`` and GCS addresses pass through."""
+    if address.startswith(("http://", "https://")):
+        host, _ = _host_port(address, DASHBOARD_PORT)
+        return f"ray://{host}:{client_port}"
+    return address
+
+
+def to_dashboard_url(address: str, dashboard_port: int = DASHBOARD_PORT) -> str:
+    """``ray://h:10001`` -> ``http://h:8265``; dashboard URLs pass through."""
+    if address.startswith(("http://", "https://")):
+        return address.rstrip("/")
+    host, _ = _host_port(address, CLIENT_PORT)
+    return f"http://{host}:{dashboard_port}"
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Raise ClusterUnreachable unless a TCP connect to the address succeeds."""
+    default = CLIENT_PORT if address.startswith("ray://") else DASHBOARD_PORT
+    host, port = _host_port(address, default)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as e:
+        raise ClusterUnreachable(f"Ray cluster at {address} is unreachable ({e.strerror or e})") from None
+
+
+def cluster_resources_line() -> str:
+    """One line describing the connected cluster: nodes, CPUs, GPUs."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    res = ray.cluster_resources()
+    return (
+        f"joined Ray cluster: {len(nodes)} nodes, {res.get('CPU', 0):g} CPUs, "
+        f"{res.get('GPU', 0):g} GPUs"
+    )
+
+
+def use_token(token: str | None = None, token_path: str | None = None) -> None:
+    """Make this process a token-auth Ray client (env vars plus Ray's cached token)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if token:
+        os.environ["RAY_AUTH_TOKEN"] = token
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    elif token_path:
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def connect(address: str | None = None, token: str | None = None, quiet: bool = False, **init_kwargs):
+    """Attach to a Ray cluster (see module doc) and return ``ray.init``'s context.
+
+    ``address=None`` uses ``RAY_ADDRESS`` or, inside a Ray job, the job's cluster;
+    with neither it starts an in-process local Ray (the laptop case), which is
+    said on stderr. ``token`` (or ``RAY_AUTH_TOKEN``) is passed for token auth.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return None
+    if token:
+        use_token(token)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "auto":
+        address = to_client_address(address)
+        check_reachable(address)
+    init_kwargs.setdefault("log_to_driver", True)
+    init_kwargs.setdefault("configure_logging", False)
+    if address is None:
+        print("no Ray address given: starting a local in-process Ray", file=sys.stderr)
+    try:
+        ctx = ray.init(address=address, **init_kwargs)
+    except ConnectionError as e:
+        raise ClusterUnreachable(f"cannot join Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    if not quiet:
+        print(cluster_resources_line(), file=sys.stderr)
+    return ctx

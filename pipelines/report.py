@@ -1,0 +1,85 @@
+"""Run summaries (the JSON line every entry point prints last) and PNG plots."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def summary(template: str, step: str, run_dir: str, outputs: Mapping[str, str] | None = None,
+            metrics: Mapping | None = None, rejects: int = 0, **extra) -> dict:
+    """The run contract: template, step, run_dir, outputs, metrics, rejects."""
+    return _jsonable({
+        "template": template, "step": step, "run_dir": str(run_dir),
+        "outputs": dict(outputs or {}), "metrics": dict(metrics or {}),
+        "rejects": int(rejects), **extra,
+    })
+
+
+def write_summary(result: dict, name: str = "summary.json") -> str | None:
+    """Write ``summary.json`` into the run folder (local folders only)."""
+    run_dir = result.get("run_dir", "")
+    if not run_dir or "://" in run_dir:
+        return None
+    path = Path(run_dir) / (f"{result['step']}_{name}" if result.get("step") not in (None, "all") else name)
+    path.write_text(json.dumps(result, indent=2))
+    return str(path)
+
+
+def emit(result: dict) -> None:
+    """Write the summary file and print the summary as the last stdout line."""
+    write_summary(result)
+    print(json.dumps(result), flush=True)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+               xlabel: str, ylabel: str, title: str, diagonal: bool = False) -> str:
+    """One PNG with a line per named (x, y) series."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for name, (x, y) in series.items():
+        ax.plot(x, y, label=name)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_bars(path: str | Path, values: Mapping[str, float], ylabel: str, title: str) -> str:
+    """One PNG bar chart of named values."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    ax.bar(list(values), [float(v) for v in values.values()])
+    ax.set(ylabel=ylabel, title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)

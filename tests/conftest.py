@@ -1,0 +1,73 @@
+"""Shared fixtures: one session-scoped local cluster started through the local provider.
+
+Tests that need Ray take ``ray_cluster`` (the cluster's state) or ``ray_connected``
+(this pytest process attached as a driver). The cluster: head with 0 CPUs plus
+two 2-CPU workers of group ``cpu``, token auth on, small object stores.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# keep test clusters' state away from a user's own ~/.adbray
+os.environ.setdefault("ADBRAY_STATE", tempfile.mkdtemp(prefix="adbray-test-state-"))
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+
+
+def service_up(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from deploy import local
+    from deploy.spec import load_spec
+
+    spec = load_spec(str(ROOT / "deploy" / "demo_cluster.yaml"), name=f"test-{os.getpid()}")
+    state = local.up(spec, log=lambda *_: None)
+    yield state
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    local.down(state.name, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def ray_connected(ray_cluster):
+    """This process attached to the session cluster as a Ray driver."""
+    import ray
+
+    from pipelines.connect import use_token
+
+    os.environ["RAY_ADDRESS"] = ray_cluster.gcs_address
+    use_token(token_path=ray_cluster.token_path)
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.gcs_address, log_to_driver=False)
+    yield ray_cluster
+
+
+@pytest.fixture
+def mysql_url():
+    if not service_up("127.0.0.1", 3306):
+        pytest.skip("MariaDB is not running on 127.0.0.1:3306")
+    return "mysql://root@127.0.0.1:3306/test"
+
+
+@pytest.fixture
+def redis_url():
+    if not service_up("127.0.0.1", 6379):
+        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    return "redis://127.0.0.1:6379/0"
