@@ -17,7 +17,7 @@ import sys
 import click
 
 from .config import ConfigError
-from .connect import ClusterUnreachable
+from .connect import ClusterUnreachable, MissingToken
 
 
 def template_options(fn):
@@ -49,7 +49,7 @@ def run_main(command: click.Command, argv=None) -> int:
     except (ConfigError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         return 2
-    except (ClusterUnreachable, RunFailed, FileNotFoundError) as e:
+    except (ClusterUnreachable, MissingToken, RunFailed, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)
         return 1
 

@@ -20,6 +20,20 @@ class ClusterUnreachable(ConnectionError):
     """The given Ray address does not answer."""
 
 
+class MissingToken(ConnectionError):
+    """Token auth is on but this client has no token."""
+
+
+def token_available() -> bool:
+    """True when a Ray auth token is set (env var, token file, or ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return os.path.isfile(os.path.expanduser(path))
+    return os.path.isfile(os.path.expanduser("~/.ray/auth_token"))
+
+
 def _host_port(address: str, default_port: int) -> tuple[str, int]:
     parsed = urlparse(address if "://" in address else f"x://{address}")
     if not parsed.hostname:
@@ -97,6 +111,8 @@ def connect(address: str | None = None, token: str | None = None, quiet: bool = 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":
         address = to_client_address(address)
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "disabled" and not token_available():
+            raise MissingToken(f"no Ray auth token for {address}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
         check_reachable(address)
     init_kwargs.setdefault("log_to_driver", True)
     init_kwargs.setdefault("configure_logging", False)

@@ -24,3 +24,31 @@ def test_unreachable_address_raises_and_never_starts_local_ray():
 def test_check_reachable_bad_host():
     with pytest.raises(ClusterUnreachable):
         check_reachable("ray://127.0.0.1:9", timeout=0.5)
+
+
+def test_missing_token_is_one_clear_error(monkeypatch, tmp_path):
+    from pipelines.connect import MissingToken
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "nope"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(MissingToken, match="RAY_AUTH_TOKEN"):
+        connect("ray://127.0.0.1:1")
+
+
+def test_connect_through_ray_client_with_token(ray_cluster):
+    """A fresh process joins the local cluster over ray:// with the token file and reports it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pipelines.connect import connect; import ray; connect(sys.argv[1]); "
+            "print('cpus', ray.cluster_resources().get('CPU'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=ray_cluster.token_path)
+    proc = subprocess.run([sys.executable, "-c", "import sys; " + code, ray_cluster.client_address], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(
+                              os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "cpus 4.0" in proc.stdout
+    assert "joined Ray cluster: 3 nodes, 4 CPUs, 0 GPUs" in proc.stderr
