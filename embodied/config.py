@@ -1,0 +1,90 @@
+"""Config models for the embodied template (collect -> train -> evaluate)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from pipelines.config import StrictModel, load_config
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+LOCAL_CONFIG = PACKAGE_DIR / "configs" / "local.yaml"
+
+
+class EnvConfig(StrictModel):
+    id: Literal["Reacher-v5", "Pusher-v5"] = "Reacher-v5"
+    task: str = "move the fingertip to the red target"
+
+
+class SimulatorConfig(StrictModel):
+    """Simulator actors: ``max_actors`` of them, each stepping ``envs_per_actor`` envs."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    max_actors: int = Field(2, ge=1, le=512)
+    envs_per_actor: int = Field(16, ge=1, le=4096)
+    steps_per_call: int = Field(50, ge=1, description="env steps per actor call (amortises Ray overhead)")
+    queue_per_env: int = Field(2, ge=1, description="episodes queued per env slot on each actor")
+    max_restarts: int = Field(3, ge=0, description="re-creations of a crashed actor before the run fails")
+
+
+class PolicyServerConfig(StrictModel):
+    """The batched policy actor (mode ``batched``)."""
+
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch_wait_ms: float = Field(2.0, ge=0)
+    max_batch: int = Field(8192, ge=1)
+
+
+class CollectConfig(StrictModel):
+    policy: Literal["expert", "random"] = "expert"
+    episodes: int = Field(200, ge=1)
+    seed: int = Field(0, ge=0, description="episode k is reset with seed + k")
+    mode: Literal["batched", "local"] = "batched"
+    frames_per_file: int = Field(200_000, ge=1, description="data/ parquet files hold about this many frames")
+    max_reject_ratio: float = Field(0.05, ge=0, le=1)
+
+
+class TrainConfig(StrictModel):
+    num_workers: int = Field(2, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    hidden: list[int] = Field(default_factory=lambda: [256, 256])
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(20, ge=1, description="epochs between checkpoints")
+    seed: int = 0
+
+
+class EvaluateConfig(StrictModel):
+    episodes: int = Field(50, ge=1)
+    seed: int = Field(1_000_000, ge=0, description="held-out seeds: seed + k, disjoint from collect seeds")
+    mode: Literal["batched", "local"] = "batched"
+    min_gap_closed: float = Field(0.0, ge=0, le=1,
+                                  description="fail the run when BC closes less of the random->expert gap")
+
+
+class LocalRayConfig(StrictModel):
+    """Only used when no cluster address is given (an in-process local Ray)."""
+
+    cpus: int = Field(4, ge=1)
+    object_store_mb: int = Field(300, ge=75)
+
+
+class EmbodiedConfig(StrictModel):
+    env: EnvConfig = EnvConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    policy_server: PolicyServerConfig = PolicyServerConfig()
+    collect: CollectConfig = CollectConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    local_ray: LocalRayConfig = LocalRayConfig()
+    run_root: str | None = None
+
+
+def load(path: str | None = None, overrides=()) -> EmbodiedConfig:
+    """The template config: ``path`` (default ``configs/local.yaml``) plus ``--set`` overrides."""
+    return load_config(EmbodiedConfig, path, overrides, default_path=LOCAL_CONFIG)

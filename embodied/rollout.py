@@ -1,0 +1,188 @@
+"""Rollouts: simulator actors + a batched policy actor (or a local policy copy per simulator).
+
+``python -m embodied.rollout`` collects expert episodes into a LeRobot v3
+dataset (``<run_dir>/episodes``) and prints the run-contract JSON line.
+
+Crash safety: the driver remembers which episodes each simulator holds. When a
+simulator actor dies, the driver starts a new one and re-queues every episode
+the dead one had not returned; episodes are only returned once ended, so the
+dataset never sees a partial episode and every episode id arrives exactly once.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from typing import Callable
+
+import click
+
+from pipelines.cli import RunFailed, exit_with, template_options
+from pipelines.connect import connect
+from pipelines.io import rejects_table, run_dir as make_run_dir, write_table
+from pipelines.report import emit, summary
+
+from . import config as config_mod
+from .config import EmbodiedConfig
+from .dataset import LeRobotWriter
+from .envs import env_facts
+from .policies import policy_spec
+from .simulator import PolicyServer, Simulator
+
+TEMPLATE = "embodied"
+
+
+def connect_cluster(cfg: EmbodiedConfig, address: str | None = None) -> None:
+    """Attach to the given/ambient cluster, or start a small local Ray sized from config."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        connect(address)
+    else:
+        connect(None, num_cpus=cfg.local_ray.cpus,
+                object_store_memory=cfg.local_ray.object_store_mb * 1024 * 1024)
+
+
+class Rollout:
+    """A set of simulator actors (and, in ``batched`` mode, one policy actor) for one policy."""
+
+    def __init__(self, cfg: EmbodiedConfig, policy: dict, mode: str = "batched", record: bool = True):
+        import ray
+
+        sim = cfg.simulator
+        self.cfg, self.policy, self.mode, self.record = cfg, policy, mode, record
+        self.server = None
+        if mode == "batched":
+            ps = cfg.policy_server
+            server_cls = ray.remote(num_cpus=ps.num_cpus, num_gpus=ps.num_gpus)(PolicyServer)
+            self.server = server_cls.remote(policy, clients=sim.max_actors, batch_wait_ms=ps.batch_wait_ms,
+                                            max_batch=ps.max_batch)
+        elif mode != "local":
+            raise ValueError(f"unknown rollout mode {mode!r} (allowed: batched, local)")
+        self.sim_cls = ray.remote(num_cpus=sim.num_cpus, max_restarts=0)(Simulator)
+        self.sims = [self._new_simulator() for _ in range(sim.max_actors)]
+        self.restarts = 0
+
+    def _new_simulator(self):
+        sim = self.cfg.simulator
+        if self.mode == "batched":
+            return self.sim_cls.remote(self.cfg.env.id, sim.envs_per_actor, policy_actor=self.server,
+                                       record=self.record)
+        return self.sim_cls.remote(self.cfg.env.id, sim.envs_per_actor, policy=self.policy, record=self.record)
+
+    def policy_device(self) -> str:
+        import ray
+
+        return ray.get(self.server.device.remote()) if self.server is not None else "cpu"
+
+    def run(self, episodes, sink: Callable[[dict], None],
+            on_progress: Callable[["Rollout", int], None] | None = None) -> dict:
+        """Run ``episodes`` (``[(id, seed), ...]``) to the end; ``sink`` gets each ended episode once."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        sim = self.cfg.simulator
+        backlog = sim.envs_per_actor * sim.queue_per_env
+        pending = deque(episodes)
+        held: list[dict[int, int]] = [{} for _ in self.sims]
+        crashes = [0] * len(self.sims)
+        calls: dict = {}
+        done = env_steps = 0
+
+        def submit(i: int) -> None:
+            new = [pending.popleft() for _ in range(min(len(pending), max(0, backlog - len(held[i]))))]
+            held[i].update(new)
+            calls[self.sims[i].advance.remote(new, sim.steps_per_call)] = i
+
+        start = time.perf_counter()
+        for i in range(len(self.sims)):
+            submit(i)
+        while calls:
+            [ref], _ = ray.wait(list(calls), num_returns=1)
+            i = calls.pop(ref)
+            try:
+                out = ray.get(ref)
+            except RayActorError as e:
+                crashes[i] += 1
+                self.restarts += 1
+                if crashes[i] > sim.max_restarts:
+                    raise RunFailed(f"simulator {i} crashed {crashes[i]} times (max_restarts="
+                                    f"{sim.max_restarts}): {str(e).splitlines()[0]}") from None
+                print(f"simulator {i} died; restarting it and re-running {len(held[i])} unfinished "
+                      "episodes", file=sys.stderr)
+                pending.extendleft(sorted(held[i].items(), reverse=True))
+                held[i] = {}
+                ray.kill(self.sims[i], no_restart=True)
+                self.sims[i] = self._new_simulator()
+                submit(i)
+                continue
+            for ep in out["episodes"]:
+                held[i].pop(ep["id"])
+                sink(ep)
+                done += 1
+            env_steps += out["env_steps"]
+            if on_progress is not None:
+                on_progress(self, done)
+            if pending or held[i]:
+                submit(i)
+        seconds = time.perf_counter() - start
+        return {"episodes": done, "env_steps": env_steps, "seconds": seconds,
+                "steps_per_s": env_steps / seconds if seconds > 0 else 0.0, "restarts": self.restarts}
+
+    def simulator_pids(self) -> list[int]:
+        import ray
+
+        return ray.get([s.pid.remote() for s in self.sims])
+
+    def close(self) -> None:
+        import ray
+
+        for actor in [*self.sims, self.server]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
+
+def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None) -> dict:
+    """Roll out the collect policy; write ``episodes`` (LeRobot v3) and ``rejects``; return metrics."""
+    env_id, c = cfg.env.id, cfg.collect
+    facts = env_facts(env_id)
+    policy = policy_spec(c.policy, env_id, seed=c.seed)
+    writer = LeRobotWriter(f"{run_dir}/episodes", env_id, facts, cfg.env.task, expected=c.episodes,
+                           frames_per_file=c.frames_per_file)
+    rollout = Rollout(cfg, policy, c.mode)
+    try:
+        stats = rollout.run([(k, c.seed + k) for k in range(c.episodes)], writer.add, on_progress)
+        counts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        rollout.close()
+    write_table(rejects_table(writer.rejects), f"{run_dir}/rejects")
+    returns = [e["return"] for e in writer.episodes]
+    metrics = {
+        "episodes": counts["episodes"], "steps": counts["frames"], "rejected_episodes": counts["rejects"],
+        "collect_return": sum(returns) / len(returns) if returns else float("nan"),
+        "collect_success_rate": (sum(e["success"] for e in writer.episodes) / len(returns)
+                                 if returns else float("nan")),
+        "collect_steps_per_s": stats["steps_per_s"], "simulator_restarts": stats["restarts"],
+    }
+    if counts["rejects"] > c.max_reject_ratio * c.episodes:
+        raise RunFailed(f"{counts['rejects']} of {c.episodes} episodes rejected "
+                        f"(max_reject_ratio {c.max_reject_ratio}); see {run_dir}/rejects")
+    return metrics
+
+
+@click.command()
+@template_options
+def main(config, overrides, address, run_dir):
+    """Collect episodes with simulator actors into a LeRobot v3 dataset."""
+    cfg = config_mod.load(config, overrides)
+    connect_cluster(cfg, address)
+    out = run_dir or make_run_dir(TEMPLATE, root=cfg.run_root)
+    metrics = collect(cfg, out)
+    emit(summary(TEMPLATE, "rollout", out, outputs={"episodes": f"{out}/episodes", "rejects": f"{out}/rejects"},
+                 metrics=metrics, rejects=metrics["rejected_episodes"]))
+
+
+if __name__ == "__main__":
+    exit_with(main)
