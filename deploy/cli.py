@@ -50,11 +50,13 @@ def _spec_from(template, spec_file, name):
 @click.option("--spec", "spec_file", default=None, type=click.Path(), help="A resource_group.yaml.")
 @click.option("--name", default=None, help="Cluster name (default: the spec's name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def cluster_up(template, spec_file, name, as_json):
+@click.option("--autoscale", is_flag=True,
+              help="Run Ray's autoscaler (fake multi-node provider): groups scale between min and max workers.")
+def cluster_up(template, spec_file, name, as_json, autoscale):
     """Start a local cluster for a spec (head with 0 CPUs + scaled workers)."""
     spec = _spec_from(template, spec_file, name)
     try:
-        local.up(spec, log=lambda m: click.echo(m, err=True))
+        local.up(spec, log=lambda m: click.echo(m, err=True), autoscale=autoscale)
     except local.LocalClusterError as e:
         fail(str(e), 1)
     _print_status(spec.name, as_json)
@@ -167,6 +169,357 @@ def demo(only, keep):
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     if not ok:
         sys.exit(1)
+
+
+# -- resource groups on the managed service (AnalyticDB OpenAPI) ---------------------------------
+
+
+def _api_options(fn):
+    """``--cluster-id``, ``--region``, ``--endpoint`` (env: ADBRAY_CLUSTER_ID, ALIBABA_CLOUD_REGION_ID,
+    ADBRAY_ENDPOINT)."""
+    fn = click.option("--endpoint", envvar="ADBRAY_ENDPOINT", default=None,
+                      help="OpenAPI endpoint, e.g. http://127.0.0.1:PORT for the emulator "
+                           "(default adb.<region>.aliyuncs.com).")(fn)
+    fn = click.option("--region", envvar="ALIBABA_CLOUD_REGION_ID", default="cn-hangzhou", show_default=True)(fn)
+    fn = click.option("--cluster-id", envvar="ADBRAY_CLUSTER_ID", default=None,
+                      help="AnalyticDB for MySQL cluster id (amv-...).")(fn)
+    return fn
+
+
+def _client(cluster_id, region, endpoint):
+    from .openapi import ApiError, GroupClient
+
+    if not cluster_id:
+        fail("--cluster-id (or ADBRAY_CLUSTER_ID) is required")
+    try:
+        return GroupClient(cluster_id, region, endpoint, log=lambda m: click.echo(m, err=True))
+    except ApiError as e:
+        fail(str(e), 1)
+
+
+def _api(fn, *args, **kwargs):
+    """Run an OpenAPI call; ApiError -> one line, exit 1."""
+    from .openapi import ApiError
+
+    try:
+        return fn(*args, **kwargs)
+    except ApiError as e:
+        fail(str(e), 1)
+
+
+def _print_addresses(info, cluster_id, as_json):
+    from .openapi import addresses, token_path
+
+    addr = addresses(info)
+    path = token_path(cluster_id, info.get("GroupName", ""))
+    if as_json:
+        click.echo(json.dumps({"group": info.get("GroupName"), "status": info.get("Status"), **addr,
+                               "token_path": str(path) if path.is_file() else None}))
+        return
+    click.echo(f"group {info.get('GroupName')}: {info.get('Status')}")
+    click.echo(f"  dashboard  {addr['dashboard']}    (ray job submit --address ...)")
+    click.echo(f"  cluster    {addr['cluster']}    (ray.init(address=...))")
+    click.echo(f"  grafana    {addr['grafana']}")
+    if path.is_file():
+        click.echo(f"  token      {path}    (RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...)")
+
+
+@cli.group()
+def group():
+    """Ray cluster resource groups on AnalyticDB for MySQL (real OpenAPI, or the emulator)."""
+
+
+@group.command("plan")
+@click.argument("template_or_spec")
+@click.option("--name", default=None, help="Resource group name (default: the spec's name).")
+@click.option("--cluster-id", envvar="ADBRAY_CLUSTER_ID", default="amv-<cluster-id>")
+@click.option("--region", envvar="ALIBABA_CLOUD_REGION_ID", default="cn-hangzhou", show_default=True)
+def group_plan(template_or_spec, name, cluster_id, region):
+    """Validate a spec and print the CreateDBResourceGroup request (token redacted) and what it reserves."""
+    from .openapi import dumps, plan
+
+    try:
+        spec = load_spec(template_or_spec, name=name)
+    except ConfigError as e:
+        fail(str(e))
+    click.echo(dumps(plan(spec, cluster_id, region)))
+
+
+@group.command("create")
+@click.argument("template_or_spec")
+@_api_options
+@click.option("--name", default=None, help="Resource group name (default: the spec's name).")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ray auth token to use (default: generate one and store it 0600).")
+@click.option("--wait/--no-wait", default=False, help="Wait until the group is ok, then print its addresses.")
+@click.option("--timeout", default=1800.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True)
+def group_create(template_or_spec, cluster_id, region, endpoint, name, token_file, wait, timeout, as_json):
+    """Create the resource group a template needs (CreateDBResourceGroup)."""
+    from .openapi import new_token, store_token
+
+    try:
+        spec = load_spec(template_or_spec, name=name)
+    except ConfigError as e:
+        fail(str(e))
+    client = _client(cluster_id, region, endpoint)
+    token = Path(token_file).read_text().strip() if token_file else (spec.auth_token or new_token())
+    body = _api(client.create, spec, token)
+    path = store_token(cluster_id, spec.name, token)
+    click.echo(f"creating group {spec.name} in {cluster_id} (request id {body.get('RequestId')}); "
+               f"Ray token stored in {path}", err=True)
+    if wait:
+        info = _api(client.wait, spec.name, timeout=timeout, log=lambda m: click.echo(m, err=True))
+        _print_addresses(info, cluster_id, as_json)
+
+
+@group.command("wait")
+@click.argument("name")
+@_api_options
+@click.option("--timeout", default=1800.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def group_wait(name, cluster_id, region, endpoint, timeout, as_json):
+    """Poll DescribeDBResourceGroup until the group is ok, then print its addresses."""
+    client = _client(cluster_id, region, endpoint)
+    info = _api(client.wait, name, timeout=timeout, log=lambda m: click.echo(m, err=True))
+    _print_addresses(info, cluster_id, as_json)
+
+
+@group.command("describe")
+@click.argument("name")
+@_api_options
+@click.option("--json", "as_json", is_flag=True, help="The whole GroupsInfo entry as JSON.")
+def group_describe(name, cluster_id, region, endpoint, as_json):
+    """Status and addresses of a group (DescribeDBResourceGroup)."""
+    client = _client(cluster_id, region, endpoint)
+    info = _api(client.describe, name)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        _print_addresses(info, cluster_id, False)
+
+
+@group.command("modify")
+@click.argument("template_or_spec")
+@_api_options
+@click.option("--name", default=None)
+def group_modify(template_or_spec, cluster_id, region, endpoint, name):
+    """Apply a changed spec (worker counts, specs, requirements) to a group (ModifyDBResourceGroup)."""
+    try:
+        spec = load_spec(template_or_spec, name=name)
+    except ConfigError as e:
+        fail(str(e))
+    body = _api(_client(cluster_id, region, endpoint).modify, spec)
+    click.echo(f"modified group {spec.name} (request id {body.get('RequestId')})", err=True)
+
+
+@group.command("delete")
+@click.argument("name")
+@_api_options
+@click.option("--wait/--no-wait", default=False, help="Wait until the group is gone.")
+@click.option("--timeout", default=600.0, show_default=True)
+def group_delete(name, cluster_id, region, endpoint, wait, timeout):
+    """Delete a group (DeleteDBResourceGroup); its stored token is removed."""
+    from .openapi import ApiError, token_path
+
+    client = _client(cluster_id, region, endpoint)
+    body = _api(client.delete, name)
+    click.echo(f"deleting group {name} (request id {body.get('RequestId')})", err=True)
+    deadline = time.time() + timeout
+    while wait:
+        try:
+            status = str(client.describe(name).get("Status", "")).lower()
+        except ApiError as e:
+            if e.code.endswith("NotFound"):
+                break
+            fail(str(e), 1)
+        if status == "deleted":
+            break
+        if time.time() > deadline:
+            fail(f"group {name} still {status} after {timeout:.0f}s", 1)
+        time.sleep(1)
+    token_path(cluster_id, name).unlink(missing_ok=True)
+    if wait:
+        click.echo(f"group {name} deleted", err=True)
+
+
+@cli.command()
+@click.option("--port", default=0, help="Port on 127.0.0.1 (default: a free one).")
+@click.option("--access-key-id", envvar="ALIBABA_CLOUD_ACCESS_KEY_ID", default=None)
+@click.option("--access-key-secret", envvar="ALIBABA_CLOUD_ACCESS_KEY_SECRET", default=None)
+@click.option("--no-autoscale", is_flag=True, help="Start min workers only, even where min != max.")
+def emulator(port, access_key_id, access_key_secret, no_autoscale):
+    """Serve the AnalyticDB resource-group OpenAPI on 127.0.0.1, backed by real local Ray clusters."""
+    import signal
+    import threading
+
+    from .emulator import Emulator
+
+    try:
+        emu = Emulator(access_key_id, access_key_secret, port=port,
+                       log=lambda m: click.echo(m, err=True), autoscale=not no_autoscale).start()
+    except (ValueError, OSError) as e:
+        fail(str(e), 1)
+    click.echo(f"emulator listening on {emu.endpoint}", err=False)
+    sys.stdout.flush()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    click.echo("emulator stopping: deleting its groups' clusters", err=True)
+    emu.stop(delete_groups=True)
+
+
+# -- jobs (CTL: Ray's job submission API) -------------------------------------------------------
+
+
+def _target_options(fn):
+    fn = click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                      help="Ray auth token file (default: the group's stored token, or RAY_AUTH_TOKEN[_PATH]).")(fn)
+    fn = click.option("--group", "group_name", default=None, help="Resource group name (needs --cluster-id).")(fn)
+    fn = click.option("--address", default=None, help="Dashboard URL http://host:8265 or ray://host:10001.")(fn)
+    return _api_options(fn)
+
+
+def _target(address, group_name, cluster_id, region, endpoint, token_file):
+    from .jobs import SubmitError, resolve_target
+    from .openapi import ApiError
+
+    try:
+        target = resolve_target(address, group_name, cluster_id, endpoint, region, token_file=token_file,
+                                log=lambda m: click.echo(m, err=True))
+    except (SubmitError, ApiError, ConfigError) as e:
+        fail(str(e), 1)
+    for w in target.warnings:
+        click.echo(f"warning: {w}", err=True)
+    return target
+
+
+@cli.command()
+@click.argument("template")
+@click.option("--step", default=None, help="Run TEMPLATE.STEP instead of the whole template.")
+@click.option("--config", default=None, help="Config YAML inside the working dir (default configs/cluster.yaml, "
+                                             "else configs/local.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, passed on.")
+@_target_options
+@click.option("--spec", "spec_file", default=None,
+              help="Resource group spec to preflight against with --address (default: the template's).")
+@click.option("--working-dir", default=str(REPO_ROOT), show_default=True, type=click.Path(file_okay=False))
+@click.option("--max-upload-mb", default=None, type=float, help="Upload size limit (default 100 MB).")
+@click.option("--allow-secrets", is_flag=True, help="Upload files that look like secrets anyway.")
+@click.option("--pip", multiple=True, help="Extra pip requirement for the job's runtime_env (repeatable).")
+@click.option("--entrypoint-num-cpus", default=0.0, help="CPUs reserved for the driver.")
+@click.option("--entrypoint-num-gpus", default=0.0, help="GPUs reserved for the driver.")
+@click.option("--wait/--no-wait", default=True, help="Follow the logs until the job ends (default).")
+@click.option("--timeout", default=None, type=float, help="Give up following after this many seconds.")
+def submit(template, step, config, overrides, address, group_name, cluster_id, region, endpoint, token_file,
+           spec_file, working_dir, max_upload_mb, allow_secrets, pip, entrypoint_num_cpus, entrypoint_num_gpus,
+           wait, timeout):
+    """Submit a template as a Ray job (JobSubmissionClient) and follow it; exit 0 only if it SUCCEEDED."""
+    from .jobs import SubmitError, cluster_check, follow, prepare, status_name
+    from .jobs import submit as submit_job
+
+    target = _target(address, group_name, cluster_id, region, endpoint, token_file)
+    try:
+        spec = target.spec or (load_spec(spec_file) if spec_file else None)
+        plan = prepare(template, step, config, overrides, spec, Path(working_dir), max_upload_mb,
+                       allow_secrets, pip)
+    except (SubmitError, ConfigError) as e:
+        fail(str(e), 2)
+    for f in plan.findings:
+        click.echo(f"preflight {f.level}: {f.message}", err=True)
+    click.echo(f"working dir {plan.workdir['root']}: {plan.workdir['files']} files, "
+               f"{plan.workdir['bytes'] / 1e6:.1f} MB", err=True)
+    try:
+        if target.spec is None and spec is not None:
+            target.spec = spec
+        click.echo(cluster_check(target), err=True)
+        for w in target.warnings:
+            click.echo(f"warning: {w}", err=True)
+        client, job_id = submit_job(target, plan, entrypoint_num_cpus, entrypoint_num_gpus)
+    except SubmitError as e:
+        fail(str(e), 1)
+    click.echo(f"submitted job {job_id}: {plan.entrypoint}", err=True)
+    click.echo(f"  dashboard {target.dashboard_url}/#/jobs/{job_id}", err=True)
+    if not wait:
+        click.echo(job_id)
+        return
+    try:
+        info = follow(client, job_id, timeout=timeout)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SubmitError as e:
+        fail(str(e), 1)
+    status = status_name(info)
+    if status != "SUCCEEDED":
+        message = " ".join(str(info.message or "").split())
+        message = message if len(message) <= 400 else message[:150] + " ... " + message[-250:]
+        fail(f"job {job_id} {status}: {message}", 1)
+    click.echo(f"job {job_id} SUCCEEDED", err=True)
+
+
+@cli.group()
+def jobs():
+    """List, read and stop Ray jobs on a resource group."""
+
+
+def _jobs_client(address, group_name, cluster_id, region, endpoint, token_file):
+    from .jobs import SubmitError, client_for
+
+    target = _target(address, group_name, cluster_id, region, endpoint, token_file)
+    try:
+        return target, client_for(target)
+    except SubmitError as e:
+        fail(str(e), 1)
+
+
+def _job_call(target, fn, *args):
+    from .jobs import _error_line
+
+    try:
+        return fn(*args)
+    except Exception as e:
+        fail(_error_line(e, target), 1)
+
+
+@jobs.command("list")
+@_target_options
+@click.option("--json", "as_json", is_flag=True)
+def jobs_list(address, group_name, cluster_id, region, endpoint, token_file, as_json):
+    """Jobs on the cluster, newest first."""
+    target, client = _jobs_client(address, group_name, cluster_id, region, endpoint, token_file)
+    rows = sorted(_job_call(target, client.list_jobs), key=lambda j: j.start_time or 0, reverse=True)
+    if as_json:
+        click.echo(json.dumps([{"job_id": j.submission_id or j.job_id, "status": getattr(j.status, "value", j.status),
+                                "entrypoint": j.entrypoint, "message": j.message} for j in rows]))
+        return
+    for j in rows:
+        click.echo(f"{j.submission_id or j.job_id:<28} {getattr(j.status, 'value', j.status):<10} {j.entrypoint}")
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@_target_options
+@click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
+def jobs_logs(job_id, address, group_name, cluster_id, region, endpoint, token_file, follow):
+    """A job's driver logs."""
+    from .jobs import follow as follow_job
+
+    target, client = _jobs_client(address, group_name, cluster_id, region, endpoint, token_file)
+    if follow:
+        _job_call(target, follow_job, client, job_id)
+    else:
+        click.echo(_job_call(target, client.get_job_logs, job_id), nl=False)
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@_target_options
+def jobs_stop(job_id, address, group_name, cluster_id, region, endpoint, token_file):
+    """Ask the cluster to stop a job."""
+    target, client = _jobs_client(address, group_name, cluster_id, region, endpoint, token_file)
+    stopped = _job_call(target, client.stop_job, job_id)
+    click.echo(f"job {job_id}: {'stop requested' if stopped else 'already finished'}", err=True)
 
 
 def main(argv=None):

@@ -8,6 +8,11 @@ free ones chosen here (never 6379/8265), object stores are bounded. With
 ``category: HIGH_AVAILABILITY`` GCS state lives in the local Redis, so the head
 can be killed and restarted.
 
+With ``autoscale=True`` (the rehearsal of a group whose min != max) the head
+runs Ray's own autoscaler with its fake multi-node provider: worker raylets of
+each group are added on logical resource demand up to the group's max (capped
+by ``ADBRAY_LOCAL_AUTOSCALE_MAX``) and removed when idle, like the service.
+
 State lives in ``.adbray/clusters/<name>/state.json``; ``down`` stops exactly the
 processes whose command lines carry this cluster's temp dir.
 """
@@ -36,6 +41,8 @@ LOCAL_WORKER_MEMORY = 2 * 1024 * MB
 LOCAL_OBJECT_STORE = int(os.environ.get("ADBRAY_LOCAL_OBJECT_STORE_MB", "300")) * MB
 HEAD_OBJECT_STORE = 200 * MB
 REDIS_ADDRESS = os.environ.get("ADBRAY_REDIS_ADDRESS", "127.0.0.1:6379")
+LOCAL_AUTOSCALE_MAX = int(os.environ.get("ADBRAY_LOCAL_AUTOSCALE_MAX", "3"))
+AUTOSCALE_IDLE_S = float(os.environ.get("ADBRAY_LOCAL_IDLE_S", "10"))
 
 
 class LocalClusterError(RuntimeError):
@@ -70,6 +77,7 @@ class ClusterState:
     redis_namespace: str | None = None
     head_pids: list[int] = field(default_factory=list)
     extra_env: dict = field(default_factory=dict)
+    autoscaling_config: str | None = None
 
     @property
     def gcs_address(self) -> str:
@@ -135,6 +143,8 @@ def _start_env(state: ClusterState, ha: bool) -> dict:
     env.pop("RAY_ADDRESS", None)
     if ha:
         env.update(RAY_REDIS_ADDRESS=REDIS_ADDRESS, RAY_external_storage_namespace=state.redis_namespace)
+    if state.autoscaling_config:
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     return env
 
 
@@ -161,28 +171,62 @@ def start_head(state: ClusterState) -> None:
         f"--object-store-memory={HEAD_OBJECT_STORE}", f"--temp-dir={state.temp_dir}",
         "--labels=group=head,type=HEAD", "--disable-usage-stats",
     ]
+    if state.autoscaling_config:
+        cmd.append(f"--autoscaling-config={state.autoscaling_config}")
     _run(cmd, _start_env(state, state.category == "HIGH_AVAILABILITY"), "starting the head")
     state.head_pids = sorted(p.pid for p in processes(state) if p.pid not in before)
     save_state(state)
 
 
-def start_worker(state: ClusterState, node: NodePlan) -> None:
+def start_worker(state: ClusterState, node: NodePlan, index: int = 0) -> None:
+    """Start one worker raylet; it gets its own temp dir (``<temp_dir>/w<index>``) so that raylets on
+    this host never share a runtime-env folder (see ``deploy.fake_provider``)."""
     cmd = [
         _ray_bin(), "start", f"--address={state.gcs_address}", "--node-ip-address=127.0.0.1",
         f"--num-cpus={node.num_cpus}", f"--num-gpus={node.num_gpus}", f"--memory={node.memory}",
         f"--object-store-memory={node.object_store_memory}", f"--labels={node.labels}",
         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--temp-dir={state.temp_dir}",
+        f"--runtime-env-agent-port={free_port()}", f"--temp-dir={state.temp_dir}/w{index}",
         "--disable-usage-stats",
     ]
     _run(cmd, _start_env(state, False), f"starting worker of group {node.group}")
 
 
-def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict | None = None) -> ClusterState:
+def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str, max_cpus: int = LOCAL_MAX_CPUS_PER_WORKER,
+                       max_workers: int = LOCAL_AUTOSCALE_MAX, idle_s: float | None = None) -> dict:
+    """A complete autoscaler config (Ray's fake multi-node provider): one node type per worker group."""
+    types = {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
+    total = 0
+    for g in spec.worker_groups:
+        hi = min(g.max_workers, max_workers)
+        lo = min(g.min_workers, hi)
+        res = {"CPU": min(g.cores, max_cpus), "object_store_memory": LOCAL_OBJECT_STORE}
+        if g.type == "GPU":
+            res["GPU"] = max(1, int(g.gpus))
+        types[g.name] = {"resources": res, "labels": {"group": g.name, "type": g.type}, "node_config": {},
+                         "min_workers": lo, "max_workers": hi}
+        total += hi
+    return {
+        "cluster_name": spec.name, "max_workers": total, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": (AUTOSCALE_IDLE_S if idle_s is None else idle_s) / 60.0,
+        "provider": {"type": "external", "module": "deploy.fake_provider.LocalFakeProvider",
+                     "gcs_address": gcs_address, "temp_dir": temp_dir, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"}, "docker": {}, "head_node_type": "ray.head.default",
+        "available_node_types": types, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict | None = None,
+       autoscale: bool = False) -> ClusterState:
     """Start the spec as a local multi-node cluster; returns its state.
 
     ``env`` is set on every Ray process of the cluster (e.g. Serve's
-    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``).
+    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``). ``autoscale`` runs Ray's autoscaler
+    (fake multi-node provider) so groups scale between min and max workers.
     """
     sdir = state_dir(spec.name)
     if (sdir / "state.json").exists():
@@ -198,20 +242,33 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
     nodes, notes = plan_nodes(spec)
     state = ClusterState(
         name=spec.name, category=spec.category, gcs_port=free_port(), dashboard_port=free_port(),
-        client_port=free_port(), temp_dir=f"/tmp/adbray-{spec.name[:20]}-{secrets.token_hex(3)}",
+        client_port=free_port(), temp_dir=f"/tmp/adbray-{spec.name[:12]}-{secrets.token_hex(3)}",
         token_path=str(token_path), nodes=[asdict(n) for n in nodes], scaling=notes,
         redis_namespace=f"adbray-{spec.name}-{secrets.token_hex(4)}" if spec.category == "HIGH_AVAILABILITY"
         else None,
         extra_env=dict(env or {}),
     )
+    if autoscale:
+        cfg = autoscaling_config(spec, state.gcs_address, state.temp_dir)
+        path = sdir / "autoscaling.json"
+        path.write_text(json.dumps(cfg, indent=2))
+        state.autoscaling_config = str(path)
+        notes = [f"{n}: autoscaling {t['min_workers']}..{t['max_workers']} local worker(s) x "
+                 f"{t['resources']['CPU']} CPU (idle {AUTOSCALE_IDLE_S:g}s)"
+                 for n, t in cfg["available_node_types"].items() if n != "ray.head.default"]
+        nodes = [NodePlan(g, t["labels"]["type"], t["resources"]["CPU"], t["resources"].get("GPU", 0))
+                 for g, t in cfg["available_node_types"].items() if g != "ray.head.default"
+                 for _ in range(t["min_workers"])]
+        state.nodes, state.scaling = [asdict(n) for n in nodes], notes
     save_state(state)
     for line in notes:
         log(f"scaling {line}")
     try:
         start_head(state)
-        for n in nodes:
-            start_worker(state, n)
-        wait_for_nodes(state, 1 + len(nodes))
+        if not autoscale:  # with the autoscaler, it launches the min workers itself
+            for i, n in enumerate(nodes):
+                start_worker(state, n, i)
+        wait_for_nodes(state, 1 + len(nodes), timeout=180 if autoscale else 90)
     except Exception:
         down(spec.name, log=lambda *_: None)
         raise

@@ -1,0 +1,348 @@
+"""An AnalyticDB OpenAPI emulator for Ray resource groups, backed by real local clusters.
+
+Serves the RPC actions Create/Describe/Modify/DeleteDBResourceGroup (API
+2021-12-01) on 127.0.0.1 the way the service does: RPC-style POST with the
+parameters in the query string (``RayConfig`` as a JSON string), the request
+signature (``ACS3-HMAC-SHA256``, what alibabacloud-tea-openapi sends) checked
+against the configured access key, the service's error body
+(``Code``/``Message``/``RequestId``) with HTTP 400/403/404. Each group moves
+``creating -> ok`` once its local-provider cluster is up (``deploy.local.up``
+with the group's ``AuthToken`` as the Ray token), and ``deleting -> deleted``
+once that cluster is stopped. ``DescribeDBResourceGroup`` returns the cluster's
+dashboard, ray:// and metrics addresses.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, unquote, urlsplit
+
+from pipelines.config import ConfigError
+
+from . import local
+from .openapi import API_VERSION, spec_from_ray_config
+from .spec import ResourceGroupSpec
+
+ACTIONS = ("CreateDBResourceGroup", "DescribeDBResourceGroup", "ModifyDBResourceGroup", "DeleteDBResourceGroup")
+MAX_CLOCK_SKEW_S = 15 * 60
+CLUSTER_ID_RE = re.compile(r"^am[a-z]-[A-Za-z0-9]{1,64}$")
+
+
+class ApiFault(Exception):
+    """An error answer: HTTP status, service error code, message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Group:
+    cluster_id: str
+    spec: ResourceGroupSpec
+    token: str
+    status: str = "creating"
+    message: str = ""
+    created: str = field(default_factory=lambda: _now())
+    updated: str = field(default_factory=lambda: _now())
+    cluster: local.ClusterState | None = None
+
+    @property
+    def local_name(self) -> str:
+        return f"emu-{self.cluster_id}-{self.spec.name}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def checked_spec(name: str, rc: dict) -> ResourceGroupSpec:
+    """Validate a RayConfig like the service does; ApiFault(400) naming the field otherwise."""
+    try:
+        return spec_from_ray_config(name, rc)
+    except ConfigError as e:
+        raise ApiFault(400, "InvalidParameter.RayConfig", str(e)) from None
+
+
+def describe_entry(group: Group) -> dict:
+    """A ``GroupsInfo`` entry as DescribeDBResourceGroup returns it (never the AuthToken)."""
+    spec = group.spec
+    rc = {
+        "Category": spec.category, "HeadSpec": spec.head.spec, "HeadSpecType": "CPU",
+        "HeadDiskCapacity": str(spec.head.disk_gb),
+        "WorkerGroups": [
+            {"GroupName": g.name, "WorkerSpecType": g.type, "WorkerSpecName": g.spec,
+             "WorkerDiskCapacity": str(g.disk_gb), "MinWorkerQuantity": g.min_workers,
+             "MaxWorkerQuantity": g.max_workers, **({"AllocateUnit": g.distribution_unit}
+                                                    if g.distribution_unit else {})}
+            for g in spec.worker_groups],
+        "UserDefinedRequirements": "\n".join(spec.requirements),
+    }
+    if group.status == "ok" and group.cluster:
+        c = group.cluster
+        rc.update(RayDashboardAddress=c.dashboard_url, RayClusterAddress=c.client_address,
+                  RayGrafanaAddress=f"{c.dashboard_url}/#/metrics")
+    return {"GroupName": spec.name, "GroupType": "Job", "Classification": "AI", "Engine": "RayCluster",
+            "Status": group.status, "Message": group.message, "CreateTime": group.created,
+            "UpdateTime": group.updated, "RayConfig": rc}
+
+
+class Emulator:
+    """The emulator: state, request handling, and a threaded HTTP server on 127.0.0.1."""
+
+    def __init__(self, access_key_id: str, access_key_secret: str, port: int = 0, log=None,
+                 autoscale: bool = True):
+        if not access_key_id or not access_key_secret:
+            raise ValueError("the emulator needs an access key id and secret (or the ALIBABA_CLOUD_ACCESS_KEY_* "
+                             "env vars)")
+        self.keys = {access_key_id: access_key_secret}
+        self.port, self.log = port, log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.autoscale = autoscale
+        self.groups: dict[tuple[str, str], Group] = {}
+        self.lock = threading.Lock()
+        self.nonces: dict[str, float] = {}
+        self.faults: list[ApiFault] = []  # injected answers for the next requests (throttling rehearsal)
+        self.server: ThreadingHTTPServer | None = None
+        self.threads: list[threading.Thread] = []
+
+    # -- server ---------------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Emulator":
+        emulator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                emulator.handle(self)
+
+            do_GET = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        t = threading.Thread(target=self.server.serve_forever, name="adbray-emulator", daemon=True)
+        t.start()
+        self.log(f"emulator listening on {self.endpoint}")
+        return self
+
+    def stop(self, delete_groups: bool = True) -> None:
+        """Stop serving; with ``delete_groups`` also stop every backing cluster."""
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+        for t in list(self.threads):
+            t.join(timeout=300)
+        if delete_groups:
+            for g in list(self.groups.values()):
+                if g.cluster and g.status not in ("deleted",):
+                    self._teardown(g)
+
+    # -- protocol -------------------------------------------------------------------------------
+
+    def handle(self, http: BaseHTTPRequestHandler) -> None:
+        request_id = str(uuid.uuid4()).upper()
+        try:
+            length = int(http.headers.get("content-length") or 0)
+            body = http.rfile.read(length) if length else b""
+            if http.command != "POST":
+                raise ApiFault(400, "UnsupportedHTTPMethod", "RPC actions are sent with POST")
+            split = urlsplit(http.path)
+            query = parse_query(split.query)
+            self.verify_signature(http.command, split.path or "/", query, http.headers, body)
+            if self.faults:
+                raise self.faults.pop(0)
+            action = http.headers.get("x-acs-action") or query.get("Action", "")
+            if action not in ACTIONS:
+                raise ApiFault(404, "InvalidAction.NotFound", f"Specified api {action!r} is not found")
+            version = http.headers.get("x-acs-version") or query.get("Version", "")
+            if version != API_VERSION:
+                raise ApiFault(400, "InvalidVersion", f"Specified parameter Version {version!r} is not valid")
+            if body and "form" in (http.headers.get("content-type") or ""):
+                query.update(parse_query(body.decode()))
+            result = getattr(self, action.replace("DBResourceGroup", "_group").lower())(query)
+            self._answer(http, 200, {"RequestId": request_id, **result})
+        except ApiFault as f:
+            self.log(f"{f.code}: {f.message} (request id {request_id})")
+            self._answer(http, f.status, {"RequestId": request_id, "HostId": f"127.0.0.1:{self.port}",
+                                          "Code": f.code, "Message": f.message,
+                                          "Recommend": "https://api.aliyun.com/troubleshoot"},
+                         throttled=f.code.startswith("Throttling"))
+        except Exception as e:  # an emulator bug must still answer like the service would
+            self.log(f"InternalError: {type(e).__name__}: {e}")
+            self._answer(http, 500, {"RequestId": request_id, "Code": "InternalError",
+                                     "Message": "The request processing has failed due to some unknown error."})
+
+    @staticmethod
+    def _answer(http, status: int, payload: dict, throttled: bool = False) -> None:
+        out = json.dumps(payload).encode()
+        http.send_response(status)
+        http.send_header("Content-Type", "application/json;charset=utf-8")
+        http.send_header("Content-Length", str(len(out)))
+        http.send_header("x-acs-request-id", payload["RequestId"])
+        http.end_headers()
+        http.wfile.write(out)
+
+    def verify_signature(self, method: str, path: str, query: dict, headers, body: bytes) -> None:
+        """Check an ACS3-HMAC-SHA256 signature exactly as the SDK computes it."""
+        auth = headers.get("Authorization") or ""
+        m = re.fullmatch(r"(ACS3-HMAC-SHA256) Credential=([^,]+),SignedHeaders=([^,]+),Signature=([0-9a-f]+)",
+                         auth.strip())
+        if not m:
+            raise ApiFault(400, "IncompleteSignature", "The request signature does not conform to Aliyun standards.")
+        algo, ak, signed, signature = m.groups()
+        if ak not in self.keys:
+            raise ApiFault(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
+        names = signed.split(";")
+        for needed in ("host", "x-acs-action", "x-acs-version", "x-acs-date", "x-acs-signature-nonce",
+                       "x-acs-content-sha256"):
+            if needed not in names:
+                raise ApiFault(400, "IncompleteSignature", f"The header {needed} must be signed.")
+        payload_hash = headers.get("x-acs-content-sha256") or ""
+        if payload_hash != hashlib.sha256(body).hexdigest():
+            raise ApiFault(400, "InvalidParameter.ContentSha256", "x-acs-content-sha256 does not match the body.")
+        try:
+            sent = datetime.strptime(headers.get("x-acs-date") or "", "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            raise ApiFault(400, "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted.")
+        if abs(time.time() - sent.replace(tzinfo=timezone.utc).timestamp()) > MAX_CLOCK_SKEW_S:
+            raise ApiFault(400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired.")
+        canonical_headers = "".join(f"{n}:{(headers.get(n) or '').strip()}\n" for n in names)
+        canonical_query = "&".join(f"{k}={quote(query[k], safe='~')}" for k in sorted(query))
+        canonical = f"{method}\n{path}\n{canonical_query}\n{canonical_headers}\n{signed}\n{payload_hash}"
+        to_sign = f"{algo}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        expected = hmac.new(self.keys[ak].encode(), to_sign.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, signature):
+            raise ApiFault(400, "SignatureDoesNotMatch", "Specified signature is not matched with our calculation.")
+        nonce = headers.get("x-acs-signature-nonce") or ""
+        with self.lock:
+            now = time.time()
+            self.nonces = {n: t for n, t in self.nonces.items() if now - t < MAX_CLOCK_SKEW_S}
+            if nonce in self.nonces:
+                raise ApiFault(400, "SignatureNonceUsed", "Specified signature nonce was used already.")
+            self.nonces[nonce] = now
+
+    # -- actions --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _required(query: dict, *names: str) -> None:
+        for n in names:
+            if not query.get(n):
+                raise ApiFault(400, "MissingParameter", f"The input parameter {n} that is mandatory for "
+                                                        "processing this request is not supplied.")
+        if not CLUSTER_ID_RE.match(query["DBClusterId"]):
+            raise ApiFault(404, "InvalidDBClusterId.NotFound",
+                           f"The DBClusterId {query['DBClusterId']!r} is not found.")
+
+    def _group(self, query: dict) -> Group:
+        self._required(query, "DBClusterId", "GroupName")
+        group = self.groups.get((query["DBClusterId"], query["GroupName"]))
+        if group is None or group.status == "deleted":
+            raise ApiFault(404, "InvalidDBResourceGroup.NotFound",
+                           f"The resource group {query['GroupName']!r} is not found.")
+        return group
+
+    @staticmethod
+    def _ray_config(query: dict) -> dict:
+        try:
+            return json.loads(query.get("RayConfig") or "")
+        except json.JSONDecodeError:
+            raise ApiFault(400, "InvalidParameter", "RayConfig is not valid JSON") from None
+
+    def create_group(self, query: dict) -> dict:
+        self._required(query, "DBClusterId", "GroupName", "GroupType")
+        for key, want in (("GroupType", "Job"), ("Classification", "AI"), ("Engine", "RayCluster")):
+            if query.get(key) != want:
+                raise ApiFault(400, "InvalidParameter", f"A Ray cluster resource group needs {key}={want}, "
+                                                        f"got {query.get(key)!r}")
+        name, cluster_id = query["GroupName"], query["DBClusterId"]
+        rc = self._ray_config(query)
+        spec = checked_spec(name, rc)
+        token = str(rc.get("AuthToken") or "")
+        if len(token) < 16:
+            raise ApiFault(400, "InvalidParameter.RayConfig", "RayConfig.AuthToken must be at least 16 characters")
+        with self.lock:
+            old = self.groups.get((cluster_id, name))
+            if old is not None and old.status != "deleted":
+                raise ApiFault(400, "InvalidDBResourceGroup.Duplicate",
+                               f"The resource group {name!r} already exists.")
+            group = Group(cluster_id, spec, token)
+            self.groups[(cluster_id, name)] = group
+        self._background(self._provision, group)
+        return {}
+
+    def describe_group(self, query: dict) -> dict:
+        self._required(query, "DBClusterId")
+        if query.get("GroupName"):
+            return {"GroupsInfo": [describe_entry(self._group(query))]}
+        return {"GroupsInfo": [describe_entry(g) for (cid, _), g in self.groups.items()
+                               if cid == query["DBClusterId"] and g.status != "deleted"]}
+
+    def modify_group(self, query: dict) -> dict:
+        group = self._group(query)
+        if group.status != "ok":
+            raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
+        rc = self._ray_config(query)
+        spec = checked_spec(group.spec.name, rc)
+        if spec.category != group.spec.category:
+            raise ApiFault(400, "OperationDenied.Category", "Category cannot be changed after creation.")
+        group.spec, group.updated = spec, _now()
+        return {}
+
+    def delete_group(self, query: dict) -> dict:
+        group = self._group(query)
+        if group.status == "deleting":
+            raise ApiFault(400, "OperationDenied.GroupStatus", "The resource group is being deleted.")
+        group.status, group.updated = "deleting", _now()
+        self._background(self._teardown, group)
+        return {}
+
+    # -- backing clusters -----------------------------------------------------------------------
+
+    def _background(self, fn, group: Group) -> None:
+        t = threading.Thread(target=fn, args=(group,), daemon=True)
+        self.threads = [x for x in self.threads if x.is_alive()] + [t]
+        t.start()
+
+    def _provision(self, group: Group) -> None:
+        spec = group.spec.model_copy(update={"name": group.local_name})
+        scale = self.autoscale and any(g.min_workers != g.max_workers for g in spec.worker_groups)
+        try:
+            group.cluster = local.up(spec, token=group.token, log=self.log, autoscale=scale)
+            group.status, group.message = "ok", ""
+        except Exception as e:
+            group.status, group.message = "failed", " ".join(str(e).split())
+        group.updated = _now()
+        self.log(f"group {group.spec.name}: {group.status} {group.message}".rstrip())
+
+    def _teardown(self, group: Group) -> None:
+        try:
+            if group.cluster:
+                local.down(group.cluster.name, log=self.log)
+        except local.LocalClusterError as e:
+            self.log(f"group {group.spec.name}: {e}")
+        group.cluster, group.status, group.updated = None, "deleted", _now()
+
+
+def parse_query(text: str) -> dict:
+    """``a=1&b=%7B..%7D`` -> {"a": "1", "b": "{..}"} (percent-decoding only, as the signer encodes)."""
+    out = {}
+    for part in text.split("&"):
+        if part:
+            k, _, v = part.partition("=")
+            out[unquote(k)] = unquote(v)
+    return out

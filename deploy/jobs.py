@@ -1,0 +1,288 @@
+"""CTL submission: a template run as a Ray job on a resource group (``JobSubmissionClient``).
+
+:func:`resolve_target` turns ``--address`` or ``--group/--cluster-id`` into the
+dashboard URL, the ray:// address, the token and (when known) the group's spec;
+:func:`prepare` does everything that must pass before upload (spec, preflight,
+working dir); :func:`submit` and :func:`follow` run the job and stream its logs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipelines.config import ConfigError, apply_overrides, read_yaml
+from pipelines.connect import CLIENT_PORT, DASHBOARD_PORT, to_client_address, to_dashboard_url
+
+from . import preflight, workdir
+from .spec import REPO_ROOT, ResourceGroupSpec, load_spec
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmitError(RuntimeError):
+    """Submission stopped; the message is one line."""
+
+
+@dataclass
+class Target:
+    dashboard_url: str
+    cluster_address: str
+    token: str | None
+    spec: ResourceGroupSpec | None = None
+    group: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def _host_port(url: str) -> tuple[str, int | None]:
+    parsed = urlparse(url if "://" in url else f"x://{url}")
+    return parsed.hostname or "", parsed.port
+
+
+def address_pair(address: str) -> tuple[str, str]:
+    """Any accepted form -> (dashboard URL, ray:// address); standard ports 8265 <-> 10001."""
+    address = address.strip().rstrip("/")
+    if address.startswith("ray://"):
+        return to_dashboard_url(address), address
+    if address.startswith(("http://", "https://")):
+        return address, to_client_address(address)
+    host, port = _host_port(address)
+    if not host:
+        raise SubmitError(f"bad Ray address {address!r}: give http://host:{DASHBOARD_PORT} or "
+                          f"ray://host:{CLIENT_PORT}")
+    return f"http://{host}:{DASHBOARD_PORT}", f"ray://{host}:{CLIENT_PORT}"
+
+
+def ray_address_warning(target: Target, env_address: str | None) -> str | None:
+    """A warning when ``RAY_ADDRESS`` names another cluster than the target."""
+    if not env_address or env_address == "auto":
+        return None
+    mine = {_host_port(target.dashboard_url), _host_port(target.cluster_address)}
+    theirs = _host_port(env_address)
+    if theirs in mine or (theirs[1] is None and theirs[0] in {h for h, _ in mine}):
+        return None
+    return (f"RAY_ADDRESS={env_address} differs from the target {target.dashboard_url}; "
+            "the job goes to the target (unset RAY_ADDRESS to silence this)")
+
+
+def token_from_env() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and Path(path).expanduser().is_file():
+        return Path(path).expanduser().read_text().strip()
+    return None
+
+
+def resolve_target(address=None, group=None, cluster_id=None, endpoint=None, region=None, token=None,
+                   token_file=None, log=None) -> Target:
+    """``--address`` or ``--group`` (+ cluster id) -> a Target; SubmitError/ApiError if neither works."""
+    from . import openapi
+
+    if token_file:
+        token = Path(token_file).expanduser().read_text().strip()
+    if group:
+        if not cluster_id:
+            raise SubmitError("--group needs --cluster-id")
+        client = openapi.GroupClient(cluster_id, region or openapi.DEFAULT_REGION, endpoint, log=log)
+        info = client.describe(group)
+        status = str(info.get("Status", "")).lower()
+        if status != openapi.READY:
+            raise SubmitError(f"group {group} is {status or 'unknown'}, not ok (run `adbray group wait {group}`)")
+        addr = openapi.addresses(info)
+        if not addr["dashboard"]:
+            raise SubmitError(f"group {group} reports no RayDashboardAddress")
+        token = token or openapi.load_token(cluster_id, group) or token_from_env()
+        spec = openapi.spec_from_ray_config(group, info.get("RayConfig") or {})
+        target = Target(addr["dashboard"].rstrip("/"), addr["cluster"] or address_pair(addr["dashboard"])[1],
+                        token, spec, group)
+    elif address:
+        dashboard, cluster = address_pair(address)
+        target = Target(dashboard, cluster, token or token_from_env())
+    else:
+        raise SubmitError("give --address http://host:8265 (or ray://host:10001) or --group NAME --cluster-id ID")
+    warning = ray_address_warning(target, os.environ.get("RAY_ADDRESS"))
+    if warning:
+        target.warnings.append(warning)
+    return target
+
+
+# -- before upload ------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    template: str
+    entrypoint: str
+    runtime_env: dict
+    findings: list
+    workdir: dict
+
+
+def template_dir(template: str, root: Path = REPO_ROOT) -> Path:
+    return root / template.replace(".", "/")
+
+
+def prepare(template: str, step: str | None = None, config: str | None = None, overrides=(),
+            spec: ResourceGroupSpec | None = None, root: Path = REPO_ROOT, max_upload_mb: float | None = None,
+            allow_secrets: bool = False, pip=()) -> Plan:
+    """Everything checked before upload; SubmitError (one line) on the first problem."""
+    root = Path(root).resolve()
+    tdir = template_dir(template, root)
+    if not (tdir / "__main__.py").is_file() and not (tdir / "__init__.py").is_file():
+        raise SubmitError(f"no template {template!r} under {root} (looked for {tdir}/__main__.py)")
+    if config is None:
+        config_path = next((p for p in (tdir / "configs" / "cluster.yaml", tdir / "configs" / "local.yaml")
+                            if p.is_file()), None)
+    else:
+        config_path = Path(config) if Path(config).is_absolute() else Path.cwd() / config
+        if not config_path.is_file() and (root / config).is_file():
+            config_path = root / config
+    if config_path is not None:
+        config_path = config_path.resolve()
+        if root not in config_path.parents:
+            raise SubmitError(f"config {config_path} is outside the working dir {root}: it would not be uploaded")
+    try:
+        if spec is None and (tdir / "resource_group.yaml").is_file():
+            spec = load_spec(str(tdir / "resource_group.yaml"))
+        data = apply_overrides(read_yaml(config_path), overrides) if config_path else {}
+        asks = preflight.resource_asks(data)
+    except (ConfigError, ValueError) as e:
+        raise SubmitError(str(e)) from None
+    findings = preflight.check(asks, spec) if spec else [preflight.Finding(
+        "warning", "no resource group spec known: preflight skipped (pass --spec or use --group)")]
+    errors = [f.message for f in findings if f.level == "error"]
+    if errors:
+        raise SubmitError(f"preflight: {errors[0]}" + (f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""))
+    try:
+        wd = workdir.check(root, max_upload_mb or workdir.DEFAULT_MAX_UPLOAD_MB, allow_secrets)
+    except workdir.WorkdirError as e:
+        raise SubmitError(str(e)) from None
+    module = f"{template}.{step}" if step else template
+    parts = ["python", "-m", module]
+    if config_path:
+        parts += ["--config", str(config_path.relative_to(root))]
+    for item in overrides:
+        parts += ["--set", item]
+    entrypoint = " ".join(_quote(p) for p in parts)
+    runtime_env = {"working_dir": str(root), "excludes": wd["excludes"]}
+    if pip:
+        runtime_env["pip"] = list(pip)
+    return Plan(template, entrypoint, runtime_env, findings, wd)
+
+
+def _quote(part: str) -> str:
+    import shlex
+
+    return shlex.quote(part)
+
+
+# -- on the cluster -----------------------------------------------------------------------------
+
+
+def cluster_check(target: Target, timeout: float = 10.0) -> str:
+    """Nodes and resources of the cluster behind the target, checked against the group's spec."""
+    req = urllib.request.Request(f"{target.dashboard_url}/api/v0/nodes?limit=1000&detail=1",
+                                 headers=target.headers())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            rows = json.loads(resp.read()).get("data", {}).get("result", {}).get("result", [])
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise SubmitError(f"authentication failed at {target.dashboard_url} (HTTP {e.code}): "
+                              "wrong or missing Ray token") from None
+        raise SubmitError(f"{target.dashboard_url} answered HTTP {e.code}") from None
+    except OSError as e:
+        raise SubmitError(f"Ray dashboard {target.dashboard_url} is unreachable ({getattr(e, 'reason', e)})") from None
+    alive = [r for r in rows if r.get("state") == "ALIVE"]
+    workers = [r for r in alive if not r.get("is_head_node")]
+    groups: dict[str, int] = {}
+    for r in workers:
+        name = (r.get("labels") or {}).get("group", "?")
+        groups[name] = groups.get(name, 0) + 1
+    cpus = sum((r.get("resources_total") or {}).get("CPU", 0) for r in alive)
+    gpus = sum((r.get("resources_total") or {}).get("GPU", 0) for r in alive)
+    line = (f"cluster at {target.dashboard_url}: {len(alive)} nodes "
+            f"({', '.join(f'{k} x{v}' for k, v in sorted(groups.items())) or 'no workers'}), "
+            f"{cpus:g} CPUs, {gpus:g} GPUs")
+    if not workers:
+        raise SubmitError(line + ": no worker node is alive")
+    if target.spec:
+        expected = {g.name for g in target.spec.worker_groups}
+        unknown = set(groups) - expected - {"?"}
+        if unknown:
+            target.warnings.append(f"{line} has worker groups {sorted(unknown)} that group "
+                                   f"{target.spec.name} does not declare ({sorted(expected)}): is it the "
+                                   "intended cluster?")
+        too_many = [g.name for g in target.spec.worker_groups if groups.get(g.name, 0) > g.max_workers]
+        if too_many:
+            target.warnings.append(f"{line}: more workers than max in {too_many}")
+        if not unknown and not too_many:
+            line += f"; matches group {target.spec.name}"
+    return line
+
+
+def client_for(target: Target):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(target.dashboard_url, headers=target.headers())
+    except Exception as e:
+        raise SubmitError(_error_line(e, target)) from None
+
+
+def _error_line(e: Exception, target: Target) -> str:
+    text = " ".join(str(e).split())
+    if "uthentica" in text or "401" in text or "403" in text:
+        return f"authentication failed at {target.dashboard_url}: wrong or missing Ray token"
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def submit(target: Target, plan: Plan, entrypoint_num_cpus: float = 0, entrypoint_num_gpus: float = 0,
+           submission_id: str | None = None) -> tuple[object, str]:
+    """Upload the working dir and start the job; returns (client, job id)."""
+    client = client_for(target)
+    try:
+        job_id = client.submit_job(entrypoint=plan.entrypoint, runtime_env=plan.runtime_env,
+                                   entrypoint_num_cpus=entrypoint_num_cpus or None,
+                                   entrypoint_num_gpus=entrypoint_num_gpus or None,
+                                   submission_id=submission_id,
+                                   metadata={"adbray_template": plan.template})
+    except Exception as e:
+        raise SubmitError(_error_line(e, target)) from None
+    return client, job_id
+
+
+def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: float | None = None) -> object:
+    """Print the job's logs as they grow until it ends; returns its JobInfo. Ctrl-C stops the job."""
+    printed, deadline = 0, time.time() + timeout if timeout else None
+    try:
+        while True:
+            info = client.get_job_info(job_id)
+            logs = client.get_job_logs(job_id)
+            if len(logs) > printed:
+                out.write(logs[printed:])
+                out.flush()
+                printed = len(logs)
+            if str(info.status) in TERMINAL or getattr(info.status, "value", None) in TERMINAL:
+                return info
+            if deadline and time.time() > deadline:
+                raise SubmitError(f"job {job_id} still {info.status} after {timeout:.0f}s")
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: stopping job {job_id}", file=sys.stderr)
+        client.stop_job(job_id)
+        raise
+
+
+def status_name(info) -> str:
+    return getattr(info.status, "value", str(info.status))

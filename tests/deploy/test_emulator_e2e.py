@@ -1,0 +1,116 @@
+"""End to end against the emulator with the real SDK, the real job API and a real local cluster.
+
+plan -> create -> wait -> submit (SUCCEEDED, logs hold the summary) -> failing job -> wrong token ->
+stock `ray job submit` -> delete (cluster gone). One emulator-backed group serves every step.
+"""
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy import local
+from deploy.emulator import Emulator
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = "deploy/examples/squares/resource_group.yaml"
+CONFIG = "deploy/examples/squares/configs/local.yaml"
+CLUSTER_ID = "amv-e2etest"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    emulator = Emulator("e2e-key-id", "e2e-key-secret", log=lambda *_: None).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "ALIBABA_CLOUD"))
+           and k != "RAY_ADDRESS"}
+    env.update(ALIBABA_CLOUD_ACCESS_KEY_ID="e2e-key-id", ALIBABA_CLOUD_ACCESS_KEY_SECRET="e2e-key-secret",
+               ADBRAY_ENDPOINT=emulator.endpoint, ADBRAY_CLUSTER_ID=CLUSTER_ID)
+    emulator.cli_env = env
+    try:
+        yield emulator
+    finally:
+        emulator.stop(delete_groups=True)
+
+
+def adbray(emu, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, env=emu.cli_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def group(emu):
+    proc = adbray(emu, "group", "create", SPEC, "--wait", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    yield info
+
+
+def test_create_wait_gives_addresses_and_the_token_is_the_clusters(emu, group):
+    assert group["status"] == "ok" and group["dashboard"].startswith("http://127.0.0.1:")
+    assert group["cluster"].startswith("ray://127.0.0.1:")
+    token_path = Path(group["token_path"])
+    assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
+    backing = emu.groups[(CLUSTER_ID, "squares")].cluster
+    assert backing.token() == token_path.read_text().strip() and backing.dashboard_url == group["dashboard"]
+    again = adbray(emu, "group", "create", SPEC)
+    assert again.returncode == 1 and "InvalidDBResourceGroup.Duplicate" in again.stderr
+
+
+def test_submit_succeeds_and_logs_hold_the_summary(emu, group):
+    proc = adbray(emu, "submit", "deploy.examples.squares", "--config", CONFIG, "--group", "squares")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preflight ok" in proc.stderr and "matches group squares" in proc.stderr
+    job_id = re.search(r"submitted job (\S+):", proc.stderr).group(1)
+    assert f"job {job_id} SUCCEEDED" in proc.stderr
+    logs = adbray(emu, "jobs", "logs", job_id, "--group", "squares")
+    assert logs.returncode == 0, logs.stderr
+    summary = json.loads([line for line in logs.stdout.splitlines() if line.startswith('{"template"')][-1])
+    assert summary["template"] == "squares" and summary["metrics"]["sum_of_squares"] == 63 * 64 * 127 // 6
+    listed = json.loads(adbray(emu, "jobs", "list", "--group", "squares", "--json").stdout)
+    assert {"job_id": job_id, "status": "SUCCEEDED"}.items() <= next(j for j in listed
+                                                                   if j["job_id"] == job_id).items()
+
+
+def test_failing_job_exits_nonzero_with_its_error(emu, group):
+    proc = adbray(emu, "submit", "deploy.examples.squares", "--config", CONFIG, "--set", "fail=true",
+                  "--group", "squares")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: job \S+ FAILED: ", last) and "fail: true in the config" in last, proc.stderr[-2000:]
+
+
+def test_wrong_token_is_refused_and_no_job_starts(emu, group, tmp_path):
+    before = json.loads(adbray(emu, "jobs", "list", "--group", "squares", "--json").stdout)
+    bad = tmp_path / "token"
+    bad.write_text("not-the-token-" + "0" * 40)
+    proc = adbray(emu, "submit", "deploy.examples.squares", "--config", CONFIG, "--group", "squares",
+                  "--token-file", str(bad))
+    assert proc.returncode == 1 and "authentication failed" in proc.stderr.strip().splitlines()[-1]
+    assert "submitted job" not in proc.stderr
+    after = json.loads(adbray(emu, "jobs", "list", "--group", "squares", "--json").stdout)
+    assert len(after) == len(before)
+
+
+def test_stock_ray_job_submit_works_on_the_same_group(emu, group):
+    env = {**emu.cli_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": Path(group["token_path"]).read_text()}
+    proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
+                           group["dashboard"], "--working-dir", ".", "--", "python", "-m",
+                           "deploy.examples.squares", "--config", CONFIG], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"template": "squares"' in proc.stdout and "succeeded" in proc.stdout.lower()
+
+
+def test_delete_stops_the_cluster(emu, group):
+    backing = emu.groups[(CLUSTER_ID, "squares")].cluster
+    assert local.processes(backing)
+    proc = adbray(emu, "group", "delete", "squares", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    assert local.processes(backing) == []
+    assert not Path(group["token_path"]).exists()
+    gone = adbray(emu, "group", "describe", "squares")
+    assert gone.returncode == 1 and "InvalidDBResourceGroup.NotFound" in gone.stderr

@@ -1,0 +1,134 @@
+"""The OpenAPI layer against the emulator with the real SDK: signatures, errors, retries (no clusters)."""
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy import openapi
+from deploy.emulator import ApiFault, Emulator
+from deploy.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_SPEC = str(ROOT / "deploy" / "examples" / "squares" / "resource_group.yaml")
+GPU_SPEC = """
+name: rc
+category: HIGH_AVAILABILITY
+head: {spec: m.xlarge}
+worker_groups:
+  - {name: cpu, type: CPU, spec: m.xlarge, min_workers: 1, max_workers: 4}
+  - {name: gpu, type: GPU, spec: gpu.a10.1, disk_gb: 200, min_workers: 1, max_workers: 2, distribution_unit: 1/3}
+requirements: [lightgbm>=4.5, "pyarrow>=15"]
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    emu = Emulator("test-key-id", "test-key-secret", log=lambda *_: None).start()
+    yield emu
+    emu.stop()
+
+
+def client(emu, secret="test-key-secret", key="test-key-id", **kw):
+    return openapi.GroupClient("amv-unit1", endpoint=emu.endpoint, access_key_id=key, access_key_secret=secret,
+                               log=kw.pop("log", lambda *_: None), **kw)
+
+
+def test_plan_request_has_the_service_fields_and_no_token(tmp_path):
+    p = tmp_path / "rg.yaml"
+    p.write_text(GPU_SPEC)
+    proc = subprocess.run([sys.executable, "-m", "deploy.cli", "group", "plan", str(p), "--name", "rc2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    req = out["request"]
+    assert (req["GroupName"], req["GroupType"], req["Classification"], req["Engine"]) == \
+        ("rc2", "Job", "AI", "RayCluster")
+    rc = req["RayConfig"]
+    assert rc["AuthToken"] == "<redacted>" and rc["Category"] == "HIGH_AVAILABILITY" and rc["HeadSpec"] == "m.xlarge"
+    assert rc["WorkerGroups"][1] == {"GroupName": "gpu", "WorkerSpecType": "GPU", "WorkerSpecName": "gpu.a10.1",
+                                     "WorkerDiskCapacity": "200", "MinWorkerQuantity": 1, "MaxWorkerQuantity": 2,
+                                     "AllocateUnit": "1/3"}
+    assert rc["UserDefinedRequirements"] == "lightgbm>=4.5\npyarrow>=15"
+    assert out["reserved"]["min"] == {"cores": 8 + 8 + 8, "memory_gb": 64 * 3, "gpus": 0.333,
+                                      "disk_gb": 100 + 100 + 200, "workers": 2}
+    assert out["reserved"]["max"]["cores"] == 8 + 4 * 8 + 2 * 8
+
+
+def test_ray_config_round_trips_to_the_same_spec(tmp_path):
+    p = tmp_path / "rg.yaml"
+    p.write_text(GPU_SPEC)
+    spec = load_spec(str(p))
+    back = openapi.spec_from_ray_config("rc", openapi.ray_config(spec, "x" * 32))
+    assert back == spec.model_copy(update={"auth_token": None})
+
+
+def test_token_store_is_0600(tmp_path, monkeypatch):
+    monkeypatch.setattr("deploy.local.STATE_ROOT", tmp_path)
+    token = openapi.new_token()
+    path = openapi.store_token("amv-x", "g", token)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and openapi.load_token("amv-x", "g") == token
+    assert len(token) == 64 and openapi.new_token() != token
+
+
+def test_describe_unknown_group_is_one_line_not_found(emulator):
+    with pytest.raises(openapi.ApiError) as e:
+        client(emulator).describe("nope")
+    assert e.value.code == "InvalidDBResourceGroup.NotFound" and e.value.request_id
+    assert "request id" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wrong_secret_and_unknown_key_are_refused(emulator):
+    with pytest.raises(openapi.ApiError) as e:
+        client(emulator, secret="wrong-secret").describe("x")
+    assert e.value.code == "SignatureDoesNotMatch" and e.value.status == 400
+    assert "wrong-secret" not in str(e.value) and "test-key-secret" not in str(e.value)
+    with pytest.raises(openapi.ApiError) as e:
+        client(emulator, key="other-key").describe("x")
+    assert e.value.code == "InvalidAccessKeyId.NotFound" and e.value.status == 404
+
+
+def test_invalid_ray_config_is_refused_like_the_service(emulator):
+    """The emulator validates what the SDK sends, even when the client skipped local validation."""
+    from alibabacloud_adb20211201 import models
+
+    spec = load_spec(EXAMPLE_SPEC)
+    params = openapi.create_params(spec, "amv-unit1", "cn-hangzhou", "t" * 32)
+    params["RayConfig"]["WorkerGroups"][0]["MaxWorkerQuantity"] = 9
+    c = client(emulator)
+    with pytest.raises(openapi.ApiError) as e:
+        c._call("create_dbresource_group", models.CreateDBResourceGroupRequest().from_map(params))
+    assert e.value.code == "InvalidParameter.RayConfig" and "max_workers" in str(e.value)
+    params["RayConfig"]["WorkerGroups"][0]["MaxWorkerQuantity"] = 2
+    params["GroupType"] = "Interactive"
+    with pytest.raises(openapi.ApiError, match="GroupType=Job"):
+        c._call("create_dbresource_group", models.CreateDBResourceGroupRequest().from_map(params))
+    assert ("amv-unit1", "squares") not in emulator.groups
+
+
+def test_throttling_is_retried_with_backoff(emulator):
+    lines = []
+    emulator.faults[:] = [ApiFault(400, "Throttling.User", "Request was denied due to user flow control.")] * 2
+    c = client(emulator, backoff_s=0.05, log=lines.append)
+    with pytest.raises(openapi.ApiError, match="InvalidDBResourceGroup.NotFound"):
+        c.describe("after-throttling")
+    assert len(lines) == 2 and all(line.startswith("Throttling.User: retrying") for line in lines)
+    emulator.faults[:] = [ApiFault(400, "Throttling.User", "denied")] * 3
+    with pytest.raises(openapi.ApiError, match="Throttling.User"):
+        client(emulator, backoff_s=0.01, retries=2).describe("x")
+    emulator.faults.clear()
+
+
+def test_cli_wrong_secret_is_one_line(emulator):
+    env = {**os.environ, "ALIBABA_CLOUD_ACCESS_KEY_ID": "test-key-id",
+           "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "not-the-secret"}
+    proc = subprocess.run([sys.executable, "-m", "deploy.cli", "group", "create", EXAMPLE_SPEC, "--cluster-id",
+                           "amv-unit1", "--endpoint", emulator.endpoint], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: SignatureDoesNotMatch:") and "request id" in lines[0]
+    assert "not-the-secret" not in proc.stderr + proc.stdout
