@@ -401,6 +401,7 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 @click.option("--config", default=None, help="Config YAML inside the working dir (default configs/cluster.yaml, "
                                              "else configs/local.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, passed on.")
+@click.option("--run-dir", default=None, help="Output folder for the job, e.g. oss://bucket/runs/x (passed on).")
 @_target_options
 @click.option("--spec", "spec_file", default=None,
               help="Resource group spec to preflight against with --address (default: the template's).")
@@ -412,7 +413,7 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 @click.option("--entrypoint-num-gpus", default=0.0, help="GPUs reserved for the driver.")
 @click.option("--wait/--no-wait", default=True, help="Follow the logs until the job ends (default).")
 @click.option("--timeout", default=None, type=float, help="Give up following after this many seconds.")
-def submit(template, step, config, overrides, address, group_name, cluster_id, region, endpoint, token_file,
+def submit(template, step, config, overrides, run_dir, address, group_name, cluster_id, region, endpoint, token_file,
            spec_file, working_dir, max_upload_mb, allow_secrets, pip, entrypoint_num_cpus, entrypoint_num_gpus,
            wait, timeout):
     """Submit a template as a Ray job (JobSubmissionClient) and follow it; exit 0 only if it SUCCEEDED."""
@@ -423,13 +424,16 @@ def submit(template, step, config, overrides, address, group_name, cluster_id, r
     try:
         spec = target.spec or (load_spec(spec_file) if spec_file else None)
         plan = prepare(template, step, config, overrides, spec, Path(working_dir), max_upload_mb,
-                       allow_secrets, pip)
+                       allow_secrets, pip, run_dir)
     except (SubmitError, ConfigError) as e:
         fail(str(e), 2)
     for f in plan.findings:
         click.echo(f"preflight {f.level}: {f.message}", err=True)
     click.echo(f"working dir {plan.workdir['root']}: {plan.workdir['files']} files, "
                f"{plan.workdir['bytes'] / 1e6:.1f} MB", err=True)
+    if plan.runtime_env.get("pip"):
+        click.echo(f"runtime_env pip (not in the group's requirements): {', '.join(plan.runtime_env['pip'])}",
+                   err=True)
     try:
         if target.spec is None and spec is not None:
             target.spec = spec

@@ -120,11 +120,11 @@ class Emulator:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Emulator":
+    def start(self) -> Emulator:
         emulator = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
+            def do_POST(self):
                 emulator.handle(self)
 
             do_GET = do_POST

@@ -8,7 +8,9 @@ working dir); :func:`submit` and :func:`follow` run the job and stream its logs.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import sys
 import time
 import urllib.error
@@ -55,7 +57,7 @@ def address_pair(address: str) -> tuple[str, str]:
         return to_dashboard_url(address), address
     if address.startswith(("http://", "https://")):
         return address, to_client_address(address)
-    host, port = _host_port(address)
+    host, _ = _host_port(address)
     if not host:
         raise SubmitError(f"bad Ray address {address!r}: give http://host:{DASHBOARD_PORT} or "
                           f"ray://host:{CLIENT_PORT}")
@@ -134,7 +136,7 @@ def template_dir(template: str, root: Path = REPO_ROOT) -> Path:
 
 def prepare(template: str, step: str | None = None, config: str | None = None, overrides=(),
             spec: ResourceGroupSpec | None = None, root: Path = REPO_ROOT, max_upload_mb: float | None = None,
-            allow_secrets: bool = False, pip=()) -> Plan:
+            allow_secrets: bool = False, pip=(), run_dir: str | None = None) -> Plan:
     """Everything checked before upload; SubmitError (one line) on the first problem."""
     root = Path(root).resolve()
     tdir = template_dir(template, root)
@@ -152,8 +154,9 @@ def prepare(template: str, step: str | None = None, config: str | None = None, o
         if root not in config_path.parents:
             raise SubmitError(f"config {config_path} is outside the working dir {root}: it would not be uploaded")
     try:
-        if spec is None and (tdir / "resource_group.yaml").is_file():
-            spec = load_spec(str(tdir / "resource_group.yaml"))
+        template_spec = load_spec(str(tdir / "resource_group.yaml")) \
+            if (tdir / "resource_group.yaml").is_file() else None
+        spec = spec or template_spec
         data = apply_overrides(read_yaml(config_path), overrides) if config_path else {}
         asks = preflight.resource_asks(data)
     except (ConfigError, ValueError) as e:
@@ -173,17 +176,16 @@ def prepare(template: str, step: str | None = None, config: str | None = None, o
         parts += ["--config", str(config_path.relative_to(root))]
     for item in overrides:
         parts += ["--set", item]
-    entrypoint = " ".join(_quote(p) for p in parts)
+    if run_dir:
+        parts += ["--run-dir", run_dir]
+    entrypoint = " ".join(shlex.quote(p) for p in parts)
     runtime_env = {"working_dir": str(root), "excludes": wd["excludes"]}
-    if pip:
-        runtime_env["pip"] = list(pip)
+    # what the template needs and the target group was not created with comes via the job's runtime_env
+    installed = set(spec.requirements) if spec else set()
+    missing = [r for r in (template_spec.requirements if template_spec else []) if r not in installed]
+    if missing or pip:
+        runtime_env["pip"] = missing + [p for p in pip if p not in missing]
     return Plan(template, entrypoint, runtime_env, findings, wd)
-
-
-def _quote(part: str) -> str:
-    import shlex
-
-    return shlex.quote(part)
 
 
 # -- on the cluster -----------------------------------------------------------------------------
@@ -251,6 +253,10 @@ def submit(target: Target, plan: Plan, entrypoint_num_cpus: float = 0, entrypoin
            submission_id: str | None = None) -> tuple[object, str]:
     """Upload the working dir and start the job; returns (client, job id)."""
     client = client_for(target)
+    # Ray logs every packaging step at INFO/WARNING; our own lines already say what is uploaded
+    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
+                 "ray.dashboard.modules.dashboard_sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         job_id = client.submit_job(entrypoint=plan.entrypoint, runtime_env=plan.runtime_env,
                                    entrypoint_num_cpus=entrypoint_num_cpus or None,

@@ -224,7 +224,7 @@ class GroupClient:
         while True:
             info = self.describe(name)
             status = str(info.get("Status", "")).lower()
-            if status != last and log:
+            if status != last and status != READY and log:
                 log(f"group {name}: {status}")
             last = status
             if status == READY:

@@ -105,6 +105,18 @@ def test_stock_ray_job_submit_works_on_the_same_group(emu, group):
     assert '"template": "squares"' in proc.stdout and "succeeded" in proc.stdout.lower()
 
 
+def test_modify_is_validated_and_recorded(emu, group, tmp_path):
+    spec = tmp_path / "rg.yaml"
+    spec.write_text((ROOT / SPEC).read_text().replace("max_workers: 2", "max_workers: 3"))
+    proc = adbray(emu, "group", "modify", str(spec))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(adbray(emu, "group", "describe", "squares", "--json").stdout)
+    assert info["RayConfig"]["WorkerGroups"][0]["MaxWorkerQuantity"] == 3 and "AuthToken" not in info["RayConfig"]
+    spec.write_text(spec.read_text().replace("category: BASIC", "category: HIGH_AVAILABILITY"))
+    refused = adbray(emu, "group", "modify", str(spec))
+    assert refused.returncode == 1 and "OperationDenied.Category" in refused.stderr
+
+
 def test_delete_stops_the_cluster(emu, group):
     backing = emu.groups[(CLUSTER_ID, "squares")].cluster
     assert local.processes(backing)

@@ -141,3 +141,43 @@ def test_submit_stops_before_upload_with_one_line(tmp_path, case):
     lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("warning:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "submitted job" not in proc.stderr and "unreachable" not in proc.stderr
+
+
+def test_follow_prints_new_log_text_and_ctrl_c_stops_the_job():
+    import io
+
+    class Client:
+        """Answers like JobSubmissionClient: logs grow, then Ctrl-C arrives while the job runs."""
+
+        def __init__(self):
+            self.polls, self.stopped = 0, []
+
+        def get_job_info(self, job_id):
+            self.polls += 1
+            if self.polls == 3:
+                raise KeyboardInterrupt
+            return type("Info", (), {"status": "RUNNING"})()
+
+        def get_job_logs(self, job_id):
+            return "line 1\n" if self.polls == 1 else "line 1\nline 2\n"
+
+        def stop_job(self, job_id):
+            self.stopped.append(job_id)
+            return True
+
+    client, out = Client(), io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        jobs.follow(client, "raysubmit_x", out=out, poll_s=0)
+    assert out.getvalue() == "line 1\nline 2\n" and client.stopped == ["raysubmit_x"]
+
+
+def test_template_requirements_missing_from_the_group_go_to_runtime_env_pip(tmp_path):
+    root = _job_dir(tmp_path)
+    (root / "job" / "resource_group.yaml").write_text(
+        "name: job\nworker_groups: [{name: cpu, spec: m.xlarge}]\nrequirements: [lightgbm>=4.5, polars>=1.0]\n")
+    same = jobs.prepare("job", root=root)
+    assert "pip" not in same.runtime_env  # the group made from this spec already has them
+    other = ResourceGroupSpec(name="g", worker_groups=[{"name": "cpu", "spec": "m.xlarge"}],
+                              requirements=["lightgbm>=4.5"])
+    plan = jobs.prepare("job", spec=other, root=root, pip=["tqdm"])
+    assert plan.runtime_env["pip"] == ["polars>=1.0", "tqdm"]
