@@ -164,8 +164,8 @@ class LeRobotWriter:
     # ------------------------------------------------------------------ close
     def close(self) -> dict:
         """Write metadata, move the dataset into place; return counts."""
-        missing = self.expected - self.next_id
-        if missing:
+        missing = self.expected - self.next_id - len(self.waiting)
+        if self.next_id < self.expected:
             raise RuntimeError(f"dataset incomplete: {missing} of {self.expected} episodes never arrived")
         self._flush()
         n = len(self.episodes)

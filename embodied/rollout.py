@@ -48,26 +48,40 @@ class Rollout:
     def __init__(self, cfg: EmbodiedConfig, policy: dict, mode: str = "batched", record: bool = True):
         import ray
 
-        sim = cfg.simulator
-        self.cfg, self.policy, self.mode, self.record = cfg, policy, mode, record
+        self.cfg, self.record = cfg, record
         self.server = None
+        self.sim_cls = ray.remote(num_cpus=cfg.simulator.num_cpus, max_restarts=0)(Simulator)
+        self.sims = []
+        self.set_policy(policy, mode)
+        self.restarts = 0
+
+    def set_policy(self, policy: dict, mode: str = "batched") -> None:
+        """Switch every simulator to ``policy`` (batched: through a new policy actor; local: a copy each)."""
+        import ray
+
+        if mode not in ("batched", "local"):
+            raise ValueError(f"unknown rollout mode {mode!r} (allowed: batched, local)")
+        if self.server is not None:
+            ray.kill(self.server, no_restart=True)
+            self.server = None
+        self.policy, self.mode = policy, mode
+        sim, ps = self.cfg.simulator, self.cfg.policy_server
         if mode == "batched":
-            ps = cfg.policy_server
             server_cls = ray.remote(num_cpus=ps.num_cpus, num_gpus=ps.num_gpus)(PolicyServer)
             self.server = server_cls.remote(policy, clients=sim.max_actors, batch_wait_ms=ps.batch_wait_ms,
                                             max_batch=ps.max_batch)
-        elif mode != "local":
-            raise ValueError(f"unknown rollout mode {mode!r} (allowed: batched, local)")
-        self.sim_cls = ray.remote(num_cpus=sim.num_cpus, max_restarts=0)(Simulator)
-        self.sims = [self._new_simulator() for _ in range(sim.max_actors)]
-        self.restarts = 0
+        if not self.sims:
+            self.sims = [self._new_simulator() for _ in range(sim.max_actors)]
+            return
+        ray.get([s.set_policy.remote(*self._policy_args()) for s in self.sims])
+
+    def _policy_args(self) -> tuple:
+        return (None, self.server) if self.mode == "batched" else (self.policy, None)
 
     def _new_simulator(self):
-        sim = self.cfg.simulator
-        if self.mode == "batched":
-            return self.sim_cls.remote(self.cfg.env.id, sim.envs_per_actor, policy_actor=self.server,
-                                       record=self.record)
-        return self.sim_cls.remote(self.cfg.env.id, sim.envs_per_actor, policy=self.policy, record=self.record)
+        policy, server = self._policy_args()
+        return self.sim_cls.remote(self.cfg.env.id, self.cfg.simulator.envs_per_actor, policy=policy,
+                                   policy_actor=server, record=self.record)
 
     def policy_device(self) -> str:
         import ray
@@ -86,7 +100,7 @@ class Rollout:
         held: list[dict[int, int]] = [{} for _ in self.sims]
         crashes = [0] * len(self.sims)
         calls: dict = {}
-        done = env_steps = 0
+        done = env_steps = rerun = 0
 
         def submit(i: int) -> None:
             new = [pending.popleft() for _ in range(min(len(pending), max(0, backlog - len(held[i]))))]
@@ -109,6 +123,7 @@ class Rollout:
                                     f"{sim.max_restarts}): {str(e).splitlines()[0]}") from None
                 print(f"simulator {i} died; restarting it and re-running {len(held[i])} unfinished "
                       "episodes", file=sys.stderr)
+                rerun += len(held[i])
                 pending.extendleft(sorted(held[i].items(), reverse=True))
                 held[i] = {}
                 ray.kill(self.sims[i], no_restart=True)
@@ -126,7 +141,8 @@ class Rollout:
                 submit(i)
         seconds = time.perf_counter() - start
         return {"episodes": done, "env_steps": env_steps, "seconds": seconds,
-                "steps_per_s": env_steps / seconds if seconds > 0 else 0.0, "restarts": self.restarts}
+                "steps_per_s": env_steps / seconds if seconds > 0 else 0.0, "restarts": self.restarts,
+                "rerun_episodes": rerun}
 
     def simulator_pids(self) -> list[int]:
         import ray
@@ -165,6 +181,7 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None) -> dict:
         "collect_success_rate": (sum(e["success"] for e in writer.episodes) / len(returns)
                                  if returns else float("nan")),
         "collect_steps_per_s": stats["steps_per_s"], "simulator_restarts": stats["restarts"],
+        "rerun_episodes": stats["rerun_episodes"],
     }
     if counts["rejects"] > c.max_reject_ratio * c.episodes:
         raise RunFailed(f"{counts['rejects']} of {c.episodes} episodes rejected "

@@ -46,13 +46,19 @@ class Simulator:
 
     def __init__(self, env_id: str, num_envs: int, policy: dict | None = None, policy_actor=None,
                  record: bool = True):
-        if (policy is None) == (policy_actor is None):
-            raise ValueError("give a simulator exactly one of: a local policy spec, a policy actor")
-        self.env_id, self.record, self.policy_actor = env_id, record, policy_actor
+        self.env_id, self.record = env_id, record
         self.envs = [make_env(env_id) for _ in range(num_envs)]
         self.slots: list[EpisodeBuffer | None] = [None] * num_envs
         self.queue: deque = deque()
-        self.local_policy = None
+        self.set_policy(policy, policy_actor)
+
+    def set_policy(self, policy: dict | None = None, policy_actor=None) -> None:
+        """Act with a local copy of ``policy`` or by calling ``policy_actor`` (exactly one)."""
+        if (policy is None) == (policy_actor is None):
+            raise ValueError("give a simulator exactly one of: a local policy spec, a policy actor")
+        if any(s is not None for s in self.slots) or self.queue:
+            raise RuntimeError("cannot switch policies with episodes still running")
+        self.policy_actor, self.local_policy = policy_actor, None
         if policy is not None:
             from .policies import make_policy
 

@@ -1,0 +1,146 @@
+"""Unit tests (no Ray): expert quality, LeRobot v3 writer, policy batching, config errors."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embodied import config as config_mod
+from embodied.dataset import LeRobotWriter, read_episodes, read_frames, read_info, vectors
+from embodied.envs import env_facts, is_success, make_env
+from embodied.policies import make_policy, policy_spec
+from embodied.simulator import PolicyServer, Simulator
+from pipelines.config import ConfigError
+
+
+def play(policy, seeds):
+    """Plain gymnasium loop: (returns, successes) of ``policy`` on Reacher-v5."""
+    env = make_env("Reacher-v5")
+    returns, successes = [], []
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs[None])[0])
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+        successes.append(bool(is_success("Reacher-v5", obs)[0]))
+    return np.mean(returns), np.mean(successes)
+
+
+def test_reacher_expert_solves_the_task_and_random_does_not():
+    seeds = range(500, 520)
+    expert_return, expert_success = play(make_policy(policy_spec("expert", "Reacher-v5")), seeds)
+    random_return, random_success = play(make_policy(policy_spec("random", "Reacher-v5", seed=1)), seeds)
+    assert expert_success >= 0.95
+    assert random_success <= 0.2
+    assert expert_return > -6.0 and random_return < -30.0
+
+
+def test_mlp_policy_needs_weights_and_unknown_expert_is_an_error():
+    with pytest.raises(ValueError, match="needs weights"):
+        policy_spec("mlp", "Reacher-v5")
+    with pytest.raises(ValueError, match="no scripted expert"):
+        make_policy(policy_spec("expert", "Pusher-v5"))
+
+
+def fake_episode(eid, length=5, obs_dim=10, act_dim=2, reject=None):
+    rng = np.random.default_rng(eid)
+    return {"id": eid, "seed": 100 + eid, "length": length, "reject": reject, "return": -1.0 * eid,
+            "success": eid % 2 == 0, "state": rng.normal(size=(length, obs_dim)).astype(np.float32),
+            "action": rng.uniform(-1, 1, size=(length, act_dim)).astype(np.float32),
+            "reward": rng.normal(size=length).astype(np.float32)}
+
+
+def test_lerobot_writer_orders_episodes_and_writes_the_v3_layout(tmp_path):
+    facts = env_facts("Reacher-v5")
+    root = str(tmp_path / "episodes")
+    writer = LeRobotWriter(root, "Reacher-v5", facts, "reach", expected=4, frames_per_file=7)
+    episodes = {i: fake_episode(i, length=3 + i) for i in range(4)}
+    episodes[2] = fake_episode(2, reject="non-finite state or reward")
+    for i in (3, 1, 0, 2):  # out of order, as simulators deliver them
+        writer.add(episodes[i])
+    counts = writer.close()
+    assert counts == {"episodes": 3, "frames": 3 + 4 + 6, "rejects": 1}
+    assert writer.rejects[0]["id"] == "episode-2" and "non-finite" in writer.rejects[0]["reason"]
+
+    for rel in ("data/chunk-000/file-000.parquet", "data/chunk-000/file-001.parquet",
+                "meta/info.json", "meta/stats.json", "meta/tasks.parquet",
+                "meta/episodes/chunk-000/file-000.parquet"):
+        assert (tmp_path / "episodes" / rel).is_file(), rel
+    frames = read_frames(root)
+    assert frames.column_names == ["index", "episode_index", "frame_index", "timestamp", "observation.state",
+                                   "action", "next.reward", "next.done", "task_index"]
+    assert frames["index"].to_pylist() == list(range(13))
+    assert frames["episode_index"].to_pylist() == [0] * 3 + [1] * 4 + [2] * 6  # contiguous, reject skipped
+    assert frames["frame_index"].to_pylist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
+    assert frames["next.done"].to_pylist().count(True) == 3
+    # dataset episode 2 is source episode 3 (episode 2 was rejected)
+    np.testing.assert_allclose(vectors(frames["action"])[7:], episodes[3]["action"])
+
+    info = read_info(root)
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 3 and info["total_frames"] == 13
+    assert info["features"]["observation.state"]["shape"] == [10]
+    assert info["fps"] == 50.0
+    meta = read_episodes(root)
+    assert meta["dataset_from_index"].to_pylist() == [0, 3, 7]
+    assert meta["dataset_to_index"].to_pylist() == [3, 7, 13]
+    assert meta["data/file_index"].to_pylist() == [0, 0, 1]
+    assert meta["seed"].to_pylist() == [100, 101, 103]
+    tasks = pq.read_table(tmp_path / "episodes" / "meta" / "tasks.parquet").to_pandas()
+    assert tasks.loc["reach", "task_index"] == 0
+    stats = json.loads((tmp_path / "episodes" / "meta" / "stats.json").read_text())
+    all_actions = vectors(frames["action"])
+    np.testing.assert_allclose(stats["action"]["mean"], all_actions.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["action"]["std"], all_actions.std(0), rtol=1e-4)
+    assert stats["action"]["count"] == [13]
+
+
+def test_lerobot_writer_refuses_duplicates_and_incomplete_datasets(tmp_path):
+    facts = env_facts("Reacher-v5")
+    writer = LeRobotWriter(str(tmp_path / "ds"), "Reacher-v5", facts, "reach", expected=3)
+    writer.add(fake_episode(0))
+    with pytest.raises(ValueError, match="twice"):
+        writer.add(fake_episode(0))
+    writer.add(fake_episode(2))
+    with pytest.raises(RuntimeError, match="1 of 3 episodes never arrived"):
+        writer.close()
+    writer.abort()
+    assert not (tmp_path / "ds").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simulator_returns_only_whole_episodes():
+    sim = Simulator("Reacher-v5", num_envs=3, policy=policy_spec("expert", "Reacher-v5"))
+    out = sim.advance([(0, 10), (1, 11), (2, 12), (3, 13)], steps=30)
+    assert out["episodes"] == [] and out["env_steps"] == 90 and out["busy"] == 4
+    ended = []
+    while len(ended) < 4:
+        ended += sim.advance([], steps=30)["episodes"]
+    assert sorted(e["id"] for e in ended) == [0, 1, 2, 3]
+    assert all(e["length"] == 50 and e["state"].shape == (50, 10) and e["success"] for e in ended)
+
+
+def test_policy_server_batches_concurrent_requests():
+    server = PolicyServer(policy_spec("expert", "Reacher-v5"), clients=3, batch_wait_ms=50)
+    obs = np.zeros((4, 10), dtype=np.float32)
+    obs[:, 0:2] = 1.0  # cos(q) = 1
+
+    async def three_clients():
+        return await asyncio.gather(*(server.act(obs[: n + 1]) for n in range(3)))
+
+    actions = asyncio.run(three_clients())
+    assert [len(a) for a in actions] == [1, 2, 3]
+    assert server.stats() == {"batches": 1, "rows": 6, "mean_batch": 6.0}
+
+
+def test_bad_config_is_one_line_naming_the_field():
+    with pytest.raises(ConfigError, match=r"env\.id") as err:
+        config_mod.load(None, ["env.id=CartPole-v1"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"simulator\.envs_per_actor"):
+        config_mod.load(None, ["simulator.envs_per_actor=0"])
