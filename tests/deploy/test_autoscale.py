@@ -1,9 +1,10 @@
 """Autoscaling rehearsal: Ray's autoscaler (fake multi-node provider) on a group with min != max.
 
-A job with bounded parallelism keeps the group at min; an unbounded task flood drives it to max
-(the service's documented pitfall), `adbray submit` warns about it beforehand, and idle workers are
-removed again.
+An unbounded task flood drives the group to max (the service's documented pitfall), `adbray submit`
+warns about it beforehand, and idle workers are removed again. (That a bounded job keeps an
+autoscaling group at min is checked on the emulator's group in test_emulator_e2e.py.)
 """
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from ray.job_submission import JobSubmissionClient
+
 from deploy import local
+from deploy.jobs import TERMINAL
 from deploy.spec import ResourceGroupSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +28,7 @@ def workers(state):
 
 
 @pytest.mark.slow
-def test_bounded_job_stays_at_min_flood_scales_to_max_then_back(monkeypatch, tmp_path):
+def test_flood_scales_the_group_to_max_with_a_warning_then_back_to_min(monkeypatch, tmp_path):
     monkeypatch.setattr(local, "AUTOSCALE_IDLE_S", 4.0)
     spec = ResourceGroupSpec(name=f"scale-{os.getpid()}", worker_groups=[
         {"name": "cpu", "type": "CPU", "spec": "small", "min_workers": 1, "max_workers": 3}])
@@ -34,25 +38,13 @@ def test_bounded_job_stays_at_min_flood_scales_to_max_then_back(monkeypatch, tmp
     state = local.up(spec, log=lambda *_: None, autoscale=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
 
-    def submit(*sets, wait=True):
-        args = [sys.executable, "-m", "deploy.cli", "submit", "deploy.examples.squares", "--config", CONFIG,
-                "--address", state.dashboard_url, "--token-file", state.token_path, "--spec", str(spec_file)]
-        for s in sets:
-            args += ["--set", s]
-        if not wait:
-            return subprocess.Popen(args + ["--no-wait"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-        return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
+    args = [sys.executable, "-m", "deploy.cli", "submit", "deploy.examples.squares", "--config", CONFIG,
+            "--address", state.dashboard_url, "--token-file", state.token_path, "--spec", str(spec_file),
+            "--set", "flood.num_tasks=6", "--set", "flood.seconds=6", "--set", "pool.max_actors=1", "--no-wait"]
     try:
         assert [n["resources_total"]["CPU"] for n in workers(state)] == [1]
-        bounded = submit("pool.max_actors=1", "chunks=4")
-        assert bounded.returncode == 0, bounded.stderr[-2000:]
-        assert "drive autoscaling" not in bounded.stderr and "preflight ok" in bounded.stderr
-        assert len(workers(state)) == 1, "a bounded job must not scale the group"
-
-        flood = submit("flood.num_tasks=6", "flood.seconds=6", "pool.max_actors=1", wait=False)
-        _, err = flood.communicate(timeout=120)
+        flood = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        err = flood.stderr
         assert flood.returncode == 0, err[-2000:]
         assert "asks 6 CPUs at once" in err and "the rest will queue" in err  # 6 > 3 workers x 1 CPU
         peak, deadline = 1, time.time() + 90
@@ -60,6 +52,14 @@ def test_bounded_job_stays_at_min_flood_scales_to_max_then_back(monkeypatch, tmp
             peak = max(peak, len(workers(state)))
             time.sleep(1)
         assert peak == 3, f"the flood should drive the group to max (3), saw {peak}"
+        client = JobSubmissionClient(state.dashboard_url, headers={"Authorization": f"Bearer {state.token()}"})
+        job_id = flood.stdout.strip().splitlines()[-1]
+        deadline = time.time() + 120
+        while time.time() < deadline and str(client.get_job_status(job_id)) not in TERMINAL:
+            time.sleep(1)
+        assert str(client.get_job_status(job_id)) == "SUCCEEDED", client.get_job_logs(job_id)[-2000:]
+        summary = json.loads(client.get_job_logs(job_id).strip().splitlines()[-1])
+        assert summary["metrics"]["flood_nodes"] >= 2  # the flood ran on the added workers
         deadline = time.time() + 120
         while time.time() < deadline and len(workers(state)) > 1:
             time.sleep(2)

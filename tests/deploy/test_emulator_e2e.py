@@ -66,6 +66,10 @@ def test_submit_succeeds_and_logs_hold_the_summary(emu, group):
     assert "preflight ok" in proc.stderr and "matches group squares" in proc.stderr
     job_id = re.search(r"submitted job (\S+):", proc.stderr).group(1)
     assert f"job {job_id} SUCCEEDED" in proc.stderr
+    # the group autoscales (min 1, max 2); the job's bounded pool (2 x 1 CPU) keeps it at min
+    backing = emu.groups[(CLUSTER_ID, "squares")].cluster
+    assert backing.autoscaling_config and "drive autoscaling" not in proc.stderr
+    assert len([n for n in local.alive_nodes(backing) if not n.get("is_head_node")]) == 1
     logs = adbray(emu, "jobs", "logs", job_id, "--group", "squares")
     assert logs.returncode == 0, logs.stderr
     summary = json.loads([line for line in logs.stdout.splitlines() if line.startswith('{"template"')][-1])
