@@ -131,19 +131,22 @@ def sdk_config(region: str = DEFAULT_REGION, endpoint: str | None = None, access
     if access_key_id and access_key_secret:
         cfg.access_key_id, cfg.access_key_secret = access_key_id, access_key_secret
     else:
+        import logging
+
         from alibabacloud_credentials.client import Client as CredentialClient
 
-        try:
-            cfg.credential = CredentialClient()
-        except Exception as e:
-            raise ApiError(f"no Alibaba Cloud credentials found ({type(e).__name__}): set "
-                           "ALIBABA_CLOUD_ACCESS_KEY_ID/ALIBABA_CLOUD_ACCESS_KEY_SECRET, a profile "
-                           "(~/.alibabacloud/credentials) or a RAM role") from None
+        # the chain logs each failed provider with a traceback; the one-line ApiError says it instead
+        logging.getLogger("credentials").setLevel(logging.CRITICAL)
+        cfg.credential = CredentialClient()  # resolved lazily, on the first call
     cfg.connect_timeout, cfg.read_timeout = 10_000, 30_000
     return cfg
 
 
 def _one_line(e: Exception) -> ApiError:
+    if "CredentialException" in f"{type(e).__name__} {e} {getattr(e, 'message', '')} {e.__cause__!r}":
+        return ApiError("no usable Alibaba Cloud credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID/"
+                        "ALIBABA_CLOUD_ACCESS_KEY_SECRET, a profile (~/.alibabacloud/credentials) or a RAM role",
+                        code="InvalidCredentials")
     code = str(getattr(e, "code", "") or type(e).__name__)
     request_id = str(getattr(e, "request_id", "") or (getattr(e, "data", None) or {}).get("RequestId", ""))
     data = getattr(e, "data", None) or {}

@@ -132,3 +132,15 @@ def test_cli_wrong_secret_is_one_line(emulator):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: SignatureDoesNotMatch:") and "request id" in lines[0]
     assert "not-the-secret" not in proc.stderr + proc.stdout
+
+
+def test_no_credentials_in_the_chain_is_one_line(emulator, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALIBABA_CLOUD")}
+    env["HOME"] = str(tmp_path)  # no ~/.alibabacloud profile either
+    proc = subprocess.run([sys.executable, "-m", "deploy.cli", "group", "describe", "x", "--cluster-id",
+                           "amv-unit1", "--endpoint", emulator.endpoint], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: no usable Alibaba Cloud credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID/ALIBABA_CLOUD_ACCESS_KEY_SECRET,"
+        " a profile (~/.alibabacloud/credentials) or a RAM role"]
