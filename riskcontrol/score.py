@@ -1,0 +1,143 @@
+"""Batch scoring with Ray Data: transactions (Parquet or MySQL) -> features -> scores.
+
+The model is loaded once per actor (:class:`Scorer`); each score carries the
+probability, a risk tier, the top-3 reason codes (LightGBM feature
+contributions) and the model version. Invalid rows go to ``rejects``. Writes
+are idempotent: the ``scores`` Parquet folder is replaced as a whole, and MySQL
+rows are upserted on ``transaction_id``.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipelines.cli import RunFailed, exit_with, template_options
+from pipelines.io import read_mysql, rejects_table, upsert_mysql, write_dataset, write_table
+from pipelines.io import run_dir as make_run_dir
+from pipelines.report import emit, summary
+
+from .config import FeatureConfig, ScoreConfig, load
+from .data import TEMPLATE, connect_for, read_transactions
+from .features import build_features
+from .train import feature_matrix, load_model
+
+SCORE_COLUMNS = ["transaction_id", "event_time", "card_id", "merchant_id", "amount", "probability",
+                 "risk_tier", "reason_1", "reason_2", "reason_3", "model_version"]
+
+
+def tiers(prob: np.ndarray, high: float, medium: float) -> np.ndarray:
+    """'high' at or above the alert threshold, 'medium' above ``medium``, else 'low'."""
+    return np.where(prob >= high, "high", np.where(prob >= medium, "medium", "low"))
+
+
+def top_reasons(contrib: np.ndarray, names: list[str], k: int = 3) -> list[list[str]]:
+    """The ``k`` features that pushed each row's score up the most (by SHAP-style contribution)."""
+    order = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
+    return [[names[j] for j in row] for row in order]
+
+
+class Scorer:
+    """A Ray Data actor: loads the model once, scores feature batches."""
+
+    def __init__(self, model_dir: str, high: float | None = None, medium: float | None = None):
+        self.booster, self.meta = load_model(model_dir)
+        self.features = self.meta["features"]
+        self.high = high if high is not None else float(self.meta.get("alert_threshold", 0.5))
+        self.medium = medium if medium is not None else self.high / 5
+
+    def score_frame(self, feats: pd.DataFrame) -> dict:
+        """Probability, tier and reasons for a frame of feature rows."""
+        return self.score_matrix(feature_matrix(feats, self.features))
+
+    def score_matrix(self, X: np.ndarray) -> dict:
+        """Probability, tier and reasons for a float matrix in ``self.features`` order."""
+        prob = self.booster.predict(X)
+        contrib = self.booster.predict(X, pred_contrib=True)[:, :-1]
+        reasons = top_reasons(contrib, self.features)
+        return {"probability": prob, "risk_tier": tiers(prob, self.high, self.medium), "reasons": reasons}
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        s = self.score_frame(batch)
+        out = batch[SCORE_COLUMNS[:5]].copy()
+        out["probability"] = s["probability"]
+        out["risk_tier"] = s["risk_tier"]
+        for i in range(3):
+            out[f"reason_{i + 1}"] = [r[i] for r in s["reasons"]]
+        out["model_version"] = self.meta["version"]
+        return out
+
+
+def build_scores(transactions, model_dir: str, cfg: ScoreConfig, fcfg: FeatureConfig):
+    """Lazy ``(scores, rejects)`` Datasets; scoring runs on a bounded actor pool."""
+    import ray
+
+    features, rejects = build_features(transactions, fcfg.num_cpus, fcfg.blocks)
+    scores = features.map_batches(
+        Scorer, batch_format="pandas", batch_size=cfg.batch_size, num_cpus=cfg.num_cpus,
+        fn_constructor_kwargs={"model_dir": model_dir, "high": cfg.high_threshold,
+                               "medium": cfg.medium_threshold},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.max_actors))
+    return scores, rejects
+
+
+def _upsert_batch(batch: pa.Table, url: str, table: str) -> pa.Table:
+    n = upsert_mysql(url, table, batch, ["transaction_id"])
+    return pa.table({"written": [n]})
+
+
+def input_dataset(cfg: ScoreConfig, default_path: str | None):
+    """Transactions to score: a MySQL table, ``score.input``, or the given default folder."""
+    if cfg.input_mysql_url:
+        return read_mysql(cfg.input_mysql_url, f"SELECT * FROM `{cfg.input_table}`")
+    path = cfg.input or default_path
+    if not path:
+        raise ValueError("score.input: no transactions to score (set score.input or score.input_mysql_url)")
+    return read_transactions(path)
+
+
+def run_score(transactions, model_dir: str, cfg: ScoreConfig, out_dir: str, fcfg: FeatureConfig) -> dict:
+    """Score, write ``scores`` (+ MySQL upsert when configured) and ``rejects``; outputs and counts."""
+    max_reject_ratio = fcfg.max_reject_ratio
+    scores, rejects = build_scores(transactions.materialize(), model_dir, cfg, fcfg)
+    print(f"scoring with model {model_dir}", file=sys.stderr, flush=True)
+    scores = scores.materialize()
+    outputs = {"scores": write_dataset(scores, f"{out_dir}/scores")}
+    if cfg.output_mysql_url:
+        written = scores.map_batches(_upsert_batch, batch_format="pyarrow", batch_size=2000,
+                                     fn_kwargs={"url": cfg.output_mysql_url, "table": cfg.output_table})
+        sum(written.to_pandas()["written"])
+        outputs["scores_mysql"] = cfg.output_table
+    bad = rejects.to_pandas() if rejects.count() else pd.DataFrame(columns=["id", "stage", "reason"])
+    outputs["rejects"] = write_table(rejects_table(bad.to_dict("records")), f"{out_dir}/rejects")
+    rows = scores.count()
+    if rows + len(bad) and len(bad) / (rows + len(bad)) > max_reject_ratio:
+        raise RunFailed(f"{len(bad)} of {rows + len(bad)} transactions rejected (> max_reject_ratio "
+                        f"{max_reject_ratio}); see {out_dir}/rejects")
+    tiers_count = scores.groupby("risk_tier").count().to_pandas()
+    by_tier = dict(zip(tiers_count["risk_tier"], tiers_count["count()"].astype(int)))
+    return {"outputs": outputs, "rows": rows, "rejects": len(bad), "tiers": by_tier}
+
+
+@click.command()
+@template_options
+@click.option("--model", "model_dir", default=None, help="Model folder (default: score.model_dir).")
+def main(config, overrides, address, run_dir, model_dir):
+    """Batch-score transactions (python -m riskcontrol.score --set score.input=DIR --model DIR)."""
+    cfg = load(config, overrides)
+    model_dir = model_dir or cfg.score.model_dir
+    if not model_dir:
+        raise ValueError("score.model_dir: no model given (use --model DIR)")
+    load_model(model_dir)  # fail fast, before any cluster work
+    connect_for(cfg, address)
+    out = run_dir or make_run_dir(TEMPLATE)
+    res = run_score(input_dataset(cfg.score, None), model_dir, cfg.score, out, cfg.features)
+    emit(summary(TEMPLATE, "score", out, res["outputs"], {"rows": res["rows"], "tiers": res["tiers"]},
+                 res["rejects"]))
+
+
+if __name__ == "__main__":
+    exit_with(main)
