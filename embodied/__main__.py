@@ -11,6 +11,7 @@ from pipelines.report import emit, summary
 
 from . import config as config_mod
 from .evaluate import evaluate
+from .policies import policy_spec
 from .rollout import TEMPLATE, collect, connect_cluster
 from .train import train
 
@@ -20,6 +21,8 @@ from .train import train
 def main(config, overrides, address, run_dir):
     """Collect, train and evaluate on configs/local.yaml (or --config)."""
     cfg = config_mod.load(config, overrides)
+    policy_spec("expert", cfg.env.id)  # evaluation compares against the expert: fail before cluster work
+    policy_spec(cfg.collect.policy, cfg.env.id)
     connect_cluster(cfg, address)
     out = run_dir or make_run_dir(TEMPLATE, root=cfg.run_root)
     timings = {}

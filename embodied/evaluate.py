@@ -80,6 +80,7 @@ def main(config, overrides, address, run_dir, checkpoint):
     from .train import load_weights
 
     cfg = config_mod.load(config, overrides)
+    policy_spec("expert", cfg.env.id)  # the comparison needs an expert: fail before cluster work
     weights = load_weights(checkpoint)
     connect_cluster(cfg, address)
     out = run_dir or make_run_dir(TEMPLATE, root=cfg.run_root)

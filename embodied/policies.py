@@ -107,24 +107,25 @@ def mlp_weights(model, obs_dim: int, act_dim: int, hidden, low, high) -> dict:
             "hidden": [int(h) for h in hidden], "low": list(map(float, low)), "high": list(map(float, high))}
 
 
+EXPERTS = {"Reacher-v5": ReacherExpert}
+
+
 def policy_spec(kind: str, env_id: str, seed: int = 0, weights: dict | None = None) -> dict:
     """A small, picklable description of a policy for actors to build."""
     if kind not in ("expert", "random", "mlp"):
         raise ValueError(f"unknown policy kind {kind!r} (allowed: expert, random, mlp)")
+    if kind == "expert" and env_id not in EXPERTS:
+        raise ValueError(f"no scripted expert for {env_id!r} (have: {', '.join(EXPERTS)}); "
+                         "collect with policy random or bring a dataset")
     if kind == "mlp" and weights is None:
         raise ValueError("an mlp policy needs weights (a trained checkpoint)")
     return {"kind": kind, "env_id": env_id, "seed": int(seed), "weights": weights}
-
-
-EXPERTS = {"Reacher-v5": ReacherExpert}
 
 
 def make_policy(spec: dict, device: str | None = None):
     """Turn a :func:`policy_spec` into a callable ``obs -> actions``."""
     kind, env_id = spec["kind"], spec["env_id"]
     if kind == "expert":
-        if env_id not in EXPERTS:
-            raise ValueError(f"no scripted expert for {env_id!r} (have: {', '.join(EXPERTS)})")
         return EXPERTS[env_id]()
     if kind == "random":
         from .envs import env_facts

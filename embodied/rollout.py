@@ -194,6 +194,7 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None) -> dict:
 def main(config, overrides, address, run_dir):
     """Collect episodes with simulator actors into a LeRobot v3 dataset."""
     cfg = config_mod.load(config, overrides)
+    policy_spec(cfg.collect.policy, cfg.env.id)  # an unusable policy fails before any cluster work
     connect_cluster(cfg, address)
     out = run_dir or make_run_dir(TEMPLATE, root=cfg.run_root)
     metrics = collect(cfg, out)

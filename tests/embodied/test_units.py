@@ -45,7 +45,7 @@ def test_mlp_policy_needs_weights_and_unknown_expert_is_an_error():
     with pytest.raises(ValueError, match="needs weights"):
         policy_spec("mlp", "Reacher-v5")
     with pytest.raises(ValueError, match="no scripted expert"):
-        make_policy(policy_spec("expert", "Pusher-v5"))
+        policy_spec("expert", "Pusher-v5")
 
 
 def fake_episode(eid, length=5, obs_dim=10, act_dim=2, reject=None):
