@@ -51,7 +51,8 @@ def _spec_from(template, spec_file, name):
 @click.option("--name", default=None, help="Cluster name (default: the spec's name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--autoscale", is_flag=True,
-              help="Run Ray's autoscaler (fake multi-node provider): groups scale between min and max workers.")
+              help="Run Ray's autoscaler (fake multi-node provider): groups scale between min and max "
+                   "workers.")
 def cluster_up(template, spec_file, name, as_json, autoscale):
     """Start a local cluster for a spec (head with 0 CPUs + scaled workers)."""
     spec = _spec_from(template, spec_file, name)
@@ -180,7 +181,8 @@ def _api_options(fn):
     fn = click.option("--endpoint", envvar="ADBRAY_ENDPOINT", default=None,
                       help="OpenAPI endpoint, e.g. http://127.0.0.1:PORT for the emulator "
                            "(default adb.<region>.aliyuncs.com).")(fn)
-    fn = click.option("--region", envvar="ALIBABA_CLOUD_REGION_ID", default="cn-hangzhou", show_default=True)(fn)
+    fn = click.option("--region", envvar="ALIBABA_CLOUD_REGION_ID", default="cn-hangzhou",
+                      show_default=True)(fn)
     fn = click.option("--cluster-id", envvar="ADBRAY_CLUSTER_ID", default=None,
                       help="AnalyticDB for MySQL cluster id (amv-...).")(fn)
     return fn
@@ -375,8 +377,10 @@ def emulator(port, access_key_id, access_key_secret, no_autoscale):
 
 def _target_options(fn):
     fn = click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
-                      help="Ray auth token file (default: the group's stored token, or RAY_AUTH_TOKEN[_PATH]).")(fn)
-    fn = click.option("--group", "group_name", default=None, help="Resource group name (needs --cluster-id).")(fn)
+                      help="Ray auth token file (default: the group's stored token, or "
+                           "RAY_AUTH_TOKEN[_PATH]).")(fn)
+    fn = click.option("--group", "group_name", default=None,
+                      help="Resource group name (needs --cluster-id).")(fn)
     fn = click.option("--address", default=None, help="Dashboard URL http://host:8265 or ray://host:10001.")(fn)
     return _api_options(fn)
 
@@ -398,10 +402,11 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 @cli.command()
 @click.argument("template")
 @click.option("--step", default=None, help="Run TEMPLATE.STEP instead of the whole template.")
-@click.option("--config", default=None, help="Config YAML inside the working dir (default configs/cluster.yaml, "
-                                             "else configs/local.yaml).")
+@click.option("--config", default=None,
+              help="Config YAML inside the working dir (default: configs/cluster.yaml, else local.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, passed on.")
-@click.option("--run-dir", default=None, help="Output folder for the job, e.g. oss://bucket/runs/x (passed on).")
+@click.option("--run-dir", default=None,
+              help="Output folder for the job, e.g. oss://bucket/runs/x (passed on).")
 @_target_options
 @click.option("--spec", "spec_file", default=None,
               help="Resource group spec to preflight against with --address (default: the template's).")
@@ -413,9 +418,9 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 @click.option("--entrypoint-num-gpus", default=0.0, help="GPUs reserved for the driver.")
 @click.option("--wait/--no-wait", default=True, help="Follow the logs until the job ends (default).")
 @click.option("--timeout", default=None, type=float, help="Give up following after this many seconds.")
-def submit(template, step, config, overrides, run_dir, address, group_name, cluster_id, region, endpoint, token_file,
-           spec_file, working_dir, max_upload_mb, allow_secrets, pip, entrypoint_num_cpus, entrypoint_num_gpus,
-           wait, timeout):
+def submit(template, step, config, overrides, run_dir, address, group_name, cluster_id, region, endpoint,
+           token_file, spec_file, working_dir, max_upload_mb, allow_secrets, pip, entrypoint_num_cpus,
+           entrypoint_num_gpus, wait, timeout):
     """Submit a template as a Ray job (JobSubmissionClient) and follow it; exit 0 only if it SUCCEEDED."""
     from .jobs import SubmitError, cluster_check, follow, prepare, status_name
     from .jobs import submit as submit_job
@@ -437,8 +442,9 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
     try:
         if target.spec is None and spec is not None:
             target.spec = spec
+        shown = len(target.warnings)
         click.echo(cluster_check(target), err=True)
-        for w in target.warnings:
+        for w in target.warnings[shown:]:
             click.echo(f"warning: {w}", err=True)
         client, job_id = submit_job(target, plan, entrypoint_num_cpus, entrypoint_num_gpus)
     except SubmitError as e:
@@ -478,12 +484,12 @@ def _jobs_client(address, group_name, cluster_id, region, endpoint, token_file):
 
 
 def _job_call(target, fn, *args):
-    from .jobs import _error_line
+    from .jobs import error_line
 
     try:
         return fn(*args)
     except Exception as e:
-        fail(_error_line(e, target), 1)
+        fail(error_line(e, target), 1)
 
 
 @jobs.command("list")
@@ -494,11 +500,13 @@ def jobs_list(address, group_name, cluster_id, region, endpoint, token_file, as_
     target, client = _jobs_client(address, group_name, cluster_id, region, endpoint, token_file)
     rows = sorted(_job_call(target, client.list_jobs), key=lambda j: j.start_time or 0, reverse=True)
     if as_json:
-        click.echo(json.dumps([{"job_id": j.submission_id or j.job_id, "status": getattr(j.status, "value", j.status),
+        click.echo(json.dumps([{"job_id": j.submission_id or j.job_id,
+                                "status": getattr(j.status, "value", j.status),
                                 "entrypoint": j.entrypoint, "message": j.message} for j in rows]))
         return
     for j in rows:
-        click.echo(f"{j.submission_id or j.job_id:<28} {getattr(j.status, 'value', j.status):<10} {j.entrypoint}")
+        status = getattr(j.status, "value", j.status)
+        click.echo(f"{j.submission_id or j.job_id:<28} {status:<10} {j.entrypoint}")
 
 
 @jobs.command("logs")

@@ -11,6 +11,7 @@ with the group's ``AuthToken`` as the Ray token), and ``deleting -> deleted``
 once that cluster is stopped. ``DescribeDBResourceGroup`` returns the cluster's
 dashboard, ray:// and metrics addresses.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,10 +30,15 @@ from urllib.parse import quote, unquote, urlsplit
 from pipelines.config import ConfigError
 
 from . import local
-from .openapi import API_VERSION, spec_from_ray_config
+from .openapi import API_VERSION, ray_config, spec_from_ray_config
 from .spec import ResourceGroupSpec
 
-ACTIONS = ("CreateDBResourceGroup", "DescribeDBResourceGroup", "ModifyDBResourceGroup", "DeleteDBResourceGroup")
+ACTIONS = (
+    "CreateDBResourceGroup",
+    "DescribeDBResourceGroup",
+    "ModifyDBResourceGroup",
+    "DeleteDBResourceGroup",
+)
 MAX_CLOCK_SKEW_S = 15 * 60
 CLUSTER_ID_RE = re.compile(r"^am[a-z]-[A-Za-z0-9]{1,64}$")
 
@@ -76,34 +82,37 @@ def checked_spec(name: str, rc: dict) -> ResourceGroupSpec:
 def describe_entry(group: Group) -> dict:
     """A ``GroupsInfo`` entry as DescribeDBResourceGroup returns it (never the AuthToken)."""
     spec = group.spec
-    rc = {
-        "Category": spec.category, "HeadSpec": spec.head.spec, "HeadSpecType": "CPU",
-        "HeadDiskCapacity": str(spec.head.disk_gb),
-        "WorkerGroups": [
-            {"GroupName": g.name, "WorkerSpecType": g.type, "WorkerSpecName": g.spec,
-             "WorkerDiskCapacity": str(g.disk_gb), "MinWorkerQuantity": g.min_workers,
-             "MaxWorkerQuantity": g.max_workers, **({"AllocateUnit": g.distribution_unit}
-                                                    if g.distribution_unit else {})}
-            for g in spec.worker_groups],
-        "UserDefinedRequirements": "\n".join(spec.requirements),
-    }
+    rc = ray_config(spec, token=None)
     if group.status == "ok" and group.cluster:
         c = group.cluster
-        rc.update(RayDashboardAddress=c.dashboard_url, RayClusterAddress=c.client_address,
-                  RayGrafanaAddress=f"{c.dashboard_url}/#/metrics")
-    return {"GroupName": spec.name, "GroupType": "Job", "Classification": "AI", "Engine": "RayCluster",
-            "Status": group.status, "Message": group.message, "CreateTime": group.created,
-            "UpdateTime": group.updated, "RayConfig": rc}
+        rc.update(
+            RayDashboardAddress=c.dashboard_url,
+            RayClusterAddress=c.client_address,
+            RayGrafanaAddress=f"{c.dashboard_url}/#/metrics",
+        )
+    return {
+        "GroupName": spec.name,
+        "GroupType": "Job",
+        "Classification": "AI",
+        "Engine": "RayCluster",
+        "Status": group.status,
+        "Message": group.message,
+        "CreateTime": group.created,
+        "UpdateTime": group.updated,
+        "RayConfig": rc,
+    }
 
 
 class Emulator:
     """The emulator: state, request handling, and a threaded HTTP server on 127.0.0.1."""
 
-    def __init__(self, access_key_id: str, access_key_secret: str, port: int = 0, log=None,
-                 autoscale: bool = True):
+    def __init__(
+        self, access_key_id: str, access_key_secret: str, port: int = 0, log=None, autoscale: bool = True
+    ):
         if not access_key_id or not access_key_secret:
-            raise ValueError("the emulator needs an access key id and secret (or the ALIBABA_CLOUD_ACCESS_KEY_* "
-                             "env vars)")
+            raise ValueError(
+                "the emulator needs an access key id and secret (or the ALIBABA_CLOUD_ACCESS_KEY_* env vars)"
+            )
         self.keys = {access_key_id: access_key_secret}
         self.port, self.log = port, log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.autoscale = autoscale
@@ -178,17 +187,31 @@ class Emulator:
             self._answer(http, 200, {"RequestId": request_id, **result})
         except ApiFault as f:
             self.log(f"{f.code}: {f.message} (request id {request_id})")
-            self._answer(http, f.status, {"RequestId": request_id, "HostId": f"127.0.0.1:{self.port}",
-                                          "Code": f.code, "Message": f.message,
-                                          "Recommend": "https://api.aliyun.com/troubleshoot"},
-                         throttled=f.code.startswith("Throttling"))
+            self._answer(
+                http,
+                f.status,
+                {
+                    "RequestId": request_id,
+                    "HostId": f"127.0.0.1:{self.port}",
+                    "Code": f.code,
+                    "Message": f.message,
+                    "Recommend": "https://api.aliyun.com/troubleshoot",
+                },
+            )
         except Exception as e:  # an emulator bug must still answer like the service would
             self.log(f"InternalError: {type(e).__name__}: {e}")
-            self._answer(http, 500, {"RequestId": request_id, "Code": "InternalError",
-                                     "Message": "The request processing has failed due to some unknown error."})
+            self._answer(
+                http,
+                500,
+                {
+                    "RequestId": request_id,
+                    "Code": "InternalError",
+                    "Message": "The request processing has failed due to some unknown error.",
+                },
+            )
 
     @staticmethod
-    def _answer(http, status: int, payload: dict, throttled: bool = False) -> None:
+    def _answer(http, status: int, payload: dict) -> None:
         out = json.dumps(payload).encode()
         http.send_response(status)
         http.send_header("Content-Type", "application/json;charset=utf-8")
@@ -200,25 +223,38 @@ class Emulator:
     def verify_signature(self, method: str, path: str, query: dict, headers, body: bytes) -> None:
         """Check an ACS3-HMAC-SHA256 signature exactly as the SDK computes it."""
         auth = headers.get("Authorization") or ""
-        m = re.fullmatch(r"(ACS3-HMAC-SHA256) Credential=([^,]+),SignedHeaders=([^,]+),Signature=([0-9a-f]+)",
-                         auth.strip())
+        m = re.fullmatch(
+            r"(ACS3-HMAC-SHA256) Credential=([^,]+),SignedHeaders=([^,]+),Signature=([0-9a-f]+)", auth.strip()
+        )
         if not m:
-            raise ApiFault(400, "IncompleteSignature", "The request signature does not conform to Aliyun standards.")
+            raise ApiFault(
+                400, "IncompleteSignature", "The request signature does not conform to Aliyun standards."
+            )
         algo, ak, signed, signature = m.groups()
         if ak not in self.keys:
             raise ApiFault(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
         names = signed.split(";")
-        for needed in ("host", "x-acs-action", "x-acs-version", "x-acs-date", "x-acs-signature-nonce",
-                       "x-acs-content-sha256"):
+        for needed in (
+            "host",
+            "x-acs-action",
+            "x-acs-version",
+            "x-acs-date",
+            "x-acs-signature-nonce",
+            "x-acs-content-sha256",
+        ):
             if needed not in names:
                 raise ApiFault(400, "IncompleteSignature", f"The header {needed} must be signed.")
         payload_hash = headers.get("x-acs-content-sha256") or ""
         if payload_hash != hashlib.sha256(body).hexdigest():
-            raise ApiFault(400, "InvalidParameter.ContentSha256", "x-acs-content-sha256 does not match the body.")
+            raise ApiFault(
+                400, "InvalidParameter.ContentSha256", "x-acs-content-sha256 does not match the body."
+            )
         try:
             sent = datetime.strptime(headers.get("x-acs-date") or "", "%Y-%m-%dT%H:%M:%SZ")
         except ValueError:
-            raise ApiFault(400, "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted.")
+            raise ApiFault(
+                400, "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted."
+            )
         if abs(time.time() - sent.replace(tzinfo=timezone.utc).timestamp()) > MAX_CLOCK_SKEW_S:
             raise ApiFault(400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired.")
         canonical_headers = "".join(f"{n}:{(headers.get(n) or '').strip()}\n" for n in names)
@@ -227,7 +263,9 @@ class Emulator:
         to_sign = f"{algo}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         expected = hmac.new(self.keys[ak].encode(), to_sign.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, signature):
-            raise ApiFault(400, "SignatureDoesNotMatch", "Specified signature is not matched with our calculation.")
+            raise ApiFault(
+                400, "SignatureDoesNotMatch", "Specified signature is not matched with our calculation."
+            )
         nonce = headers.get("x-acs-signature-nonce") or ""
         with self.lock:
             now = time.time()
@@ -242,18 +280,25 @@ class Emulator:
     def _required(query: dict, *names: str) -> None:
         for n in names:
             if not query.get(n):
-                raise ApiFault(400, "MissingParameter", f"The input parameter {n} that is mandatory for "
-                                                        "processing this request is not supplied.")
+                raise ApiFault(
+                    400,
+                    "MissingParameter",
+                    f"The input parameter {n} that is mandatory for processing this request is not supplied.",
+                )
         if not CLUSTER_ID_RE.match(query["DBClusterId"]):
-            raise ApiFault(404, "InvalidDBClusterId.NotFound",
-                           f"The DBClusterId {query['DBClusterId']!r} is not found.")
+            raise ApiFault(
+                404, "InvalidDBClusterId.NotFound", f"The DBClusterId {query['DBClusterId']!r} is not found."
+            )
 
     def _group(self, query: dict) -> Group:
         self._required(query, "DBClusterId", "GroupName")
         group = self.groups.get((query["DBClusterId"], query["GroupName"]))
         if group is None or group.status == "deleted":
-            raise ApiFault(404, "InvalidDBResourceGroup.NotFound",
-                           f"The resource group {query['GroupName']!r} is not found.")
+            raise ApiFault(
+                404,
+                "InvalidDBResourceGroup.NotFound",
+                f"The resource group {query['GroupName']!r} is not found.",
+            )
         return group
 
     @staticmethod
@@ -267,19 +312,25 @@ class Emulator:
         self._required(query, "DBClusterId", "GroupName", "GroupType")
         for key, want in (("GroupType", "Job"), ("Classification", "AI"), ("Engine", "RayCluster")):
             if query.get(key) != want:
-                raise ApiFault(400, "InvalidParameter", f"A Ray cluster resource group needs {key}={want}, "
-                                                        f"got {query.get(key)!r}")
+                raise ApiFault(
+                    400,
+                    "InvalidParameter",
+                    f"A Ray cluster resource group needs {key}={want}, got {query.get(key)!r}",
+                )
         name, cluster_id = query["GroupName"], query["DBClusterId"]
         rc = self._ray_config(query)
         spec = checked_spec(name, rc)
         token = str(rc.get("AuthToken") or "")
         if len(token) < 16:
-            raise ApiFault(400, "InvalidParameter.RayConfig", "RayConfig.AuthToken must be at least 16 characters")
+            raise ApiFault(
+                400, "InvalidParameter.RayConfig", "RayConfig.AuthToken must be at least 16 characters"
+            )
         with self.lock:
             old = self.groups.get((cluster_id, name))
             if old is not None and old.status != "deleted":
-                raise ApiFault(400, "InvalidDBResourceGroup.Duplicate",
-                               f"The resource group {name!r} already exists.")
+                raise ApiFault(
+                    400, "InvalidDBResourceGroup.Duplicate", f"The resource group {name!r} already exists."
+                )
             group = Group(cluster_id, spec, token)
             self.groups[(cluster_id, name)] = group
         self._background(self._provision, group)
@@ -289,8 +340,13 @@ class Emulator:
         self._required(query, "DBClusterId")
         if query.get("GroupName"):
             return {"GroupsInfo": [describe_entry(self._group(query))]}
-        return {"GroupsInfo": [describe_entry(g) for (cid, _), g in self.groups.items()
-                               if cid == query["DBClusterId"] and g.status != "deleted"]}
+        return {
+            "GroupsInfo": [
+                describe_entry(g)
+                for (cid, _), g in self.groups.items()
+                if cid == query["DBClusterId"] and g.status != "deleted"
+            ]
+        }
 
     def modify_group(self, query: dict) -> dict:
         group = self._group(query)
@@ -305,8 +361,8 @@ class Emulator:
 
     def delete_group(self, query: dict) -> dict:
         group = self._group(query)
-        if group.status == "deleting":
-            raise ApiFault(400, "OperationDenied.GroupStatus", "The resource group is being deleted.")
+        if group.status in ("creating", "deleting"):
+            raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
         group.status, group.updated = "deleting", _now()
         self._background(self._teardown, group)
         return {}

@@ -7,6 +7,7 @@ driver has as its cwd. Giving every raylet its own temp dir keeps their
 runtime-env folders apart; everything else is Ray's ``FakeMultiNodeProvider``.
 Used through ``provider: {type: external, module: deploy.fake_provider.LocalFakeProvider}``.
 """
+
 from __future__ import annotations
 
 import ray._private.parameter as ray_parameter

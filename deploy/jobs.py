@@ -5,6 +5,7 @@ dashboard URL, the ray:// address, the token and (when known) the group's spec;
 :func:`prepare` does everything that must pass before upload (spec, preflight,
 working dir); :func:`submit` and :func:`follow` run the job and stream its logs.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,9 @@ def address_pair(address: str) -> tuple[str, str]:
         return address, to_client_address(address)
     host, _ = _host_port(address)
     if not host:
-        raise SubmitError(f"bad Ray address {address!r}: give http://host:{DASHBOARD_PORT} or "
-                          f"ray://host:{CLIENT_PORT}")
+        raise SubmitError(
+            f"bad Ray address {address!r}: give http://host:{DASHBOARD_PORT} or ray://host:{CLIENT_PORT}"
+        )
     return f"http://{host}:{DASHBOARD_PORT}", f"ray://{host}:{CLIENT_PORT}"
 
 
@@ -72,8 +74,10 @@ def ray_address_warning(target: Target, env_address: str | None) -> str | None:
     theirs = _host_port(env_address)
     if theirs in mine or (theirs[1] is None and theirs[0] in {h for h, _ in mine}):
         return None
-    return (f"RAY_ADDRESS={env_address} differs from the target {target.dashboard_url}; "
-            "the job goes to the target (unset RAY_ADDRESS to silence this)")
+    return (
+        f"RAY_ADDRESS={env_address} differs from the target {target.dashboard_url}; "
+        "the job goes to the target (unset RAY_ADDRESS to silence this)"
+    )
 
 
 def token_from_env() -> str | None:
@@ -85,8 +89,16 @@ def token_from_env() -> str | None:
     return None
 
 
-def resolve_target(address=None, group=None, cluster_id=None, endpoint=None, region=None, token=None,
-                   token_file=None, log=None) -> Target:
+def resolve_target(
+    address=None,
+    group=None,
+    cluster_id=None,
+    endpoint=None,
+    region=None,
+    token=None,
+    token_file=None,
+    log=None,
+) -> Target:
     """``--address`` or ``--group`` (+ cluster id) -> a Target; SubmitError/ApiError if neither works."""
     from . import openapi
 
@@ -99,19 +111,28 @@ def resolve_target(address=None, group=None, cluster_id=None, endpoint=None, reg
         info = client.describe(group)
         status = str(info.get("Status", "")).lower()
         if status != openapi.READY:
-            raise SubmitError(f"group {group} is {status or 'unknown'}, not ok (run `adbray group wait {group}`)")
+            raise SubmitError(
+                f"group {group} is {status or 'unknown'}, not ok (run `adbray group wait {group}`)"
+            )
         addr = openapi.addresses(info)
         if not addr["dashboard"]:
             raise SubmitError(f"group {group} reports no RayDashboardAddress")
         token = token or openapi.load_token(cluster_id, group) or token_from_env()
         spec = openapi.spec_from_ray_config(group, info.get("RayConfig") or {})
-        target = Target(addr["dashboard"].rstrip("/"), addr["cluster"] or address_pair(addr["dashboard"])[1],
-                        token, spec, group)
+        target = Target(
+            addr["dashboard"].rstrip("/"),
+            addr["cluster"] or address_pair(addr["dashboard"])[1],
+            token,
+            spec,
+            group,
+        )
     elif address:
         dashboard, cluster = address_pair(address)
         target = Target(dashboard, cluster, token or token_from_env())
     else:
-        raise SubmitError("give --address http://host:8265 (or ray://host:10001) or --group NAME --cluster-id ID")
+        raise SubmitError(
+            "give --address http://host:8265 (or ray://host:10001) or --group NAME --cluster-id ID"
+        )
     warning = ray_address_warning(target, os.environ.get("RAY_ADDRESS"))
     if warning:
         target.warnings.append(warning)
@@ -134,17 +155,28 @@ def template_dir(template: str, root: Path = REPO_ROOT) -> Path:
     return root / template.replace(".", "/")
 
 
-def prepare(template: str, step: str | None = None, config: str | None = None, overrides=(),
-            spec: ResourceGroupSpec | None = None, root: Path = REPO_ROOT, max_upload_mb: float | None = None,
-            allow_secrets: bool = False, pip=(), run_dir: str | None = None) -> Plan:
+def prepare(
+    template: str,
+    step: str | None = None,
+    config: str | None = None,
+    overrides=(),
+    spec: ResourceGroupSpec | None = None,
+    root: Path = REPO_ROOT,
+    max_upload_mb: float | None = None,
+    allow_secrets: bool = False,
+    pip=(),
+    run_dir: str | None = None,
+) -> Plan:
     """Everything checked before upload; SubmitError (one line) on the first problem."""
     root = Path(root).resolve()
     tdir = template_dir(template, root)
     if not (tdir / "__main__.py").is_file() and not (tdir / "__init__.py").is_file():
         raise SubmitError(f"no template {template!r} under {root} (looked for {tdir}/__main__.py)")
     if config is None:
-        config_path = next((p for p in (tdir / "configs" / "cluster.yaml", tdir / "configs" / "local.yaml")
-                            if p.is_file()), None)
+        config_path = next(
+            (p for p in (tdir / "configs" / "cluster.yaml", tdir / "configs" / "local.yaml") if p.is_file()),
+            None,
+        )
     else:
         config_path = Path(config) if Path(config).is_absolute() else Path.cwd() / config
         if not config_path.is_file() and (root / config).is_file():
@@ -152,20 +184,32 @@ def prepare(template: str, step: str | None = None, config: str | None = None, o
     if config_path is not None:
         config_path = config_path.resolve()
         if root not in config_path.parents:
-            raise SubmitError(f"config {config_path} is outside the working dir {root}: it would not be uploaded")
+            raise SubmitError(
+                f"config {config_path} is outside the working dir {root}: it would not be uploaded"
+            )
     try:
-        template_spec = load_spec(str(tdir / "resource_group.yaml")) \
-            if (tdir / "resource_group.yaml").is_file() else None
+        template_spec = (
+            load_spec(str(tdir / "resource_group.yaml")) if (tdir / "resource_group.yaml").is_file() else None
+        )
         spec = spec or template_spec
         data = apply_overrides(read_yaml(config_path), overrides) if config_path else {}
         asks = preflight.resource_asks(data)
     except (ConfigError, ValueError) as e:
         raise SubmitError(str(e)) from None
-    findings = preflight.check(asks, spec) if spec else [preflight.Finding(
-        "warning", "no resource group spec known: preflight skipped (pass --spec or use --group)")]
+    findings = (
+        preflight.check(asks, spec)
+        if spec
+        else [
+            preflight.Finding(
+                "warning", "no resource group spec known: preflight skipped (pass --spec or use --group)"
+            )
+        ]
+    )
     errors = [f.message for f in findings if f.level == "error"]
     if errors:
-        raise SubmitError(f"preflight: {errors[0]}" + (f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""))
+        raise SubmitError(
+            f"preflight: {errors[0]}" + (f" [+{len(errors) - 1} more]" if len(errors) > 1 else "")
+        )
     try:
         wd = workdir.check(root, max_upload_mb or workdir.DEFAULT_MAX_UPLOAD_MB, allow_secrets)
     except workdir.WorkdirError as e:
@@ -193,18 +237,22 @@ def prepare(template: str, step: str | None = None, config: str | None = None, o
 
 def cluster_check(target: Target, timeout: float = 10.0) -> str:
     """Nodes and resources of the cluster behind the target, checked against the group's spec."""
-    req = urllib.request.Request(f"{target.dashboard_url}/api/v0/nodes?limit=1000&detail=1",
-                                 headers=target.headers())
+    req = urllib.request.Request(
+        f"{target.dashboard_url}/api/v0/nodes?limit=1000&detail=1", headers=target.headers()
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             rows = json.loads(resp.read()).get("data", {}).get("result", {}).get("result", [])
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise SubmitError(f"authentication failed at {target.dashboard_url} (HTTP {e.code}): "
-                              "wrong or missing Ray token") from None
+            raise SubmitError(
+                f"authentication failed at {target.dashboard_url} (HTTP {e.code}): wrong or missing Ray token"
+            ) from None
         raise SubmitError(f"{target.dashboard_url} answered HTTP {e.code}") from None
     except OSError as e:
-        raise SubmitError(f"Ray dashboard {target.dashboard_url} is unreachable ({getattr(e, 'reason', e)})") from None
+        raise SubmitError(
+            f"Ray dashboard {target.dashboard_url} is unreachable ({getattr(e, 'reason', e)})"
+        ) from None
     alive = [r for r in rows if r.get("state") == "ALIVE"]
     workers = [r for r in alive if not r.get("is_head_node")]
     groups: dict[str, int] = {}
@@ -213,18 +261,22 @@ def cluster_check(target: Target, timeout: float = 10.0) -> str:
         groups[name] = groups.get(name, 0) + 1
     cpus = sum((r.get("resources_total") or {}).get("CPU", 0) for r in alive)
     gpus = sum((r.get("resources_total") or {}).get("GPU", 0) for r in alive)
-    line = (f"cluster at {target.dashboard_url}: {len(alive)} nodes "
-            f"({', '.join(f'{k} x{v}' for k, v in sorted(groups.items())) or 'no workers'}), "
-            f"{cpus:g} CPUs, {gpus:g} GPUs")
+    line = (
+        f"cluster at {target.dashboard_url}: {len(alive)} nodes "
+        f"({', '.join(f'{k} x{v}' for k, v in sorted(groups.items())) or 'no workers'}), "
+        f"{cpus:g} CPUs, {gpus:g} GPUs"
+    )
     if not workers:
         raise SubmitError(line + ": no worker node is alive")
     if target.spec:
         expected = {g.name for g in target.spec.worker_groups}
         unknown = set(groups) - expected - {"?"}
         if unknown:
-            target.warnings.append(f"{line} has worker groups {sorted(unknown)} that group "
-                                   f"{target.spec.name} does not declare ({sorted(expected)}): is it the "
-                                   "intended cluster?")
+            target.warnings.append(
+                f"{line} has worker groups {sorted(unknown)} that group "
+                f"{target.spec.name} does not declare ({sorted(expected)}): is it the "
+                "intended cluster?"
+            )
         too_many = [g.name for g in target.spec.worker_groups if groups.get(g.name, 0) > g.max_workers]
         if too_many:
             target.warnings.append(f"{line}: more workers than max in {too_many}")
@@ -239,32 +291,44 @@ def client_for(target: Target):
     try:
         return JobSubmissionClient(target.dashboard_url, headers=target.headers())
     except Exception as e:
-        raise SubmitError(_error_line(e, target)) from None
+        raise SubmitError(error_line(e, target)) from None
 
 
-def _error_line(e: Exception, target: Target) -> str:
+def error_line(e: Exception, target: Target) -> str:
+    """A job-API exception as one line (authentication failures named as such)."""
     text = " ".join(str(e).split())
     if "uthentica" in text or "401" in text or "403" in text:
         return f"authentication failed at {target.dashboard_url}: wrong or missing Ray token"
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def submit(target: Target, plan: Plan, entrypoint_num_cpus: float = 0, entrypoint_num_gpus: float = 0,
-           submission_id: str | None = None) -> tuple[object, str]:
+def submit(
+    target: Target,
+    plan: Plan,
+    entrypoint_num_cpus: float = 0,
+    entrypoint_num_gpus: float = 0,
+    submission_id: str | None = None,
+) -> tuple[object, str]:
     """Upload the working dir and start the job; returns (client, job id)."""
     client = client_for(target)
     # Ray logs every packaging step at INFO/WARNING; our own lines already say what is uploaded
-    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
-                 "ray.dashboard.modules.dashboard_sdk"):
+    for name in (
+        "ray._private.runtime_env.packaging",
+        "ray._private.runtime_env.working_dir",
+        "ray.dashboard.modules.dashboard_sdk",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        job_id = client.submit_job(entrypoint=plan.entrypoint, runtime_env=plan.runtime_env,
-                                   entrypoint_num_cpus=entrypoint_num_cpus or None,
-                                   entrypoint_num_gpus=entrypoint_num_gpus or None,
-                                   submission_id=submission_id,
-                                   metadata={"adbray_template": plan.template})
+        job_id = client.submit_job(
+            entrypoint=plan.entrypoint,
+            runtime_env=plan.runtime_env,
+            entrypoint_num_cpus=entrypoint_num_cpus or None,
+            entrypoint_num_gpus=entrypoint_num_gpus or None,
+            submission_id=submission_id,
+            metadata={"adbray_template": plan.template},
+        )
     except Exception as e:
-        raise SubmitError(_error_line(e, target)) from None
+        raise SubmitError(error_line(e, target)) from None
     return client, job_id
 
 

@@ -192,8 +192,9 @@ def start_worker(state: ClusterState, node: NodePlan, index: int = 0) -> None:
     _run(cmd, _start_env(state, False), f"starting worker of group {node.group}")
 
 
-def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str, max_cpus: int = LOCAL_MAX_CPUS_PER_WORKER,
-                       max_workers: int = LOCAL_AUTOSCALE_MAX, idle_s: float | None = None) -> dict:
+def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str,
+                       max_cpus: int = LOCAL_MAX_CPUS_PER_WORKER, max_workers: int = LOCAL_AUTOSCALE_MAX,
+                       idle_s: float | None = None) -> dict:
     """A complete autoscaler config (Ray's fake multi-node provider): one node type per worker group."""
     types = {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
     total = 0

@@ -8,6 +8,7 @@ retries throttling with backoff and turns API errors into one-line
 :class:`ApiError` s that carry the request id. Credentials and tokens are never
 printed: ``plan()`` redacts the AuthToken.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,10 +49,15 @@ def ray_config(spec: ResourceGroupSpec, token: str | None) -> dict:
         "HeadSpecType": "CPU",
         "HeadDiskCapacity": str(spec.head.disk_gb),
         "WorkerGroups": [
-            {"GroupName": g.name, "WorkerSpecType": g.type, "WorkerSpecName": g.spec,
-             "WorkerDiskCapacity": str(g.disk_gb), "MinWorkerQuantity": g.min_workers,
-             "MaxWorkerQuantity": g.max_workers,
-             **({"AllocateUnit": g.distribution_unit} if g.distribution_unit else {})}
+            {
+                "GroupName": g.name,
+                "WorkerSpecType": g.type,
+                "WorkerSpecName": g.spec,
+                "WorkerDiskCapacity": str(g.disk_gb),
+                "MinWorkerQuantity": g.min_workers,
+                "MaxWorkerQuantity": g.max_workers,
+                **({"AllocateUnit": g.distribution_unit} if g.distribution_unit else {}),
+            }
             for g in spec.worker_groups
         ],
     }
@@ -64,12 +70,20 @@ def ray_config(spec: ResourceGroupSpec, token: str | None) -> dict:
 
 def create_params(spec: ResourceGroupSpec, cluster_id: str, region: str, token: str | None) -> dict:
     """Top-level CreateDBResourceGroup parameters (RayConfig as a map)."""
-    return {"DBClusterId": cluster_id, "GroupName": spec.name, "GroupType": "Job", "Classification": "AI",
-            "Engine": "RayCluster", "RegionId": region, "RayConfig": ray_config(spec, token)}
+    return {
+        "DBClusterId": cluster_id,
+        "GroupName": spec.name,
+        "GroupType": "Job",
+        "Classification": "AI",
+        "Engine": "RayCluster",
+        "RegionId": region,
+        "RayConfig": ray_config(spec, token),
+    }
 
 
-def build_request(spec: ResourceGroupSpec, cluster_id: str, region: str = DEFAULT_REGION,
-                  token: str | None = None):
+def build_request(
+    spec: ResourceGroupSpec, cluster_id: str, region: str = DEFAULT_REGION, token: str | None = None
+):
     """The SDK's ``CreateDBResourceGroupRequest`` for a spec."""
     from alibabacloud_adb20211201 import models
 
@@ -81,8 +95,12 @@ def plan(spec: ResourceGroupSpec, cluster_id: str = "amv-<cluster-id>", region: 
     params = build_request(spec, cluster_id, region, token=REDACTED).to_map()
     params = {k: v for k, v in params.items() if v not in (None, [], {})}
     params["RayConfig"] = {k: v for k, v in params["RayConfig"].items() if v not in (None, [], {})}
-    return {"action": "CreateDBResourceGroup", "version": API_VERSION, "request": params,
-            "reserved": {"min": spec.reserved("min"), "max": spec.reserved("max")}}
+    return {
+        "action": "CreateDBResourceGroup",
+        "version": API_VERSION,
+        "request": params,
+        "reserved": {"min": spec.reserved("min"), "max": spec.reserved("max")},
+    }
 
 
 # -- tokens -------------------------------------------------------------------------------------
@@ -118,8 +136,12 @@ def new_token() -> str:
 # -- client -------------------------------------------------------------------------------------
 
 
-def sdk_config(region: str = DEFAULT_REGION, endpoint: str | None = None, access_key_id: str | None = None,
-               access_key_secret: str | None = None):
+def sdk_config(
+    region: str = DEFAULT_REGION,
+    endpoint: str | None = None,
+    access_key_id: str | None = None,
+    access_key_secret: str | None = None,
+):
     """SDK Config: explicit keys, else the default credential chain (env, profile, RAM role)."""
     from alibabacloud_tea_openapi.models import Config
 
@@ -144,9 +166,11 @@ def sdk_config(region: str = DEFAULT_REGION, endpoint: str | None = None, access
 
 def _one_line(e: Exception) -> ApiError:
     if "CredentialException" in f"{type(e).__name__} {e} {getattr(e, 'message', '')} {e.__cause__!r}":
-        return ApiError("no usable Alibaba Cloud credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID/"
-                        "ALIBABA_CLOUD_ACCESS_KEY_SECRET, a profile (~/.alibabacloud/credentials) or a RAM role",
-                        code="InvalidCredentials")
+        return ApiError(
+            "no usable Alibaba Cloud credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID/"
+            "ALIBABA_CLOUD_ACCESS_KEY_SECRET, a profile (~/.alibabacloud/credentials) or a RAM role",
+            code="InvalidCredentials",
+        )
     code = str(getattr(e, "code", "") or type(e).__name__)
     request_id = str(getattr(e, "request_id", "") or (getattr(e, "data", None) or {}).get("RequestId", ""))
     data = getattr(e, "data", None) or {}
@@ -155,16 +179,25 @@ def _one_line(e: Exception) -> ApiError:
     if "credential" in message.lower() and "secret" in message.lower():
         message = "credentials are missing or invalid"
     rid = f" (request id {request_id})" if request_id and request_id != "None" else ""
-    return ApiError(f"{code}: {message}{rid}", code=code, request_id=request_id,
-                    status=getattr(e, "status_code", None))
+    return ApiError(
+        f"{code}: {message}{rid}", code=code, request_id=request_id, status=getattr(e, "status_code", None)
+    )
 
 
 class GroupClient:
     """Create/describe/modify/delete/wait for Ray resource groups of one AnalyticDB cluster."""
 
-    def __init__(self, cluster_id: str, region: str = DEFAULT_REGION, endpoint: str | None = None,
-                 access_key_id: str | None = None, access_key_secret: str | None = None,
-                 retries: int = 4, backoff_s: float = 1.0, log=None):
+    def __init__(
+        self,
+        cluster_id: str,
+        region: str = DEFAULT_REGION,
+        endpoint: str | None = None,
+        access_key_id: str | None = None,
+        access_key_secret: str | None = None,
+        retries: int = 4,
+        backoff_s: float = 1.0,
+        log=None,
+    ):
         from alibabacloud_adb20211201.client import Client
 
         if not cluster_id:
@@ -180,11 +213,14 @@ class GroupClient:
                 return getattr(self.client, method)(request).body.to_map()
             except Exception as e:  # the SDK raises its own exception tree; normalise it
                 err = _one_line(e)
-                transient = err.code.startswith(RETRYABLE_CODES) or (err.status or 0) >= 500 \
+                transient = (
+                    err.code.startswith(RETRYABLE_CODES)
+                    or (err.status or 0) >= 500
                     or type(e).__name__ in ("ConnectionError", "RetryError")
+                )
                 if not transient or attempt == self.retries:
                     raise err from None
-                delay = self.backoff_s * 2 ** attempt
+                delay = self.backoff_s * 2**attempt
                 self.log(f"{err.code}: retrying in {delay:.0f}s ({attempt + 1}/{self.retries})")
                 time.sleep(delay)
         raise AssertionError("unreachable")
@@ -197,29 +233,44 @@ class GroupClient:
         """The group's GroupsInfo entry (Status, RayConfig with addresses); ApiError if absent."""
         from alibabacloud_adb20211201 import models
 
-        body = self._call("describe_dbresource_group", models.DescribeDBResourceGroupRequest(
-            dbcluster_id=self.cluster_id, group_name=name, region_id=self.region))
+        body = self._call(
+            "describe_dbresource_group",
+            models.DescribeDBResourceGroupRequest(
+                dbcluster_id=self.cluster_id, group_name=name, region_id=self.region
+            ),
+        )
         for info in body.get("GroupsInfo") or []:
             if info.get("GroupName") == name:
                 return info
-        raise ApiError(f"InvalidDBResourceGroup.NotFound: no resource group {name!r} in {self.cluster_id} "
-                       f"(request id {body.get('RequestId')})", code="InvalidDBResourceGroup.NotFound",
-                       request_id=body.get("RequestId", ""))
+        raise ApiError(
+            f"InvalidDBResourceGroup.NotFound: no resource group {name!r} in {self.cluster_id} "
+            f"(request id {body.get('RequestId')})",
+            code="InvalidDBResourceGroup.NotFound",
+            request_id=body.get("RequestId", ""),
+        )
 
     def modify(self, spec: ResourceGroupSpec) -> dict:
         """ModifyDBResourceGroup with the spec's RayConfig (worker counts, specs, requirements)."""
         from alibabacloud_adb20211201 import models
 
-        req = models.ModifyDBResourceGroupRequest().from_map({
-            "DBClusterId": self.cluster_id, "GroupName": spec.name, "GroupType": "Job",
-            "RegionId": self.region, "RayConfig": ray_config(spec, None)})
+        req = models.ModifyDBResourceGroupRequest().from_map(
+            {
+                "DBClusterId": self.cluster_id,
+                "GroupName": spec.name,
+                "GroupType": "Job",
+                "RegionId": self.region,
+                "RayConfig": ray_config(spec, None),
+            }
+        )
         return self._call("modify_dbresource_group", req)
 
     def delete(self, name: str) -> dict:
         from alibabacloud_adb20211201 import models
 
-        return self._call("delete_dbresource_group", models.DeleteDBResourceGroupRequest(
-            dbcluster_id=self.cluster_id, group_name=name))
+        return self._call(
+            "delete_dbresource_group",
+            models.DeleteDBResourceGroupRequest(dbcluster_id=self.cluster_id, group_name=name),
+        )
 
     def wait(self, name: str, timeout: float = 1200, interval: float = 2.0, log=None) -> dict:
         """Poll DescribeDBResourceGroup until Status is ``ok``; ApiError on a failed state or timeout."""
@@ -233,14 +284,16 @@ class GroupClient:
             if status == READY:
                 return info
             if status in FAILED_STATES:
-                raise ApiError(f"group {name} is {status}: {info.get('Message') or 'no message'}", code=status)
+                raise ApiError(
+                    f"group {name} is {status}: {info.get('Message') or 'no message'}", code=status
+                )
             if time.time() > deadline:
                 raise ApiError(f"group {name} still {status} after {timeout:.0f}s", code="Timeout")
             time.sleep(interval)
 
 
 def spec_from_ray_config(name: str, rc: dict) -> ResourceGroupSpec:
-    """A RayConfig map (request or DescribeDBResourceGroup form) -> a validated spec; ConfigError if invalid."""
+    """A RayConfig map (request or Describe form) -> a validated spec; ConfigError if invalid."""
     from pipelines.config import ConfigError, validate
 
     if not isinstance(rc, dict):
@@ -256,17 +309,29 @@ def spec_from_ray_config(name: str, rc: dict) -> ResourceGroupSpec:
         return int(text)
 
     data = {
-        "name": name, "category": rc.get("Category") or "BASIC",
-        "head": {"spec": rc.get("HeadSpec") or "small",
-                 "disk_gb": disk(rc.get("HeadDiskCapacity"), "HeadDiskCapacity")},
+        "name": name,
+        "category": rc.get("Category") or "BASIC",
+        "head": {
+            "spec": rc.get("HeadSpec") or "small",
+            "disk_gb": disk(rc.get("HeadDiskCapacity"), "HeadDiskCapacity"),
+        },
         "worker_groups": [
-            {"name": g.get("GroupName"), "type": g.get("WorkerSpecType") or "CPU", "spec": g.get("WorkerSpecName"),
-             "disk_gb": disk(g.get("WorkerDiskCapacity"), f"WorkerGroups.{i}.WorkerDiskCapacity"),
-             "min_workers": g.get("MinWorkerQuantity"), "max_workers": g.get("MaxWorkerQuantity"),
-             **({"distribution_unit": g["AllocateUnit"]} if g.get("AllocateUnit") else {})}
-            for i, g in enumerate(groups)],
-        "requirements": [r for r in str(rc.get("UserDefinedRequirements") or "").splitlines()
-                         if r.strip() and not r.strip().startswith("#")],
+            {
+                "name": g.get("GroupName"),
+                "type": g.get("WorkerSpecType") or "CPU",
+                "spec": g.get("WorkerSpecName"),
+                "disk_gb": disk(g.get("WorkerDiskCapacity"), f"WorkerGroups.{i}.WorkerDiskCapacity"),
+                "min_workers": g.get("MinWorkerQuantity"),
+                "max_workers": g.get("MaxWorkerQuantity"),
+                **({"distribution_unit": g["AllocateUnit"]} if g.get("AllocateUnit") else {}),
+            }
+            for i, g in enumerate(groups)
+        ],
+        "requirements": [
+            r
+            for r in str(rc.get("UserDefinedRequirements") or "").splitlines()
+            if r.strip() and not r.strip().startswith("#")
+        ],
     }
     return validate(ResourceGroupSpec, data, source="RayConfig")
 
@@ -274,8 +339,12 @@ def spec_from_ray_config(name: str, rc: dict) -> ResourceGroupSpec:
 def addresses(info: dict) -> dict:
     """Dashboard, ray:// and Grafana addresses from a GroupsInfo entry."""
     rc = info.get("RayConfig") or {}
-    return {"dashboard": rc.get("RayDashboardAddress"), "cluster": rc.get("RayClusterAddress"),
-            "grafana": rc.get("RayGrafanaAddress"), "serve": rc.get("RayServePublicAddress")}
+    return {
+        "dashboard": rc.get("RayDashboardAddress"),
+        "cluster": rc.get("RayClusterAddress"),
+        "grafana": rc.get("RayGrafanaAddress"),
+        "serve": rc.get("RayServePublicAddress"),
+    }
 
 
 def dumps(obj) -> str:

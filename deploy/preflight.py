@@ -2,13 +2,15 @@
 
 Template configs declare per-task/actor resources with ``num_cpus`` /
 ``num_gpus`` and, next to them, their parallelism as ``num_workers`` (Train
-workers), ``max_actors`` (actor pools) or ``num_tasks`` (tasks in flight at once). :func:`resource_asks` walks the whole
-YAML tree for those sections; :func:`check` compares them with the group's spec:
-an ask no single worker can satisfy (``num_gpus: 1`` on a ``1/3`` GPU unit, 16
-CPUs on an 8-core spec) is an error, before anything is uploaded; parallelism
+workers), ``max_actors`` (actor pools) or ``num_tasks`` (tasks in flight at
+once). :func:`resource_asks` walks the whole YAML tree for those sections;
+:func:`check` compares them with the group's spec: an ask no single worker
+can satisfy (``num_gpus: 1`` on a ``1/3`` GPU unit, 16 CPUs on an 8-core
+spec) is an error, before anything is uploaded; parallelism
 that needs more than the min workers is a warning that the group will autoscale
 towards its max.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +30,9 @@ class Ask:
     parallel: int | None = None
 
     def describe(self) -> str:
-        res = ", ".join(f"{k}={v:g}" for k, v in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus)) if v)
+        res = ", ".join(
+            f"{k}={v:g}" for k, v in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus)) if v
+        )
         par = f" x{self.parallel}" if self.parallel else ""
         return f"{self.path or '<root>'} ({res or 'no resources'}{par})"
 
@@ -55,8 +59,14 @@ def resource_asks(config: dict, path: str = "") -> list[Ask]:
     if isinstance(config, dict):
         if "num_cpus" in config or "num_gpus" in config:
             parallel = next((config[k] for k in PARALLEL_KEYS if isinstance(config.get(k), int)), None)
-            asks.append(Ask(path, _number(config.get("num_cpus", 0) or 0, f"{path}.num_cpus"),
-                            _number(config.get("num_gpus", 0) or 0, f"{path}.num_gpus"), parallel))
+            asks.append(
+                Ask(
+                    path,
+                    _number(config.get("num_cpus", 0) or 0, f"{path}.num_cpus"),
+                    _number(config.get("num_gpus", 0) or 0, f"{path}.num_gpus"),
+                    parallel,
+                )
+            )
         for key, value in config.items():
             asks += resource_asks(value, f"{path}.{key}" if path else str(key))
     elif isinstance(config, list):
@@ -67,8 +77,12 @@ def resource_asks(config: dict, path: str = "") -> list[Ask]:
 
 def _fits(ask: Ask, spec: ResourceGroupSpec):
     """Worker groups on which one task/actor of ``ask`` can be scheduled."""
-    return [g for g in spec.worker_groups
-            if ask.num_cpus <= g.cores and (ask.num_gpus == 0 or (g.type == "GPU" and ask.num_gpus <= g.gpus + 1e-9))]
+    return [
+        g
+        for g in spec.worker_groups
+        if ask.num_cpus <= g.cores
+        and (ask.num_gpus == 0 or (g.type == "GPU" and ask.num_gpus <= g.gpus + 1e-9))
+    ]
 
 
 def check(asks: list[Ask], spec: ResourceGroupSpec) -> list[Finding]:
@@ -80,8 +94,11 @@ def check(asks: list[Ask], spec: ResourceGroupSpec) -> list[Finding]:
             if ask.num_gpus and not any(g.type == "GPU" for g in spec.worker_groups):
                 why = f"group {spec.name} has no GPU worker group"
             elif ask.num_gpus:
-                units = ", ".join(f"{g.name}: {g.distribution_unit or 1} GPU/worker"
-                                  for g in spec.worker_groups if g.type == "GPU")
+                units = ", ".join(
+                    f"{g.name}: {g.distribution_unit or 1} GPU/worker"
+                    for g in spec.worker_groups
+                    if g.type == "GPU"
+                )
                 why = f"no GPU worker group offers {ask.num_gpus:g} GPU per worker ({units})"
             else:
                 cores = ", ".join(f"{g.name}: {g.spec} {g.cores} cores" for g in spec.worker_groups)
@@ -99,13 +116,23 @@ def check(asks: list[Ask], spec: ResourceGroupSpec) -> list[Finding]:
             at_max = sum(per_worker[g.name] * g.max_workers for g in fits)
             groups = "+".join(g.name for g in fits)
             if need > at_max + 1e-9:
-                findings.append(Finding("warning", f"{ask.describe()} asks {need:g} {resource}s at once: it "
-                                        f"drives {groups} of group {spec.name} to its max ({at_max:g}) and "
-                                        "the rest will queue; bound num_workers/max_actors/num_tasks"))
+                findings.append(
+                    Finding(
+                        "warning",
+                        f"{ask.describe()} asks {need:g} {resource}s at once: it "
+                        f"drives {groups} of group {spec.name} to its max ({at_max:g}) and "
+                        "the rest will queue; bound num_workers/max_actors/num_tasks",
+                    )
+                )
             elif need > at_min + 1e-9:
-                findings.append(Finding("warning", f"{ask.describe()} asks {need:g} {resource}s at once: it will "
-                                        f"drive autoscaling of {groups} beyond min ({at_min:g}) towards max "
-                                        f"({at_max:g}); bound num_workers/max_actors/num_tasks to stay at min"))
+                findings.append(
+                    Finding(
+                        "warning",
+                        f"{ask.describe()} asks {need:g} {resource}s at once: it will "
+                        f"drive autoscaling of {groups} beyond min ({at_min:g}) towards max "
+                        f"({at_max:g}); bound num_workers/max_actors/num_tasks to stay at min",
+                    )
+                )
     if not any(f.level == "error" for f in findings):
         findings.append(Finding("ok", f"{len(asks)} resource ask(s) fit group {spec.name}"))
     return findings

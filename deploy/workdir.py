@@ -1,4 +1,5 @@
 """The working dir a job uploads: what is excluded, how big it is, and whether it holds secrets."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -8,15 +9,64 @@ from pathlib import Path
 MB = 1024 * 1024
 # gitignore-style patterns, passed to Ray's runtime_env["excludes"] as well
 EXCLUDES = [
-    ".git", ".venv", "venv", "runs", "data", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache",
-    "*.egg-info", ".adbray", ".devbundle", "node_modules", ".ipynb_checkpoints", "*.pyc",
-    "*.parquet", "*.csv", "*.tsv", "*.npy", "*.npz", "*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin",
-    "*.onnx", "*.tar", "*.tar.gz", "*.tgz", "*.zip", "*.mp4", "*.avi", "*.mkv", "*.wav", "*.flac",
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    "data",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "*.egg-info",
+    ".adbray",
+    ".devbundle",
+    "node_modules",
+    ".ipynb_checkpoints",
+    "*.pyc",
+    "*.parquet",
+    "*.csv",
+    "*.tsv",
+    "*.npy",
+    "*.npz",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.safetensors",
+    "*.bin",
+    "*.onnx",
+    "*.tar",
+    "*.tar.gz",
+    "*.tgz",
+    "*.zip",
+    "*.mp4",
+    "*.avi",
+    "*.mkv",
+    "*.wav",
+    "*.flac",
 ]
 SECRET_PATTERNS = [
-    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "id_rsa*", "id_ed25519*", "id_ecdsa*",
-    ".netrc", ".pgpass", ".my.cnf", "credentials", "credentials.*", "*.credentials", "*_token", "*.token",
-    "auth_token", "secrets.*", "service-account*.json",
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "id_rsa*",
+    "id_ed25519*",
+    "id_ecdsa*",
+    ".netrc",
+    ".pgpass",
+    ".my.cnf",
+    "credentials",
+    "credentials.*",
+    "*.credentials",
+    "*_token",
+    "*.token",
+    "auth_token",
+    "secrets.*",
+    "service-account*.json",
 ]
 DEFAULT_MAX_UPLOAD_MB = float(os.environ.get("ADBRAY_MAX_UPLOAD_MB", "100"))
 
@@ -57,11 +107,14 @@ def check(root: Path, max_mb: float = DEFAULT_MAX_UPLOAD_MB, allow_secrets: bool
     if total > max_mb * MB:
         largest = sorted(listing, key=lambda x: -x[1])[:5]
         shown = ", ".join(f"{p} ({s / MB:.1f} MB)" for p, s in largest)
-        raise WorkdirError(f"working dir {root} is {total / MB:.1f} MB, over the {max_mb:g} MB upload limit; "
-                           f"largest: {shown} (move data to object storage or exclude it)")
+        raise WorkdirError(
+            f"working dir {root} is {total / MB:.1f} MB, over the {max_mb:g} MB upload limit; "
+            f"largest: {shown} (move data to object storage or exclude it)"
+        )
     found = secrets_in(listing)
     if found and not allow_secrets:
         shown = ", ".join(str(p) for p in found[:5])
-        raise WorkdirError(f"refusing to upload files that look like secrets: {shown} "
-                           "(remove them, or pass --allow-secrets)")
+        raise WorkdirError(
+            f"refusing to upload files that look like secrets: {shown} (remove them, or pass --allow-secrets)"
+        )
     return {"root": str(root), "files": len(listing), "bytes": total, "excludes": list(EXCLUDES)}

@@ -4,6 +4,7 @@ An unbounded task flood drives the group to max (the service's documented pitfal
 warns about it beforehand, and idle workers are removed again. (That a bounded job keeps an
 autoscaling group at min is checked on the emulator's group in test_emulator_e2e.py.)
 """
+
 import json
 import os
 import subprocess
@@ -30,17 +31,40 @@ def workers(state):
 @pytest.mark.slow
 def test_flood_scales_the_group_to_max_with_a_warning_then_back_to_min(monkeypatch, tmp_path):
     monkeypatch.setattr(local, "AUTOSCALE_IDLE_S", 4.0)
-    spec = ResourceGroupSpec(name=f"scale-{os.getpid()}", worker_groups=[
-        {"name": "cpu", "type": "CPU", "spec": "small", "min_workers": 1, "max_workers": 3}])
+    spec = ResourceGroupSpec(
+        name=f"scale-{os.getpid()}",
+        worker_groups=[{"name": "cpu", "type": "CPU", "spec": "small", "min_workers": 1, "max_workers": 3}],
+    )
     spec_file = tmp_path / "rg.yaml"
-    spec_file.write_text(f"name: {spec.name}\nworker_groups:\n"
-                         "  - {name: cpu, type: CPU, spec: small, min_workers: 1, max_workers: 3}\n")
+    spec_file.write_text(
+        f"name: {spec.name}\nworker_groups:\n"
+        "  - {name: cpu, type: CPU, spec: small, min_workers: 1, max_workers: 3}\n"
+    )
     state = local.up(spec, log=lambda *_: None, autoscale=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
 
-    args = [sys.executable, "-m", "deploy.cli", "submit", "deploy.examples.squares", "--config", CONFIG,
-            "--address", state.dashboard_url, "--token-file", state.token_path, "--spec", str(spec_file),
-            "--set", "flood.num_tasks=6", "--set", "flood.seconds=6", "--set", "pool.max_actors=1", "--no-wait"]
+    args = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "submit",
+        "deploy.examples.squares",
+        "--config",
+        CONFIG,
+        "--address",
+        state.dashboard_url,
+        "--token-file",
+        state.token_path,
+        "--spec",
+        str(spec_file),
+        "--set",
+        "flood.num_tasks=6",
+        "--set",
+        "flood.seconds=6",
+        "--set",
+        "pool.max_actors=1",
+        "--no-wait",
+    ]
     try:
         assert [n["resources_total"]["CPU"] for n in workers(state)] == [1]
         flood = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -52,7 +76,9 @@ def test_flood_scales_the_group_to_max_with_a_warning_then_back_to_min(monkeypat
             peak = max(peak, len(workers(state)))
             time.sleep(1)
         assert peak == 3, f"the flood should drive the group to max (3), saw {peak}"
-        client = JobSubmissionClient(state.dashboard_url, headers={"Authorization": f"Bearer {state.token()}"})
+        client = JobSubmissionClient(
+            state.dashboard_url, headers={"Authorization": f"Bearer {state.token()}"}
+        )
         job_id = flood.stdout.strip().splitlines()[-1]
         deadline = time.time() + 120
         while time.time() < deadline and str(client.get_job_status(job_id)) not in TERMINAL:

@@ -3,6 +3,7 @@
 plan -> create -> wait -> submit (SUCCEEDED, logs hold the summary) -> failing job -> wrong token ->
 stock `ray job submit` -> delete (cluster gone). One emulator-backed group serves every step.
 """
+
 import json
 import os
 import re
@@ -25,10 +26,17 @@ CLUSTER_ID = "amv-e2etest"
 @pytest.fixture(scope="module")
 def emu():
     emulator = Emulator("e2e-key-id", "e2e-key-secret", log=lambda *_: None).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "ALIBABA_CLOUD"))
-           and k != "RAY_ADDRESS"}
-    env.update(ALIBABA_CLOUD_ACCESS_KEY_ID="e2e-key-id", ALIBABA_CLOUD_ACCESS_KEY_SECRET="e2e-key-secret",
-               ADBRAY_ENDPOINT=emulator.endpoint, ADBRAY_CLUSTER_ID=CLUSTER_ID)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_AUTH", "ALIBABA_CLOUD")) and k != "RAY_ADDRESS"
+    }
+    env.update(
+        ALIBABA_CLOUD_ACCESS_KEY_ID="e2e-key-id",
+        ALIBABA_CLOUD_ACCESS_KEY_SECRET="e2e-key-secret",
+        ADBRAY_ENDPOINT=emulator.endpoint,
+        ADBRAY_CLUSTER_ID=CLUSTER_ID,
+    )
     emulator.cli_env = env
     try:
         yield emulator
@@ -37,8 +45,14 @@ def emu():
 
 
 def adbray(emu, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, env=emu.cli_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *args],
+        cwd=ROOT,
+        env=emu.cli_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,24 +89,45 @@ def test_submit_succeeds_and_logs_hold_the_summary(emu, group):
     summary = json.loads([line for line in logs.stdout.splitlines() if line.startswith('{"template"')][-1])
     assert summary["template"] == "squares" and summary["metrics"]["sum_of_squares"] == 63 * 64 * 127 // 6
     listed = json.loads(adbray(emu, "jobs", "list", "--group", "squares", "--json").stdout)
-    assert {"job_id": job_id, "status": "SUCCEEDED"}.items() <= next(j for j in listed
-                                                                   if j["job_id"] == job_id).items()
+    assert {"job_id": job_id, "status": "SUCCEEDED"}.items() <= next(
+        j for j in listed if j["job_id"] == job_id
+    ).items()
 
 
 def test_failing_job_exits_nonzero_with_its_error(emu, group):
-    proc = adbray(emu, "submit", "deploy.examples.squares", "--config", CONFIG, "--set", "fail=true",
-                  "--group", "squares")
+    proc = adbray(
+        emu,
+        "submit",
+        "deploy.examples.squares",
+        "--config",
+        CONFIG,
+        "--set",
+        "fail=true",
+        "--group",
+        "squares",
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert re.match(r"error: job \S+ FAILED: ", last) and "fail: true in the config" in last, proc.stderr[-2000:]
+    assert re.match(r"error: job \S+ FAILED: ", last) and "fail: true in the config" in last, proc.stderr[
+        -2000:
+    ]
 
 
 def test_wrong_token_is_refused_and_no_job_starts(emu, group, tmp_path):
     before = json.loads(adbray(emu, "jobs", "list", "--group", "squares", "--json").stdout)
     bad = tmp_path / "token"
     bad.write_text("not-the-token-" + "0" * 40)
-    proc = adbray(emu, "submit", "deploy.examples.squares", "--config", CONFIG, "--group", "squares",
-                  "--token-file", str(bad))
+    proc = adbray(
+        emu,
+        "submit",
+        "deploy.examples.squares",
+        "--config",
+        CONFIG,
+        "--group",
+        "squares",
+        "--token-file",
+        str(bad),
+    )
     assert proc.returncode == 1 and "authentication failed" in proc.stderr.strip().splitlines()[-1]
     assert "submitted job" not in proc.stderr
     after = json.loads(adbray(emu, "jobs", "list", "--group", "squares", "--json").stdout)
@@ -101,10 +136,28 @@ def test_wrong_token_is_refused_and_no_job_starts(emu, group, tmp_path):
 
 def test_stock_ray_job_submit_works_on_the_same_group(emu, group):
     env = {**emu.cli_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": Path(group["token_path"]).read_text()}
-    proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
-                           group["dashboard"], "--working-dir", ".", "--", "python", "-m",
-                           "deploy.examples.squares", "--config", CONFIG], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "job",
+            "submit",
+            "--address",
+            group["dashboard"],
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "deploy.examples.squares",
+            "--config",
+            CONFIG,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"template": "squares"' in proc.stdout and "succeeded" in proc.stdout.lower()
 
@@ -115,7 +168,10 @@ def test_modify_is_validated_and_recorded(emu, group, tmp_path):
     proc = adbray(emu, "group", "modify", str(spec))
     assert proc.returncode == 0, proc.stderr
     info = json.loads(adbray(emu, "group", "describe", "squares", "--json").stdout)
-    assert info["RayConfig"]["WorkerGroups"][0]["MaxWorkerQuantity"] == 3 and "AuthToken" not in info["RayConfig"]
+    assert (
+        info["RayConfig"]["WorkerGroups"][0]["MaxWorkerQuantity"] == 3
+        and "AuthToken" not in info["RayConfig"]
+    )
     spec.write_text(spec.read_text().replace("category: BASIC", "category: HIGH_AVAILABILITY"))
     refused = adbray(emu, "group", "modify", str(spec))
     assert refused.returncode == 1 and "OperationDenied.Category" in refused.stderr

@@ -1,4 +1,5 @@
 """The OpenAPI layer against the emulator with the real SDK: signatures, errors, retries (no clusters)."""
+
 import json
 import os
 import stat
@@ -33,28 +34,58 @@ def emulator():
 
 
 def client(emu, secret="test-key-secret", key="test-key-id", **kw):
-    return openapi.GroupClient("amv-unit1", endpoint=emu.endpoint, access_key_id=key, access_key_secret=secret,
-                               log=kw.pop("log", lambda *_: None), **kw)
+    return openapi.GroupClient(
+        "amv-unit1",
+        endpoint=emu.endpoint,
+        access_key_id=key,
+        access_key_secret=secret,
+        log=kw.pop("log", lambda *_: None),
+        **kw,
+    )
 
 
 def test_plan_request_has_the_service_fields_and_no_token(tmp_path):
     p = tmp_path / "rg.yaml"
     p.write_text(GPU_SPEC)
-    proc = subprocess.run([sys.executable, "-m", "deploy.cli", "group", "plan", str(p), "--name", "rc2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "group", "plan", str(p), "--name", "rc2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     req = out["request"]
-    assert (req["GroupName"], req["GroupType"], req["Classification"], req["Engine"]) == \
-        ("rc2", "Job", "AI", "RayCluster")
+    assert (req["GroupName"], req["GroupType"], req["Classification"], req["Engine"]) == (
+        "rc2",
+        "Job",
+        "AI",
+        "RayCluster",
+    )
     rc = req["RayConfig"]
-    assert rc["AuthToken"] == "<redacted>" and rc["Category"] == "HIGH_AVAILABILITY" and rc["HeadSpec"] == "m.xlarge"
-    assert rc["WorkerGroups"][1] == {"GroupName": "gpu", "WorkerSpecType": "GPU", "WorkerSpecName": "gpu.a10.1",
-                                     "WorkerDiskCapacity": "200", "MinWorkerQuantity": 1, "MaxWorkerQuantity": 2,
-                                     "AllocateUnit": "1/3"}
+    assert (
+        rc["AuthToken"] == "<redacted>"
+        and rc["Category"] == "HIGH_AVAILABILITY"
+        and rc["HeadSpec"] == "m.xlarge"
+    )
+    assert rc["WorkerGroups"][1] == {
+        "GroupName": "gpu",
+        "WorkerSpecType": "GPU",
+        "WorkerSpecName": "gpu.a10.1",
+        "WorkerDiskCapacity": "200",
+        "MinWorkerQuantity": 1,
+        "MaxWorkerQuantity": 2,
+        "AllocateUnit": "1/3",
+    }
     assert rc["UserDefinedRequirements"] == "lightgbm>=4.5\npyarrow>=15"
-    assert out["reserved"]["min"] == {"cores": 8 + 8 + 8, "memory_gb": 64 * 3, "gpus": 0.333,
-                                      "disk_gb": 100 + 100 + 200, "workers": 2}
+    assert out["reserved"]["min"] == {
+        "cores": 8 + 8 + 8,
+        "memory_gb": 64 * 3,
+        "gpus": 0.333,
+        "disk_gb": 100 + 100 + 200,
+        "workers": 2,
+    }
     assert out["reserved"]["max"]["cores"] == 8 + 4 * 8 + 2 * 8
 
 
@@ -111,7 +142,9 @@ def test_invalid_ray_config_is_refused_like_the_service(emulator):
 
 def test_throttling_is_retried_with_backoff(emulator):
     lines = []
-    emulator.faults[:] = [ApiFault(400, "Throttling.User", "Request was denied due to user flow control.")] * 2
+    emulator.faults[:] = [
+        ApiFault(400, "Throttling.User", "Request was denied due to user flow control.")
+    ] * 2
     c = client(emulator, backoff_s=0.05, log=lines.append)
     with pytest.raises(openapi.ApiError, match="InvalidDBResourceGroup.NotFound"):
         c.describe("after-throttling")
@@ -123,24 +156,62 @@ def test_throttling_is_retried_with_backoff(emulator):
 
 
 def test_cli_wrong_secret_is_one_line(emulator):
-    env = {**os.environ, "ALIBABA_CLOUD_ACCESS_KEY_ID": "test-key-id",
-           "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "not-the-secret"}
-    proc = subprocess.run([sys.executable, "-m", "deploy.cli", "group", "create", EXAMPLE_SPEC, "--cluster-id",
-                           "amv-unit1", "--endpoint", emulator.endpoint], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "test-key-id",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "not-the-secret",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "group",
+            "create",
+            EXAMPLE_SPEC,
+            "--cluster-id",
+            "amv-unit1",
+            "--endpoint",
+            emulator.endpoint,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: SignatureDoesNotMatch:") and "request id" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: SignatureDoesNotMatch:") and "request id" in lines[0]
+    )
     assert "not-the-secret" not in proc.stderr + proc.stdout
 
 
 def test_no_credentials_in_the_chain_is_one_line(emulator, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIBABA_CLOUD")}
     env["HOME"] = str(tmp_path)  # no ~/.alibabacloud profile either
-    proc = subprocess.run([sys.executable, "-m", "deploy.cli", "group", "describe", "x", "--cluster-id",
-                           "amv-unit1", "--endpoint", emulator.endpoint], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "group",
+            "describe",
+            "x",
+            "--cluster-id",
+            "amv-unit1",
+            "--endpoint",
+            emulator.endpoint,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: no usable Alibaba Cloud credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID/ALIBABA_CLOUD_ACCESS_KEY_SECRET,"
-        " a profile (~/.alibabacloud/credentials) or a RAM role"]
+        " a profile (~/.alibabacloud/credentials) or a RAM role"
+    ]

@@ -1,4 +1,5 @@
 """Preflight, working-dir checks and address handling: no cluster needed."""
+
 import os
 import subprocess
 import sys
@@ -11,25 +12,40 @@ from deploy.spec import ResourceGroupSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
-GROUP = ResourceGroupSpec(name="mixed", worker_groups=[
-    {"name": "cpu", "type": "CPU", "spec": "m.xlarge", "min_workers": 1, "max_workers": 4},
-    {"name": "gpu", "type": "GPU", "spec": "gpu.a10", "min_workers": 1, "max_workers": 2,
-     "distribution_unit": "1/3"},
-])
+GROUP = ResourceGroupSpec(
+    name="mixed",
+    worker_groups=[
+        {"name": "cpu", "type": "CPU", "spec": "m.xlarge", "min_workers": 1, "max_workers": 4},
+        {
+            "name": "gpu",
+            "type": "GPU",
+            "spec": "gpu.a10",
+            "min_workers": 1,
+            "max_workers": 2,
+            "distribution_unit": "1/3",
+        },
+    ],
+)
 
 
 def test_resource_asks_walk_the_whole_config_tree():
-    cfg = {"data": {"decode": {"num_cpus": 2, "max_actors": 4}},
-           "embed": [{"model": "vit", "num_gpus": 0.25, "max_actors": 2}],
-           "train": {"num_workers": 3, "num_cpus": 4}, "batch_size": 64}
+    cfg = {
+        "data": {"decode": {"num_cpus": 2, "max_actors": 4}},
+        "embed": [{"model": "vit", "num_gpus": 0.25, "max_actors": 2}],
+        "train": {"num_workers": 3, "num_cpus": 4},
+        "batch_size": 64,
+    }
     asks = {a.path: (a.num_cpus, a.num_gpus, a.parallel) for a in preflight.resource_asks(cfg)}
     assert asks == {"data.decode": (2, 0, 4), "embed.0": (0, 0.25, 2), "train": (4, 0, 3)}
 
 
-@pytest.mark.parametrize("ask, needle", [
-    ({"num_gpus": 1}, "no GPU worker group offers 1 GPU per worker (gpu: 1/3 GPU/worker)"),
-    ({"num_cpus": 16}, "no worker spec has 16 cores"),
-])
+@pytest.mark.parametrize(
+    "ask, needle",
+    [
+        ({"num_gpus": 1}, "no GPU worker group offers 1 GPU per worker (gpu: 1/3 GPU/worker)"),
+        ({"num_cpus": 16}, "no worker spec has 16 cores"),
+    ],
+)
 def test_unschedulable_asks_are_errors(ask, needle):
     findings = preflight.check(preflight.resource_asks({"stage": ask}), GROUP)
     errors = [f.message for f in findings if f.level == "error"]
@@ -43,15 +59,23 @@ def test_gpu_ask_without_gpu_group():
 
 
 def test_fitting_asks_and_parallelism_warnings():
-    ok = preflight.check(preflight.resource_asks({"s": {"num_gpus": 0.33, "max_actors": 1},
-                                                  "t": {"num_cpus": 8, "num_workers": 1}}), GROUP)
+    ok = preflight.check(
+        preflight.resource_asks(
+            {"s": {"num_gpus": 0.33, "max_actors": 1}, "t": {"num_cpus": 8, "num_workers": 1}}
+        ),
+        GROUP,
+    )
     assert [f.level for f in ok] == ["ok"]
     # CPU tasks fit both groups (8 cores each): 16 CPUs at min, 4*8 + 2*8 = 48 at max
-    assert [f.level for f in preflight.check(preflight.resource_asks(
-        {"t": {"num_cpus": 4, "num_workers": 4}}), GROUP)] == ["ok"]
+    assert [
+        f.level
+        for f in preflight.check(preflight.resource_asks({"t": {"num_cpus": 4, "num_workers": 4}}), GROUP)
+    ] == ["ok"]
     scale = preflight.check(preflight.resource_asks({"t": {"num_cpus": 4, "num_workers": 5}}), GROUP)
-    assert scale[0].level == "warning" and "drive autoscaling of cpu+gpu beyond min (16) towards max (48)" \
-        in scale[0].message
+    assert (
+        scale[0].level == "warning"
+        and "drive autoscaling of cpu+gpu beyond min (16) towards max (48)" in scale[0].message
+    )
     queue = preflight.check(preflight.resource_asks({"t": {"num_cpus": 2, "num_tasks": 25}}), GROUP)
     assert queue[0].level == "warning" and "the rest will queue" in queue[0].message
     with pytest.raises(ValueError, match="t.num_cpus"):
@@ -74,7 +98,9 @@ def test_workdir_excludes_size_and_secrets(tmp_path):
     info = workdir.check(root, max_mb=1)
     assert info["files"] == 2 and info["bytes"] < 1000
     (root / "model.weights").write_bytes(b"0" * 2_000_000)
-    with pytest.raises(workdir.WorkdirError, match=r"over the 1 MB upload limit; largest: model.weights \(1.9 MB\)"):
+    with pytest.raises(
+        workdir.WorkdirError, match=r"over the 1 MB upload limit; largest: model.weights \(1.9 MB\)"
+    ):
         workdir.check(root, max_mb=1)
     (root / "model.weights").unlink()
     (root / "job" / ".env").write_text("SECRET=1\n")
@@ -86,8 +112,13 @@ def test_workdir_excludes_size_and_secrets(tmp_path):
 def test_prepare_builds_entrypoint_and_runtime_env(tmp_path):
     root = _job_dir(tmp_path)
     spec = ResourceGroupSpec(name="g", worker_groups=[{"name": "cpu", "spec": "m.xlarge"}])
-    plan = jobs.prepare("job", config=str(root / "job/configs/local.yaml"), overrides=["stage.max_actors=2"],
-                        spec=spec, root=root)
+    plan = jobs.prepare(
+        "job",
+        config=str(root / "job/configs/local.yaml"),
+        overrides=["stage.max_actors=2"],
+        spec=spec,
+        root=root,
+    )
     assert plan.entrypoint == "python -m job --config job/configs/local.yaml --set stage.max_actors=2"
     assert plan.runtime_env["working_dir"] == str(root.resolve()) and ".git" in plan.runtime_env["excludes"]
     outside = tmp_path.parent / f"{tmp_path.name}-outside.yaml"
@@ -110,8 +141,14 @@ def test_address_forms_and_ray_address_warning():
 
 
 def _submit(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "deploy.cli", "submit", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "submit", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.parametrize("case", ["oversized", "secret", "gpu_fraction", "invalid_spec"])
@@ -119,11 +156,16 @@ def test_submit_stops_before_upload_with_one_line(tmp_path, case):
     """Each problem stops `adbray submit` before any cluster contact (the address is a dead port)."""
     root = _job_dir(tmp_path)
     spec = root / "rg.yaml"
-    spec.write_text("name: g\nworker_groups:\n  - {name: gpu, type: GPU, spec: gpu.a10, distribution_unit: 1/3}\n")
+    spec.write_text(
+        "name: g\nworker_groups:\n  - {name: gpu, type: GPU, spec: gpu.a10, distribution_unit: 1/3}\n"
+    )
     args = ["job", "--working-dir", str(root), "--address", "http://127.0.0.1:9", "--spec", str(spec)]
-    needle = {"oversized": "over the 1 MB upload limit; largest: blob.bin",
-              "secret": "look like secrets: id.pem", "gpu_fraction": "no GPU worker group offers 1 GPU per worker",
-              "invalid_spec": "max_workers"}[case]
+    needle = {
+        "oversized": "over the 1 MB upload limit; largest: blob.bin",
+        "secret": "look like secrets: id.pem",
+        "gpu_fraction": "no GPU worker group offers 1 GPU per worker",
+        "invalid_spec": "max_workers",
+    }[case]
     if case == "oversized":
         (root / "blob.bin.keep").write_bytes(b"0")
         (root / "blob.bin").write_bytes(b"0" * 10)  # *.bin is excluded: not counted
@@ -174,10 +216,12 @@ def test_follow_prints_new_log_text_and_ctrl_c_stops_the_job():
 def test_template_requirements_missing_from_the_group_go_to_runtime_env_pip(tmp_path):
     root = _job_dir(tmp_path)
     (root / "job" / "resource_group.yaml").write_text(
-        "name: job\nworker_groups: [{name: cpu, spec: m.xlarge}]\nrequirements: [lightgbm>=4.5, polars>=1.0]\n")
+        "name: job\nworker_groups: [{name: cpu, spec: m.xlarge}]\nrequirements: [lightgbm>=4.5, polars>=1.0]\n"
+    )
     same = jobs.prepare("job", root=root)
     assert "pip" not in same.runtime_env  # the group made from this spec already has them
-    other = ResourceGroupSpec(name="g", worker_groups=[{"name": "cpu", "spec": "m.xlarge"}],
-                              requirements=["lightgbm>=4.5"])
+    other = ResourceGroupSpec(
+        name="g", worker_groups=[{"name": "cpu", "spec": "m.xlarge"}], requirements=["lightgbm>=4.5"]
+    )
     plan = jobs.prepare("job", spec=other, root=root, pip=["tqdm"])
     assert plan.runtime_env["pip"] == ["polars>=1.0", "tqdm"]

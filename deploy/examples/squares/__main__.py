@@ -8,6 +8,7 @@ deploy tests: ``pool`` declares per-actor ``num_cpus`` and ``max_actors``,
 ``flood.num_tasks`` submits that many tasks at once, unbounded (the
 autoscaling pitfall), ``fail`` makes the job raise.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,8 +74,10 @@ def run(cfg: SquaresConfig) -> dict:
     start = time.time()
     flood = busy.options(num_cpus=cfg.flood.num_cpus)
     flood_refs = [flood.remote(cfg.flood.seconds) for _ in range(cfg.flood.num_tasks)]
-    actors = [Squarer.options(num_cpus=cfg.pool.num_cpus, num_gpus=cfg.pool.num_gpus).remote()
-              for _ in range(cfg.pool.max_actors)]
+    actors = [
+        Squarer.options(num_cpus=cfg.pool.num_cpus, num_gpus=cfg.pool.num_gpus).remote()
+        for _ in range(cfg.pool.max_actors)
+    ]
     pool = ray.util.ActorPool(actors)
     step = -(-cfg.items // cfg.chunks)
     bounds = [(lo, min(lo + step, cfg.items)) for lo in range(0, cfg.items, step)]
@@ -83,8 +86,14 @@ def run(cfg: SquaresConfig) -> dict:
     expected = (cfg.items - 1) * cfg.items * (2 * cfg.items - 1) // 6
     if total != expected:
         raise JobFailed(f"sum of squares {total} != {expected}")
-    return {"items": cfg.items, "sum_of_squares": total, "actors": cfg.pool.max_actors,
-            "flood_tasks": cfg.flood.num_tasks, "flood_nodes": flood_nodes, "seconds": round(time.time() - start, 3)}
+    return {
+        "items": cfg.items,
+        "sum_of_squares": total,
+        "actors": cfg.pool.max_actors,
+        "flood_tasks": cfg.flood.num_tasks,
+        "flood_nodes": flood_nodes,
+        "seconds": round(time.time() - start, 3),
+    }
 
 
 @click.command()
