@@ -92,7 +92,7 @@ class Rollout:
             on_progress: Callable[["Rollout", int], None] | None = None) -> dict:
         """Run ``episodes`` (``[(id, seed), ...]``) to the end; ``sink`` gets each ended episode once."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         sim = self.cfg.simulator
         backlog = sim.envs_per_actor * sim.queue_per_env
@@ -115,6 +115,8 @@ class Rollout:
             i = calls.pop(ref)
             try:
                 out = ray.get(ref)
+            except RayTaskError as e:  # an error inside the simulator (env or policy), not a crash
+                raise RunFailed(f"simulator {i} failed: {str(e.cause or e).splitlines()[0]}") from None
             except RayActorError as e:
                 crashes[i] += 1
                 self.restarts += 1
