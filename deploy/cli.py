@@ -301,6 +301,20 @@ def group_describe(name, cluster_id, region, endpoint, as_json):
         _print_addresses(info, cluster_id, False)
 
 
+@group.command("list")
+@_api_options
+@click.option("--json", "as_json", is_flag=True)
+def group_list(cluster_id, region, endpoint, as_json):
+    """Every resource group of the cluster, with its status."""
+    rows = _api(_client(cluster_id, region, endpoint).list)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for info in rows:
+        name, kind, status = info.get("GroupName", "?"), info.get("GroupType", ""), info.get("Status", "")
+        click.echo(f"{name:<32} {kind:<12} {status}")
+
+
 @group.command("modify")
 @click.argument("template_or_spec")
 @_api_options
@@ -418,16 +432,19 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 @click.option("--entrypoint-num-gpus", default=0.0, help="GPUs reserved for the driver.")
 @click.option("--wait/--no-wait", default=True, help="Follow the logs until the job ends (default).")
 @click.option("--timeout", default=None, type=float, help="Give up following after this many seconds.")
+@click.option("--dry-run", is_flag=True,
+              help="Run the checks and print entrypoint + runtime_env; contact no cluster, upload nothing.")
 def submit(template, step, config, overrides, run_dir, address, group_name, cluster_id, region, endpoint,
            token_file, spec_file, working_dir, max_upload_mb, allow_secrets, pip, entrypoint_num_cpus,
-           entrypoint_num_gpus, wait, timeout):
+           entrypoint_num_gpus, wait, timeout, dry_run):
     """Submit a template as a Ray job (JobSubmissionClient) and follow it; exit 0 only if it SUCCEEDED."""
     from .jobs import SubmitError, cluster_check, follow, prepare, status_name
     from .jobs import submit as submit_job
 
-    target = _target(address, group_name, cluster_id, region, endpoint, token_file)
+    target = None if dry_run and not (address or group_name) else \
+        _target(address, group_name, cluster_id, region, endpoint, token_file)
     try:
-        spec = target.spec or (load_spec(spec_file) if spec_file else None)
+        spec = (target and target.spec) or (load_spec(spec_file) if spec_file else None)
         plan = prepare(template, step, config, overrides, spec, Path(working_dir), max_upload_mb,
                        allow_secrets, pip, run_dir)
     except (SubmitError, ConfigError) as e:
@@ -439,6 +456,11 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
     if plan.runtime_env.get("pip"):
         click.echo(f"runtime_env pip (not in the group's requirements): {', '.join(plan.runtime_env['pip'])}",
                    err=True)
+    if dry_run:
+        click.echo(json.dumps({"entrypoint": plan.entrypoint, "runtime_env": plan.runtime_env,
+                               "entrypoint_num_cpus": entrypoint_num_cpus,
+                               "entrypoint_num_gpus": entrypoint_num_gpus}, indent=2))
+        return
     try:
         if target.spec is None and spec is not None:
             target.spec = spec

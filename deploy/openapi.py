@@ -249,6 +249,16 @@ class GroupClient:
             request_id=body.get("RequestId", ""),
         )
 
+    def list(self) -> list[dict]:
+        """Every group of the cluster (DescribeDBResourceGroup without a name)."""
+        from alibabacloud_adb20211201 import models
+
+        body = self._call(
+            "describe_dbresource_group",
+            models.DescribeDBResourceGroupRequest(dbcluster_id=self.cluster_id, region_id=self.region),
+        )
+        return body.get("GroupsInfo") or []
+
     def modify(self, spec: ResourceGroupSpec) -> dict:
         """ModifyDBResourceGroup with the spec's RayConfig (worker counts, specs, requirements)."""
         from alibabacloud_adb20211201 import models

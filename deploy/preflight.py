@@ -119,8 +119,8 @@ def check(asks: list[Ask], spec: ResourceGroupSpec) -> list[Finding]:
                 findings.append(
                     Finding(
                         "warning",
-                        f"{ask.describe()} asks {need:g} {resource}s at once: it "
-                        f"drives {groups} of group {spec.name} to its max ({at_max:g}) and "
+                        f"{ask.describe()} asks {need:.3g} {resource}s at once: it "
+                        f"drives {groups} of group {spec.name} to its max ({at_max:.3g}) and "
                         "the rest will queue; bound num_workers/max_actors/num_tasks",
                     )
                 )
@@ -128,9 +128,9 @@ def check(asks: list[Ask], spec: ResourceGroupSpec) -> list[Finding]:
                 findings.append(
                     Finding(
                         "warning",
-                        f"{ask.describe()} asks {need:g} {resource}s at once: it will "
-                        f"drive autoscaling of {groups} beyond min ({at_min:g}) towards max "
-                        f"({at_max:g}); bound num_workers/max_actors/num_tasks to stay at min",
+                        f"{ask.describe()} asks {need:.3g} {resource}s at once: it will "
+                        f"drive autoscaling of {groups} beyond min ({at_min:.3g}) towards max "
+                        f"({at_max:.3g}); bound num_workers/max_actors/num_tasks to stay at min",
                     )
                 )
     if not any(f.level == "error" for f in findings):

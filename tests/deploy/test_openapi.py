@@ -215,3 +215,36 @@ def test_no_credentials_in_the_chain_is_one_line(emulator, tmp_path):
         "error: no usable Alibaba Cloud credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID/ALIBABA_CLOUD_ACCESS_KEY_SECRET,"
         " a profile (~/.alibabacloud/credentials) or a RAM role"
     ]
+
+
+def test_emulator_command_serves_until_sigterm():
+    import signal
+
+    env = {
+        **os.environ,
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "cli-key",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "cli-secret",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "emulator"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("emulator listening on http://127.0.0.1:"), proc.stderr.read()
+        endpoint = line.rsplit(" ", 1)[1]
+        c = openapi.GroupClient(
+            "amv-cli1",
+            endpoint=endpoint,
+            access_key_id="cli-key",
+            access_key_secret="cli-secret",
+            log=lambda *_: None,
+        )
+        assert c.list() == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

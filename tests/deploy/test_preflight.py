@@ -1,5 +1,6 @@
 """Preflight, working-dir checks and address handling: no cluster needed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -225,3 +226,26 @@ def test_template_requirements_missing_from_the_group_go_to_runtime_env_pip(tmp_
     )
     plan = jobs.prepare("job", spec=other, root=root, pip=["tqdm"])
     assert plan.runtime_env["pip"] == ["polars>=1.0", "tqdm"]
+
+
+def test_dry_run_prints_the_job_and_warns_about_a_flood_without_any_cluster():
+    proc = _submit(
+        "deploy.examples.squares",
+        "--config",
+        "deploy/examples/squares/configs/local.yaml",
+        "--set",
+        "flood.num_tasks=20",
+        "--dry-run",
+    )
+    assert proc.returncode == 0, proc.stderr
+    job = json.loads(proc.stdout)
+    assert job["entrypoint"] == (
+        "python -m deploy.examples.squares --config "
+        "deploy/examples/squares/configs/local.yaml --set flood.num_tasks=20"
+    )
+    assert job["runtime_env"]["working_dir"] == str(ROOT)
+    # the example's group: one m.xlarge (8 cores) at min, two at max
+    assert (
+        "flood (num_cpus=1 x20) asks 20 CPUs at once: it drives cpu of group squares to its max (16)"
+        in proc.stderr
+    )
