@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import click
+import ray
 
 from pipelines.cli import exit_with, template_options
 from pipelines.io import run_dir as make_run_dir
@@ -19,7 +20,7 @@ from .config import RiskConfig, load
 from .data import TEMPLATE, connect_for, read_transactions, write_transactions
 from .evaluate import evaluate, headline, test_slice
 from .features import run_features
-from .score import run_score
+from .score import score_dataset, write_scores
 from .train import run_training
 
 
@@ -69,8 +70,9 @@ def run_all(cfg: RiskConfig, out: str, steps: tuple = ("data", "features", "trai
     log(f"evaluate: AUPRC {metrics['auprc']:.3f} (rules {metrics['auprc_rules']:.3f})")
 
     t = time.perf_counter()
-    scored = run_score(read_transactions(data_out["transactions"]), f"{out}/model", cfg.score, out,
-                       cfg.features)
+    # the features step already computed (and rejected) these rows: score its output
+    features = ray.data.read_parquet(feats["outputs"]["features"])
+    scored = write_scores(score_dataset(features, f"{out}/model", cfg.score), cfg.score, out)
     outputs["scores"] = scored["outputs"]["scores"]
     metrics.update(scored_rows=scored["rows"], tiers=scored["tiers"])
     timings["score_s"] = time.perf_counter() - t

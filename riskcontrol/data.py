@@ -22,7 +22,7 @@ from pipelines.io import upsert_mysql, write_dataset
 from pipelines.report import emit, summary
 
 from .config import FAST_SERVE_ENV, DataConfig, RiskConfig, load
-from .features import CATEGORIES, CHANNELS, CURRENCIES, DAY, HOUR
+from .features import CATEGORIES, CHANNELS, DAY, HOUR
 
 TEMPLATE = "riskcontrol"
 ID_STRIDE = 10**10  # transaction ids: shard * ID_STRIDE + row number
@@ -156,8 +156,8 @@ def _fraud_event(kind: str, card, merchants: pd.DataFrame, cfg: DataConfig, rng,
         where = far if rng.random() < 0.5 else card.city
         return CITIES[where, 0] + rng.normal(0, 0.1), CITIES[where, 1] + rng.normal(0, 0.1)
 
-    in_city = lambda c: merchants.index[merchants.city == c].to_numpy()  # noqa: E731
-    any_m = lambda: rng.integers(len(merchants))  # noqa: E731
+    in_city = lambda c: merchants.index[merchants.city == c].to_numpy()
+    any_m = lambda: rng.integers(len(merchants))
     if kind == "burst":
         n = rng.integers(4, 10)
         times = t0 + np.sort(rng.uniform(0, rng.uniform(1800, 3600), n))
@@ -233,7 +233,7 @@ def generate_shard(cfg: DataConfig, shard: int) -> pd.DataFrame:
 
 def _inject_invalid(df: pd.DataFrame, rate: float, rng) -> pd.DataFrame:
     """Corrupt a few rows the way real feeds do (they must end up in rejects)."""
-    n = int(round(len(df) * rate))
+    n = round(len(df) * rate)
     if n == 0:
         return df
     idx = rng.choice(len(df), n, replace=False)

@@ -33,7 +33,7 @@ def rules_score(df: pd.DataFrame) -> np.ndarray:
 
 def classification_report(y, score, cfg: EvalConfig) -> dict:
     """AUPRC, ROC AUC, recall at ``max_fpr``, precision at the alert budget and its threshold."""
-    budget = max(1, int(round(len(y) * cfg.alert_budget)))
+    budget = max(1, round(len(y) * cfg.alert_budget))
     precision, threshold = M.precision_at_budget(y, score, budget)
     return {"auprc": M.average_precision(y, score), "roc_auc": M.roc_auc(y, score),
             "recall_at_1pct_fpr": M.recall_at_fpr(y, score, cfg.max_fpr),
@@ -55,7 +55,7 @@ def evaluate(model_dir: str, test: pd.DataFrame, cfg: EvalConfig, out_dir: str,
     prob = booster.predict(feature_matrix(test, meta["features"]))
     model = classification_report(y, prob, cfg)
     rules = classification_report(y, rules_score(test), cfg)
-    report = {"model_version": meta["version"], "test_rows": int(len(y)), "test_fraud": int(y.sum()),
+    report = {"model_version": meta["version"], "test_rows": len(y), "test_fraud": int(y.sum()),
               "model": model, "rules": rules}
     curves = {"model": _pr(y, prob), "rules": _pr(y, rules_score(test))}
     for name, path in (extra_models or {}).items():

@@ -91,7 +91,7 @@ def transaction_features(txn: dict) -> dict:
 class CardState:
     """What the card features know about one card's past (the last 7 days in detail)."""
 
-    __slots__ = ("recent", "count", "amount_sum", "amount_sq", "last_ts", "last_lat", "last_lon", "devices")
+    __slots__ = ("amount_sq", "amount_sum", "count", "devices", "last_lat", "last_lon", "last_ts", "recent")
 
     def __init__(self):
         self.recent: list = []  # [ts, amount, merchant_id, device_id] within 7 days, time order
@@ -104,7 +104,7 @@ class CardState:
                            self.last_lat, self.last_lon, self.devices])
 
     @classmethod
-    def from_json(cls, text: str | bytes | None) -> "CardState":
+    def from_json(cls, text: str | bytes | None) -> CardState:
         state = cls()
         if text:
             (state.recent, state.count, state.amount_sum, state.amount_sq, state.last_ts,
@@ -161,7 +161,7 @@ def update_card(state: CardState, txn: dict) -> None:
 class MerchantState:
     """A merchant's last 24 h of transactions and its labels (pending until they mature)."""
 
-    __slots__ = ("recent", "pending", "matured", "matured_fraud")
+    __slots__ = ("matured", "matured_fraud", "pending", "recent")
 
     def __init__(self):
         self.recent: list = []   # transaction times within 24 h
@@ -172,7 +172,7 @@ class MerchantState:
         return json.dumps([self.recent, self.pending, self.matured, self.matured_fraud])
 
     @classmethod
-    def from_json(cls, text: str | bytes | None) -> "MerchantState":
+    def from_json(cls, text: str | bytes | None) -> MerchantState:
         state = cls()
         if text:
             state.recent, state.pending, state.matured, state.matured_fraud = json.loads(text)

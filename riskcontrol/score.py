@@ -2,7 +2,7 @@
 
 The model is loaded once per actor (:class:`Scorer`); each score carries the
 probability, a risk tier, the top-3 reason codes (LightGBM feature
-contributions) and the model version. Invalid rows go to ``rejects``. Writes
+contributions, for medium and high tiers) and the model version. Invalid rows go to ``rejects``. Writes
 are idempotent: the ``scores`` Parquet folder is replaced as a whole, and MySQL
 rows are upserted on ``transaction_id``.
 """
@@ -54,10 +54,19 @@ class Scorer:
         return self.score_matrix(feature_matrix(feats, self.features))
 
     def score_matrix(self, X: np.ndarray) -> dict:
-        """Probability, tier and reasons for a float matrix in ``self.features`` order."""
+        """Probability, tier and reasons for a float matrix in ``self.features`` order.
+
+        Reason codes (TreeSHAP contributions, the costly part) are computed for
+        the rows at or above the medium tier, the ones an analyst looks at;
+        low-risk rows get empty reasons.
+        """
         prob = self.booster.predict(X)
-        contrib = self.booster.predict(X, pred_contrib=True)[:, :-1]
-        reasons = top_reasons(contrib, self.features)
+        reasons = [["", "", ""] for _ in range(len(prob))]
+        explain = np.flatnonzero(prob >= self.medium)
+        if len(explain):
+            contrib = self.booster.predict(X[explain], pred_contrib=True)[:, :-1]
+            for i, r in zip(explain, top_reasons(contrib, self.features)):
+                reasons[i] = r
         return {"probability": prob, "risk_tier": tiers(prob, self.high, self.medium), "reasons": reasons}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -71,17 +80,21 @@ class Scorer:
         return out
 
 
-def build_scores(transactions, model_dir: str, cfg: ScoreConfig, fcfg: FeatureConfig):
-    """Lazy ``(scores, rejects)`` Datasets; scoring runs on a bounded actor pool."""
+def score_dataset(features, model_dir: str, cfg: ScoreConfig):
+    """Lazy scores of a features Dataset, on a bounded pool of ``Scorer`` actors."""
     import ray
 
-    features, rejects = build_features(transactions, fcfg.num_cpus, fcfg.blocks)
-    scores = features.map_batches(
+    return features.map_batches(
         Scorer, batch_format="pandas", batch_size=cfg.batch_size, num_cpus=cfg.num_cpus,
         fn_constructor_kwargs={"model_dir": model_dir, "high": cfg.high_threshold,
                                "medium": cfg.medium_threshold},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.max_actors))
-    return scores, rejects
+
+
+def build_scores(transactions, model_dir: str, cfg: ScoreConfig, fcfg: FeatureConfig):
+    """Lazy ``(scores, rejects)`` Datasets from transactions (features computed on the way)."""
+    features, rejects = build_features(transactions, fcfg.num_cpus, fcfg.blocks)
+    return score_dataset(features, model_dir, cfg), rejects
 
 
 def _upsert_batch(batch: pa.Table, url: str, table: str) -> pa.Table:
@@ -99,27 +112,32 @@ def input_dataset(cfg: ScoreConfig, default_path: str | None):
     return read_transactions(path)
 
 
-def run_score(transactions, model_dir: str, cfg: ScoreConfig, out_dir: str, fcfg: FeatureConfig) -> dict:
-    """Score, write ``scores`` (+ MySQL upsert when configured) and ``rejects``; outputs and counts."""
-    max_reject_ratio = fcfg.max_reject_ratio
-    scores, rejects = build_scores(transactions.materialize(), model_dir, cfg, fcfg)
-    print(f"scoring with model {model_dir}", file=sys.stderr, flush=True)
+def write_scores(scores, cfg: ScoreConfig, out_dir: str) -> dict:
+    """Execute a scores Dataset into ``scores`` (replaced) and the MySQL table (upsert) if configured."""
     scores = scores.materialize()
     outputs = {"scores": write_dataset(scores, f"{out_dir}/scores")}
     if cfg.output_mysql_url:
-        written = scores.map_batches(_upsert_batch, batch_format="pyarrow", batch_size=2000,
-                                     fn_kwargs={"url": cfg.output_mysql_url, "table": cfg.output_table})
-        sum(written.to_pandas()["written"])
+        scores.map_batches(_upsert_batch, batch_format="pyarrow", batch_size=2000,
+                           fn_kwargs={"url": cfg.output_mysql_url, "table": cfg.output_table}).materialize()
         outputs["scores_mysql"] = cfg.output_table
+    counts = scores.groupby("risk_tier").count().to_pandas()
+    by_tier = dict(zip(counts["risk_tier"], counts["count()"].astype(int)))
+    return {"outputs": outputs, "rows": scores.count(), "tiers": by_tier}
+
+
+def run_score(transactions, model_dir: str, cfg: ScoreConfig, out_dir: str, fcfg: FeatureConfig) -> dict:
+    """Features + scores of transactions; writes ``scores`` and ``rejects``; outputs and counts."""
+    scores, rejects = build_scores(transactions.materialize(), model_dir, cfg, fcfg)
+    print(f"scoring with model {model_dir}", file=sys.stderr, flush=True)
+    res = write_scores(scores, cfg, out_dir)
     bad = rejects.to_pandas() if rejects.count() else pd.DataFrame(columns=["id", "stage", "reason"])
-    outputs["rejects"] = write_table(rejects_table(bad.to_dict("records")), f"{out_dir}/rejects")
-    rows = scores.count()
-    if rows + len(bad) and len(bad) / (rows + len(bad)) > max_reject_ratio:
-        raise RunFailed(f"{len(bad)} of {rows + len(bad)} transactions rejected (> max_reject_ratio "
-                        f"{max_reject_ratio}); see {out_dir}/rejects")
-    tiers_count = scores.groupby("risk_tier").count().to_pandas()
-    by_tier = dict(zip(tiers_count["risk_tier"], tiers_count["count()"].astype(int)))
-    return {"outputs": outputs, "rows": rows, "rejects": len(bad), "tiers": by_tier}
+    res["outputs"]["rejects"] = write_table(rejects_table(bad.to_dict("records")), f"{out_dir}/rejects")
+    res["rejects"] = len(bad)
+    total = res["rows"] + len(bad)
+    if total and len(bad) / total > fcfg.max_reject_ratio:
+        raise RunFailed(f"{len(bad)} of {total} transactions rejected (> features.max_reject_ratio "
+                        f"{fcfg.max_reject_ratio}); see {out_dir}/rejects")
+    return res
 
 
 @click.command()

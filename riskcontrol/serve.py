@@ -9,21 +9,21 @@ Features come from the same state machines as the batch path
 feature store: in-process (default; one replica) or Redis (shared by replicas).
 ``serve run riskcontrol/serve_config.yaml`` deploys it without a driver.
 """
-from __future__ import annotations
 
 import asyncio
 import math
 import time
 from datetime import datetime
-from typing import Literal, Union
+from typing import Literal
 
 import click
+import httpx
 import numpy as np
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from pipelines.cli import exit_with, template_options
+from pipelines.cli import RunFailed, exit_with, template_options
 from pipelines.io import run_dir as make_run_dir
 from pipelines.report import emit, summary
 
@@ -151,7 +151,7 @@ class RiskScorer:
         return {"status": "ok", "model_version": self.scorer.meta["version"]}
 
     @api.post("/labels")
-    def labels(self, body: Union[Label, list[Label]]) -> dict:
+    def labels(self, body: Label | list[Label]) -> dict:
         items = body if isinstance(body, list) else [body]
         for label in items:
             merchant = self.store.load_merchant(label.merchant_id)
@@ -160,7 +160,7 @@ class RiskScorer:
         return {"accepted": len(items)}
 
     @api.post("/score")
-    async def score(self, body: Union[Transaction, list[Transaction]], features: bool = False):
+    async def score(self, body: Transaction | list[Transaction], features: bool = False):
         start = time.perf_counter()
         items = body if isinstance(body, list) else [body]
         # features first, in request order (each call advances the card's state)
@@ -242,10 +242,13 @@ def smoke_test(cfg, model_dir: str, transactions_path: str) -> dict:
     payloads = [transaction_payload(r) for r in frame.to_dict("records")]
     url = deploy(cfg.serve, model_dir)
     try:
-        stats = load_test(f"{url}/score", payloads, rps=50, seconds=len(payloads) / 50)
+        first = httpx.post(f"{url}/score", json=payloads[0], timeout=30)
+        if first.status_code != 200 or "probability" not in first.json():
+            raise RunFailed(f"online smoke test: /score answered {first.status_code}: {first.text[:200]}")
+        stats = load_test(f"{url}/score", payloads[1:], rps=50, seconds=(len(payloads) - 1) / 50)
     finally:
         serve.delete(cfg.serve.app_name)
-    return {"requests": stats["requests"], "error_rate": stats["error_rate"], "p50_ms": stats["p50_ms"],
+    return {"requests": stats["requests"] + 1, "error_rate": stats["error_rate"], "p50_ms": stats["p50_ms"],
             "p99_ms": stats["p99_ms"]}
 
 
@@ -266,8 +269,6 @@ def main(config, overrides, address, run_dir, model_dir, block):
     connect_for(cfg, address)
     out = run_dir or make_run_dir(TEMPLATE)
     url = deploy(cfg.serve, model_dir)
-    import httpx
-
     health = httpx.get(f"{url}/healthz", timeout=10).json()
     emit(summary(TEMPLATE, "serve", out, {"url": url}, {"model_version": meta["version"], **health},
                  app=cfg.serve.app_name))

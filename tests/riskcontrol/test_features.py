@@ -7,8 +7,16 @@ import pytest
 
 from riskcontrol.config import DataConfig
 from riskcontrol.data import generate_shard
-from riskcontrol.features import (FEATURE_COLUMNS, CardState, MerchantState, advance, features_frame,
-                                  invalid_reasons, to_epoch)
+from riskcontrol.features import (
+    FEATURE_COLUMNS,
+    CardState,
+    MerchantState,
+    add_label,
+    advance,
+    features_frame,
+    invalid_reasons,
+    to_epoch,
+)
 
 SMALL = DataConfig(rows=6000, cards=120, merchants=60, days=10, shards=1, invalid_rate=0.002)
 
@@ -51,9 +59,7 @@ def test_adding_future_transactions_never_changes_earlier_features(transactions)
 def test_online_advance_matches_batch(transactions):
     """Replaying transactions one by one through the online state machine gives the batch features."""
     ordered = transactions[invalid_reasons(transactions) == ""].sort_values(["event_time", "transaction_id"])
-    cards, merchants, labels, rows = {}, {}, [], []
-    from riskcontrol.features import add_label
-
+    cards, merchants, rows = {}, {}, []
     for txn in ordered.to_dict("records"):
         txn["ts"] = to_epoch(txn["event_time"])
         card = cards.setdefault(txn["card_id"], CardState())
