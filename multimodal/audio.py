@@ -138,9 +138,9 @@ class AudioDecoder:
     """``map_batches`` stage: audio paths -> features + fixed-size log-mel; failures keep a ``reason``."""
 
     def __init__(self, sample_rate: int, n_mels: int, silence_db: float, max_seconds: float,
-                 embed_seconds: float, endpoint: str | None = None):
+                 embed_seconds: float, endpoint: str | None = None, keep_logmel: bool = True):
         self.rate, self.n_mels, self.silence_db = sample_rate, n_mels, silence_db
-        self.max_seconds, self.endpoint = max_seconds, endpoint
+        self.max_seconds, self.endpoint, self.keep_logmel = max_seconds, endpoint, keep_logmel
         self.embed_frames = embed_frames(embed_seconds)
 
     def __call__(self, batch: dict) -> dict:
@@ -164,6 +164,8 @@ class AudioDecoder:
             for k, v in r.items():
                 out[k][i] = v
         out["decode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1), np.float32)
+        if not self.keep_logmel:  # no embedding stage downstream
+            del out["logmel"]
         return out
 
 

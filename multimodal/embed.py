@@ -160,20 +160,13 @@ class Embedder:
         return batch
 
 
-def drop_input(batch: dict, modality: str) -> dict:
-    """Embedding disabled: drop the model input column (text is kept: it is an output)."""
-    if modality != "text":
-        batch.pop(INPUT_COLUMNS[modality], None)
-    return batch
-
-
 def embed_stage(ds, modality: str, cfg: EmbedConfig, input_shape: tuple, max_tokens: int = 128):
-    """Append the embedding actor-pool stage for ``modality`` to a lazy dataset."""
+    """Append the embedding actor-pool stage for ``modality`` to a lazy dataset (unchanged when
+    embedding is disabled: the decoders then do not emit the model input)."""
     import ray
 
     if not cfg.enabled:
-        return ds.map_batches(drop_input, fn_kwargs={"modality": modality}, batch_format="numpy",
-                              num_cpus=0.25)
+        return ds
     return ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"modality": modality, "cfg": cfg.model_dump(), "input_shape": tuple(input_shape),

@@ -129,11 +129,13 @@ def process_image(data: bytes, size: int, analysis_size: int, decoder: str = "pi
 
 
 class ImageDecoder:
-    """``map_batches`` stage: paths -> pixels + features; failures keep a ``reason``."""
+    """``map_batches`` stage: paths -> pixels (the encoder's input, unless ``keep_pixels`` is
+    off) + features; failures keep a ``reason``."""
 
-    def __init__(self, size: int, analysis_size: int, decoder: str = "pillow", endpoint: str | None = None):
+    def __init__(self, size: int, analysis_size: int, decoder: str = "pillow", endpoint: str | None = None,
+                 keep_pixels: bool = True):
         self.size, self.analysis_size = size, analysis_size
-        self.decoder, self.endpoint = decoder, endpoint
+        self.decoder, self.endpoint, self.keep_pixels = decoder, endpoint, keep_pixels
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
@@ -157,4 +159,6 @@ class ImageDecoder:
             for k, v in r.items():
                 out[k][i] = v
         out["decode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1), np.float32)
+        if not self.keep_pixels:  # no embedding stage downstream
+            del out["pixels"]
         return out

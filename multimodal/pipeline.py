@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.io import _replace_dir as replace_dir
-from pipelines.io import filesystem_for, is_remote, reject, rejects_table, write_dataset, write_table
+from pipelines.io import filesystem_for, is_remote, reject, rejects_table, write_table
 
 from . import dedup
 from .audio import AudioDecoder, embed_frames
@@ -99,29 +99,45 @@ def build_modality(cfg: MultimodalConfig, modality: str, files: pa.Table):
     if modality == "images":
         c = cfg.images
         ds = ray.data.from_arrow(blocks(files, c.batch_size)).map_batches(
-            ImageDecoder(c.size, c.analysis_size, c.decoder, ep), batch_size=c.batch_size,
-            batch_format="numpy", num_cpus=c.num_cpus, memory=c.memory_mb << 20)
+            ImageDecoder(c.size, c.analysis_size, c.decoder, ep, c.embed.enabled), batch_size=c.batch_size,
+            batch_format="numpy", **decode_args(cfg, modality))
         return embed_stage(ds, "images", c.embed, (c.size, c.size, 3))
     if modality == "video":
         c = cfg.video
         ds = ray.data.from_arrow(blocks(files, 1)).map_batches(
             VideoDecoder(c.sample_fps, c.frame_size, c.frames_per_clip, c.max_clip_s, c.shot_threshold,
-                         c.max_seconds, ep),
-            batch_size=1, batch_format="numpy", num_cpus=c.num_cpus, memory=c.memory_mb << 20)
+                         c.max_seconds, ep, c.embed.enabled),
+            batch_size=1, batch_format="numpy", **decode_args(cfg, modality))
         return embed_stage(ds, "video", c.embed, (c.frames_per_clip, c.frame_size, c.frame_size, 3))
     if modality == "audio":
         c = cfg.audio
         ds = ray.data.from_arrow(blocks(files, c.batch_size)).map_batches(
-            AudioDecoder(c.sample_rate, c.n_mels, c.silence_db, c.max_seconds, c.embed_seconds, ep),
-            batch_size=c.batch_size, batch_format="numpy", num_cpus=c.num_cpus, memory=c.memory_mb << 20)
+            AudioDecoder(c.sample_rate, c.n_mels, c.silence_db, c.max_seconds, c.embed_seconds, ep,
+                         c.embed.enabled),
+            batch_size=c.batch_size, batch_format="numpy", **decode_args(cfg, modality))
         return embed_stage(ds, "audio", c.embed, (embed_frames(c.embed_seconds), c.n_mels))
     if modality == "text":
         c = cfg.text
         ds = ray.data.from_arrow(blocks(files, c.batch_size)).map_batches(
             TextReader(c.encodings, c.jsonl_field, c.shingle, c.min_chars, c.max_chars, ep),
-            batch_size=c.batch_size, batch_format="numpy", num_cpus=c.num_cpus, memory=c.memory_mb << 20)
+            batch_size=c.batch_size, batch_format="numpy", **decode_args(cfg, modality))
         return embed_stage(ds, "text", c.embed, (c.max_tokens,), max_tokens=c.max_tokens)
     raise ValueError(f"unknown modality {modality!r}")
+
+
+def decode_args(cfg: MultimodalConfig, modality: str) -> dict:
+    """Ray resources of a modality's decode tasks."""
+    c = getattr(cfg, modality)
+    return {"num_cpus": c.num_cpus, "memory": c.memory_mb << 20}
+
+
+def write_staging(ds, uri: str, remote_args: dict) -> None:
+    """Execute pass 1 into a fresh staging folder. The write tasks ask for the same resources
+    as the decode tasks, so without an embedding stage Ray Data fuses decode and write into
+    one task (no extra object transfer)."""
+    _remove(uri)
+    fs, path = filesystem_for(uri)
+    ds.write_parquet(path, filesystem=fs, ray_remote_args=remote_args)
 
 
 # ------------------------------------------------------------------ pass 2
@@ -249,7 +265,7 @@ def run_modality(cfg: MultimodalConfig, modality: str, files: pa.Table, out_dir:
         return {"files": 0, "rows": 0, "rejects": [], "duplicates": {}, "stages": {}}
     staging = f"{out_dir}/_staging/{modality}"
     t0 = time.perf_counter()
-    write_dataset(build_modality(cfg, modality, files), staging)
+    write_staging(build_modality(cfg, modality, files), staging, decode_args(cfg, modality))
     pass1 = time.perf_counter() - t0
     small = ["path", "reason", "decode_s"] + (["embed_s"] if _embeds(cfg, modality) else [])
     small += {"images": ["sha256", "phash"], "text": ["record", "sha256", "minhash"]}.get(modality, [])

@@ -86,6 +86,7 @@ def list_files(source: str, endpoint: str | None = None) -> pa.Table:
     Dot-files and dot-folders are skipped.
     """
     fs, root = filesystem_for(source, endpoint)
+    root = root.rstrip("/") or "/"
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input not found: {source}")

@@ -100,10 +100,11 @@ class VideoDecoder:
     row with a ``reason``)."""
 
     def __init__(self, sample_fps: float, frame_size: int, frames_per_clip: int, max_clip_s: float,
-                 shot_threshold: float, max_seconds: float, endpoint: str | None = None):
+                 shot_threshold: float, max_seconds: float, endpoint: str | None = None,
+                 keep_frames: bool = True):
         self.kw = {"sample_fps": sample_fps, "frame_size": frame_size, "frames_per_clip": frames_per_clip,
                    "max_clip_s": max_clip_s, "shot_threshold": shot_threshold, "max_seconds": max_seconds}
-        self.endpoint = endpoint
+        self.endpoint, self.keep_frames = endpoint, keep_frames
 
     def _batch(self, row: dict, seconds: float) -> dict:
         s, k = self.kw["frame_size"], self.kw["frames_per_clip"]
@@ -113,6 +114,8 @@ class VideoDecoder:
                "decode_s": np.array([seconds], np.float32)}
         for name, dtype in NUMERIC.items():
             out[name] = np.array([row.get(name, 0)], dtype)
+        if not self.keep_frames:  # no embedding stage downstream
+            del out["frames"]
         return out
 
     def __call__(self, batch: dict):

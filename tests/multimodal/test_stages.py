@@ -247,3 +247,31 @@ def test_hash_tokenizer():
     ids, mask = hash_tokenize(["Hello world", "数据"], 5)
     assert ids.shape == (2, 5) and ids[0, 0] == 1 and mask.sum(1).tolist() == [3, 3]
     assert hash_tokenize(["hello"], 5)[0][0, 1] == ids[0, 1]  # case-insensitive, stable
+
+
+# ------------------------------------------------------------------ sources
+def test_listing_and_manifests(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from multimodal.sources import list_files, read_manifest
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jpg").write_bytes(b"12345")
+    (tmp_path / "a.txt").write_text("hi")
+    (tmp_path / ".hidden.txt").write_text("x")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "c.txt").write_text("x")
+    t = list_files(str(tmp_path) + "/")
+    assert t.column("path").to_pylist() == [str(tmp_path / "a.txt"), str(tmp_path / "sub" / "b.jpg")]
+    assert t.column("size").to_pylist() == [2, 5]
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        list_files(str(tmp_path / "missing"))
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"path\n{tmp_path / 'a.txt'}\n")
+    assert read_manifest(str(csv)).column("size").to_pylist() == [-1]
+    pq.write_table(pa.table({"path": ["x.jpg"], "size": [7]}), tmp_path / "m.parquet")
+    assert read_manifest(str(tmp_path / "m.parquet")).to_pylist() == [{"path": "x.jpg", "size": 7}]
+    pq.write_table(pa.table({"file": ["x.jpg"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="no 'path' column"):
+        read_manifest(str(tmp_path / "bad.parquet"))
