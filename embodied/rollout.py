@@ -14,13 +14,14 @@ import os
 import sys
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import click
 
 from pipelines.cli import RunFailed, exit_with, template_options
 from pipelines.connect import connect
-from pipelines.io import rejects_table, run_dir as make_run_dir, write_table
+from pipelines.io import rejects_table, write_table
+from pipelines.io import run_dir as make_run_dir
 from pipelines.report import emit, summary
 
 from . import config as config_mod
@@ -89,7 +90,7 @@ class Rollout:
         return ray.get(self.server.device.remote()) if self.server is not None else "cpu"
 
     def run(self, episodes, sink: Callable[[dict], None],
-            on_progress: Callable[["Rollout", int], None] | None = None) -> dict:
+            on_progress: Callable[[Rollout, int], None] | None = None) -> dict:
         """Run ``episodes`` (``[(id, seed), ...]``) to the end; ``sink`` gets each ended episode once."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError

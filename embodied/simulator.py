@@ -154,7 +154,7 @@ class PolicyServer:
             return
         try:
             actions = self.policy(np.concatenate([o for o, _ in batch]))
-        except Exception as e:  # every waiting simulator sees the error
+        except Exception as e:  # noqa: BLE001 - every waiting simulator sees the error
             for _, fut in batch:
                 fut.set_exception(e)
             return

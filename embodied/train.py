@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from pipelines.cli import exit_with, template_options
-from pipelines.io import filesystem_for, run_dir as make_run_dir
+from pipelines.io import filesystem_for
+from pipelines.io import run_dir as make_run_dir
 from pipelines.report import emit, summary
 
 from . import config as config_mod
@@ -132,7 +133,7 @@ def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     metrics = {"train_loss": float(result.metrics["loss"]), "train_epochs": int(result.metrics["epoch"]),
-               "train_frames": int(len(obs)), "train_workers": t.num_workers}
+               "train_frames": len(obs), "train_workers": t.num_workers}
     return {"metrics": metrics, "checkpoint": result.checkpoint.path,
             "weights": load_weights(result.checkpoint.path)}
 
