@@ -273,7 +273,8 @@ def write_transactions(cfg: DataConfig, out_dir: str) -> tuple[dict, int]:
     rows = ds.count()
     if cfg.mysql_url:
         def upsert(batch: pa.Table) -> pa.Table:
-            n = upsert_mysql(cfg.mysql_url, cfg.mysql_table, batch.drop_columns(["date"]), ["transaction_id"])
+            n = upsert_mysql(cfg.mysql_url, cfg.mysql_table, nan_to_null(batch.drop_columns(["date"])),
+                             ["transaction_id"])
             return pa.table({"written": [n]})
 
         written = sum(ds.map_batches(upsert, batch_format="pyarrow", batch_size=5000,
@@ -282,6 +283,17 @@ def write_transactions(cfg: DataConfig, out_dir: str) -> tuple[dict, int]:
     path = f"{out_dir}/transactions"
     write_dataset(_ByDate(ds), path)
     return {"transactions": path}, rows
+
+
+def nan_to_null(table: pa.Table) -> pa.Table:
+    """Float NaNs as SQL NULLs (MySQL has no NaN)."""
+    import pyarrow.compute as pc
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_floating(field.type):
+            col = table.column(i)
+            table = table.set_column(i, field, pc.if_else(pc.is_nan(col), pa.scalar(None, field.type), col))
+    return table
 
 
 def _redact(url: str) -> str:
