@@ -76,7 +76,7 @@ def train_loop(config: dict) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.detach().item()
         scheduler.step()
         if epoch % config["checkpoint_every"] and epoch != config["epochs"]:
             continue

@@ -144,3 +144,19 @@ def test_bad_config_is_one_line_naming_the_field():
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"simulator\.envs_per_actor"):
         config_mod.load(None, ["simulator.envs_per_actor=0"])
+
+
+@pytest.mark.gpu
+def test_mlp_policy_runs_on_cuda_and_matches_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from embodied.policies import TorchPolicy, build_mlp, mlp_weights
+
+    facts = env_facts("Reacher-v5")
+    torch.manual_seed(0)
+    weights = mlp_weights(build_mlp(10, 2, [64]), 10, 2, [64], facts["low"], facts["high"])
+    obs = np.random.default_rng(0).normal(size=(32, 10)).astype(np.float32)
+    gpu, cpu = TorchPolicy(weights), TorchPolicy(weights, device="cpu")
+    assert gpu.device == "cuda"
+    np.testing.assert_allclose(gpu(obs), cpu(obs), atol=1e-4)
