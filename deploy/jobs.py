@@ -172,6 +172,8 @@ def prepare(
     tdir = template_dir(template, root)
     if not (tdir / "__main__.py").is_file() and not (tdir / "__init__.py").is_file():
         raise SubmitError(f"no template {template!r} under {root} (looked for {tdir}/__main__.py)")
+    if step and not ((tdir / f"{step}.py").is_file() or (tdir / step / "__init__.py").is_file()):
+        raise SubmitError(f"template {template} has no step {step!r} (no {tdir / step}.py)")
     if config is None:
         config_path = next(
             (p for p in (tdir / "configs" / "cluster.yaml", tdir / "configs" / "local.yaml") if p.is_file()),

@@ -126,6 +126,8 @@ def test_prepare_builds_entrypoint_and_runtime_env(tmp_path):
     outside.write_text("a: 1\n")
     with pytest.raises(jobs.SubmitError, match="outside the working dir"):
         jobs.prepare("job", config=str(outside), spec=spec, root=root)
+    with pytest.raises(jobs.SubmitError, match="template job has no step 'trian'"):
+        jobs.prepare("job", step="trian", spec=spec, root=root)
     with pytest.raises(jobs.SubmitError, match="preflight: stage .* can never be scheduled"):
         jobs.prepare("job", overrides=["stage.num_cpus=9"], spec=spec, root=root)
 
