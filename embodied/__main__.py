@@ -10,9 +10,10 @@ from pipelines.io import run_dir as make_run_dir
 from pipelines.report import emit, summary
 
 from . import config as config_mod
+from .config import TEMPLATE
 from .evaluate import evaluate
 from .policies import policy_spec
-from .rollout import TEMPLATE, collect, connect_cluster
+from .rollout import collect, connect_cluster
 from .train import train
 
 

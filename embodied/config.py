@@ -8,6 +8,7 @@ from pydantic import Field
 
 from pipelines.config import StrictModel, load_config
 
+TEMPLATE = "embodied"
 PACKAGE_DIR = Path(__file__).resolve().parent
 LOCAL_CONFIG = PACKAGE_DIR / "configs" / "local.yaml"
 

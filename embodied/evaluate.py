@@ -16,11 +16,10 @@ from pipelines.io import run_dir as make_run_dir
 from pipelines.report import emit, plot_bars, summary
 
 from . import config as config_mod
-from .config import EmbodiedConfig
+from .config import TEMPLATE, EmbodiedConfig
 from .policies import policy_spec
-from .rollout import Rollout
-
-TEMPLATE = "embodied"
+from .rollout import Rollout, connect_cluster
+from .train import load_weights
 
 
 def rollout_returns(rollout, policy: dict, episodes, mode: str) -> dict:
@@ -76,9 +75,6 @@ def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str) -> dict:
 @click.option("--checkpoint", required=True, help="A BC checkpoint folder (from embodied.train).")
 def main(config, overrides, address, run_dir, checkpoint):
     """Evaluate a cloned policy against the expert and random policies on held-out seeds."""
-    from .rollout import connect_cluster
-    from .train import load_weights
-
     cfg = config_mod.load(config, overrides)
     policy_spec("expert", cfg.env.id)  # the comparison needs an expert: fail before cluster work
     weights = load_weights(checkpoint)

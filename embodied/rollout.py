@@ -25,13 +25,11 @@ from pipelines.io import run_dir as make_run_dir
 from pipelines.report import emit, summary
 
 from . import config as config_mod
-from .config import EmbodiedConfig
+from .config import TEMPLATE, EmbodiedConfig
 from .dataset import LeRobotWriter
 from .envs import env_facts
 from .policies import policy_spec
 from .simulator import PolicyServer, Simulator
-
-TEMPLATE = "embodied"
 
 
 def connect_cluster(cfg: EmbodiedConfig, address: str | None = None) -> None:

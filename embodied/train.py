@@ -27,10 +27,10 @@ from pipelines.io import run_dir as make_run_dir
 from pipelines.report import emit, summary
 
 from . import config as config_mod
-from .config import EmbodiedConfig
+from .config import TEMPLATE, EmbodiedConfig
 from .dataset import read_frames, read_info, vectors
+from .rollout import connect_cluster
 
-TEMPLATE = "embodied"
 WEIGHTS_FILE = "policy.pt"
 
 
@@ -143,8 +143,6 @@ def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
 @click.option("--dataset", default=None, help="LeRobot v3 dataset folder (default: <run-dir>/episodes).")
 def main(config, overrides, address, run_dir, dataset):
     """Behaviour cloning on a collected dataset with Ray Train."""
-    from .rollout import connect_cluster
-
     cfg = config_mod.load(config, overrides)
     if not (dataset or run_dir):
         raise click.UsageError("give --dataset PATH or --run-dir of a collect run")
