@@ -7,14 +7,10 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-
-from riskcontrol.config import RiskConfig
-from riskcontrol.data import generate_shard
-from riskcontrol.features import features_frame, invalid_reasons
-from riskcontrol.train import run_training
+from riskcontrol_helpers import small_model
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = {"rows": 30000, "cards": 400, "merchants": 100, "days": 14, "shards": 1, "seed": 5}
+DATA = {"rows": 30000, "cards": 400, "merchants": 100, "days": 14, "seed": 5}
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -30,14 +26,9 @@ def test_raylet_killed_mid_scoring_exactly_one_score_per_transaction(tmp_path):
     from deploy import local
     from deploy.spec import load_spec
 
-    cfg = RiskConfig(data=DATA)
-    frame = generate_shard(cfg.data, 0)
-    (tmp_path / "transactions").mkdir()
-    frame.drop(columns=["date"]).to_parquet(tmp_path / "transactions" / "part-0.parquet")
-    (tmp_path / "features").mkdir()
-    features_frame(frame).to_parquet(tmp_path / "features" / "part-0.parquet")
-    run_training(cfg, str(tmp_path / "features"), str(tmp_path), num_workers=0)
-    valid_ids = set(frame[invalid_reasons(frame) == ""].transaction_id)
+    frame, feats = small_model(tmp_path, **DATA)
+    valid_ids = set(feats.transaction_id)
+    assert len(valid_ids) < len(frame)  # some rows are invalid and must not get a score
 
     spec = load_spec(str(ROOT / "deploy" / "demo_cluster.yaml"), name=f"rc-kill-{os.getpid()}")
     state = local.up(spec, log=lambda *_: None)

@@ -1,28 +1,21 @@
 """Batch scoring on the shared cluster: rejects, reason codes, idempotent Parquet and MySQL writes."""
 import pyarrow.parquet as pq
 import pytest
+from riskcontrol_helpers import small_model
 
-from riskcontrol.config import FeatureConfig, RiskConfig, ScoreConfig
-from riskcontrol.data import generate_shard, read_transactions
-from riskcontrol.features import FEATURE_COLUMNS, build_features, features_frame
+from riskcontrol.config import FeatureConfig, ScoreConfig
+from riskcontrol.data import read_transactions
+from riskcontrol.features import FEATURE_COLUMNS, build_features
 from riskcontrol.score import run_score
-from riskcontrol.train import run_training
 
-SMALL = {"rows": 8000, "cards": 150, "merchants": 60, "days": 12, "shards": 1, "invalid_rate": 0.002}
+SMALL = {"rows": 8000, "cards": 150, "merchants": 60, "days": 12, "invalid_rate": 0.002}
 
 
 @pytest.fixture(scope="module")
 def small_run(ray_connected, tmp_path_factory):
     """Small transactions (Parquet) and an in-process model trained on their features."""
     out = tmp_path_factory.mktemp("riskcontrol-score")
-    cfg = RiskConfig(data=SMALL)
-    frame = generate_shard(cfg.data, 0)
-    (out / "transactions").mkdir()
-    frame.drop(columns=["date"]).to_parquet(out / "transactions" / "part-0.parquet")
-    feats = features_frame(frame)
-    (out / "features").mkdir()
-    feats.to_parquet(out / "features" / "part-0.parquet")
-    run_training(cfg, str(out / "features"), str(out), num_workers=0)
+    frame, feats = small_model(out, **SMALL)
     return out, frame, feats
 
 
@@ -98,3 +91,29 @@ def test_score_reads_transactions_from_mysql(small_run, mysql_url):
         cur.execute(f"DROP TABLE `{table}`")
     conn.commit()
     conn.close()
+
+
+def test_generator_writes_mysql_idempotently(ray_connected, mysql_url, tmp_path):
+    from pipelines.io import mysql_connect
+    from riskcontrol.config import DataConfig
+    from riskcontrol.data import write_transactions
+
+    table = "riskcontrol_test_generated"
+    cfg = DataConfig(rows=4000, cards=40, merchants=20, days=5, shards=2, invalid_rate=0.01,
+                     mysql_url=mysql_url, mysql_table=table)
+    conn = mysql_connect(mysql_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS `{table}`")
+        conn.commit()
+        for _ in range(2):
+            outputs, rows = write_transactions(cfg, str(tmp_path))
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*), COUNT(DISTINCT transaction_id), SUM(amount IS NULL) FROM `{table}`")
+            total, distinct, null_amounts = cur.fetchone()
+            cur.execute(f"DROP TABLE `{table}`")
+        conn.commit()
+    finally:
+        conn.close()
+    assert total == distinct == rows and outputs["transactions"].endswith(f"#{table}")
+    assert null_amounts > 0  # NaN amounts arrive as NULL (and are rejected when scored)

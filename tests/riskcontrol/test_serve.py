@@ -7,25 +7,19 @@ import numpy as np
 import pandas as pd
 import pytest
 from ray import serve
+from riskcontrol_helpers import small_model
 
-from riskcontrol.config import RiskConfig, ServeConfig
-from riskcontrol.data import generate_shard
+from riskcontrol.config import ServeConfig
 from riskcontrol.features import FEATURE_COLUMNS, features_frame, invalid_reasons
 from riskcontrol.serve import RedisStore, deploy, transaction_payload
-from riskcontrol.train import run_training
 
-SMALL = {"rows": 6000, "cards": 100, "merchants": 50, "days": 10, "shards": 1, "seed": 11}
+SMALL = {"rows": 6000, "cards": 100, "merchants": 50, "days": 10, "seed": 11}
 
 
 @pytest.fixture(scope="module")
 def model(ray_connected, tmp_path_factory):
     out = tmp_path_factory.mktemp("riskcontrol-serve")
-    cfg = RiskConfig(data=SMALL)
-    frame = generate_shard(cfg.data, 0)
-    feats = features_frame(frame)
-    (out / "features").mkdir()
-    feats.to_parquet(out / "features" / "part-0.parquet")
-    run_training(cfg, str(out / "features"), str(out), num_workers=0)
+    frame, feats = small_model(out, **SMALL)
     return str(out / "model"), frame, feats
 
 
