@@ -33,6 +33,12 @@ def emulator():
     emu.stop()
 
 
+def adbray(*args, env=None):
+    """The adbray CLI in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=120)
+
+
 def client(emu, secret="test-key-secret", key="test-key-id", **kw):
     return openapi.GroupClient(
         "amv-unit1",
@@ -47,13 +53,7 @@ def client(emu, secret="test-key-secret", key="test-key-id", **kw):
 def test_plan_request_has_the_service_fields_and_no_token(tmp_path):
     p = tmp_path / "rg.yaml"
     p.write_text(GPU_SPEC)
-    proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "group", "plan", str(p), "--name", "rc2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = adbray("group", "plan", str(p), "--name", "rc2")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     req = out["request"]
@@ -161,25 +161,8 @@ def test_cli_wrong_secret_is_one_line(emulator):
         "ALIBABA_CLOUD_ACCESS_KEY_ID": "test-key-id",
         "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "not-the-secret",
     }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "group",
-            "create",
-            EXAMPLE_SPEC,
-            "--cluster-id",
-            "amv-unit1",
-            "--endpoint",
-            emulator.endpoint,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = adbray("group", "create", EXAMPLE_SPEC, "--cluster-id", "amv-unit1", "--endpoint", emulator.endpoint,
+                  env=env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert (
@@ -191,25 +174,8 @@ def test_cli_wrong_secret_is_one_line(emulator):
 def test_no_credentials_in_the_chain_is_one_line(emulator, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIBABA_CLOUD")}
     env["HOME"] = str(tmp_path)  # no ~/.alibabacloud profile either
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "group",
-            "describe",
-            "x",
-            "--cluster-id",
-            "amv-unit1",
-            "--endpoint",
-            emulator.endpoint,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = adbray("group", "describe", "x", "--cluster-id", "amv-unit1", "--endpoint", emulator.endpoint,
+                  env=env)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: no usable Alibaba Cloud credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID/ALIBABA_CLOUD_ACCESS_KEY_SECRET,"
