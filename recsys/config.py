@@ -1,0 +1,139 @@
+"""Config models of the recsys template (loaded from ``configs/*.yaml`` plus ``--set``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.config import StrictModel, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TEMPLATE = "recsys"
+
+
+class RayConfig(StrictModel):
+    """Used only when no cluster address is given and a local in-process Ray starts."""
+
+    num_cpus: int = Field(4, ge=1)
+    object_store_mb: int = Field(300, ge=75)
+
+
+class DataConfig(StrictModel):
+    """Synthetic users/items/impressions/queries from latent factors."""
+
+    seed: int = 7
+    num_users: int = Field(3000, ge=10)
+    num_items: int = Field(500, ge=20)
+    num_categories: int = Field(12, ge=2)
+    latent_dim: int = Field(8, ge=2)
+    days: int = Field(14, ge=3)
+    ranker_days: int = Field(3, ge=1, description="days before the test slice used to train the ranker")
+    test_days: int = Field(2, ge=1, description="last days: the evaluation time slice")
+    sessions_per_user: float = Field(6.0, gt=0)
+    slate_size: int = Field(10, ge=2)
+    queries_per_user: float = Field(2.0, ge=0)
+    popularity_alpha: float = Field(1.0, ge=0, description="Zipf exponent of item popularity")
+    affinity_weight: float = Field(2.5, ge=0, description="weight of user-item affinity in the click logit")
+    popularity_weight: float = Field(0.6, ge=0, description="weight of log popularity in the click logit")
+    personal_exposure: float = Field(0.8, ge=0, le=1,
+                                     description="share of each slate's candidates drawn from the user's categories")
+    position_bias: float = Field(0.8, ge=0, description="click prob is scaled by 1/(1+position)^this")
+    users_per_block: int = Field(500, ge=1)
+    mysql_url: str | None = Field(None, description="also upsert the data into MySQL tables recsys_*")
+
+    @model_validator(mode="after")
+    def _slices(self):
+        if self.ranker_days + self.test_days >= self.days:
+            raise ValueError(f"ranker_days + test_days must be < days ({self.days})")
+        return self
+
+
+class TrainWorkers(StrictModel):
+    """Ray Train resources: ``num_workers`` x (``num_cpus``, ``num_gpus``)."""
+
+    num_workers: int = Field(2, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class RetrievalConfig(TrainWorkers):
+    embed_dim: int = Field(32, ge=4)
+    hidden: int = Field(64, ge=4)
+    vocab_buckets: int = Field(2000, ge=16, description="hashed title/query token buckets")
+    max_tokens: int = Field(8, ge=1)
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(0.01, gt=0)
+    temperature: float = Field(0.1, gt=0)
+    logq_correction: bool = True
+    anonymous_rate: float = Field(0.3, ge=0, le=1, description="share of search pairs trained without the user")
+    candidates: int = Field(100, ge=1, description="items retrieved per request for the ranker")
+    index: Literal["exact", "ivf"] = "exact"
+    ivf_lists: int = Field(16, ge=1)
+    ivf_probe: int = Field(4, ge=1)
+    embed_batch_size: int = Field(1024, ge=1)
+    max_actors: int = Field(1, ge=1, description="item/user embedding actor pool size")
+
+
+class RankerConfig(TrainWorkers):
+    embed_dim: int = Field(16, ge=2)
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1, description="users per step (each with its candidate list)")
+    lr: float = Field(0.005, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint")
+    fail_after_epoch: int | None = Field(
+        None, description="testing: raise in the train loop after this epoch's checkpoint (first attempt)")
+    storage_path: str | None = Field(None, description="Train checkpoints (default <run_dir>/train); shared")
+
+
+class EvalConfig(StrictModel):
+    k: int = Field(10, ge=1)
+    recall_k: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    max_actors: int = Field(1, ge=1)
+
+
+class BatchConfig(StrictModel):
+    k: int = Field(20, ge=1)
+    output: Literal["parquet", "mysql"] = "parquet"
+    mysql_url: str = "mysql://root@127.0.0.1:3306/test"
+    mysql_table: str = "recsys_recommendations"
+    batch_size: int = Field(256, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    max_actors: int = Field(1, ge=1)
+
+
+class ServeConfig(StrictModel):
+    app_name: str = "recsys"
+    route_prefix: str = "/recsys"
+    feature_store: Literal["inprocess", "redis"] = "inprocess"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_k: int = Field(100, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    ranker_replicas: int = Field(1, ge=1)
+    retriever_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+
+
+class RecsysConfig(StrictModel):
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    ranker: RankerConfig = RankerConfig()
+    eval: EvalConfig = EvalConfig()
+    batch: BatchConfig = BatchConfig()
+    serve: ServeConfig = ServeConfig()
+
+
+def load(path: str | None = None, overrides=()) -> RecsysConfig:
+    """Load the recsys config (default ``configs/local.yaml``) with ``--set`` overrides."""
+    return load_config(RecsysConfig, path, overrides, default_path=CONFIG_DIR / "local.yaml")

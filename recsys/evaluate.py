@@ -1,0 +1,114 @@
+"""Evaluate on the later time slice: NDCG@k, Recall@k and AUC for retrieval, ranker, popularity.
+
+Relevant items of a user are the items they clicked in [t2, end). Popularity ranks
+items by clicks before t2; retrieval ranks by the two-tower score; the ranker
+re-orders the retriever's top ``candidates``. AUC is over the test impressions
+(clicked vs not), scoring each by the ranker, the retrieval score and popularity.
+Per-user metrics are computed by Ray Data actors; JSON + PNG go to the run folder.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+import numpy as np
+import pyarrow as pa
+
+from pipelines.cli import exit_with, template_options
+from pipelines.io import read_table, write_table
+from pipelines.metrics import ndcg_at_k, recall_at_k, roc_auc
+from pipelines.report import emit, plot_bars, summary
+
+from . import config as C
+from .common import connect_for, input_dir, slice_bounds
+from .features import clicked_by_user
+from .ranking import impression_examples, time_slice
+from .score import RankerScorer, Recommender
+
+METHODS = ("popularity", "retrieval", "ranker")
+
+
+class UserEvaluator:
+    """Ray Data stage: (user_id, relevant items) -> per-user NDCG/Recall for each method."""
+
+    def __init__(self, run_dir: str, retrieval_cfg: dict, k: int, recall_k: int, popular: list[int]):
+        self.rec = Recommender(run_dir, C.RetrievalConfig(**retrieval_cfg), features="eval")
+        self.k, self.recall_k, self.popular = k, recall_k, np.asarray(popular)
+
+    def __call__(self, batch: dict) -> dict:
+        users = np.asarray(batch["user_id"], dtype=np.int64)
+        depth = max(self.rec.candidates, self.recall_k, self.k)
+        cand, cs = self.rec.retriever.for_users(users, depth)
+        c = self.rec.candidates
+        ranked, _ = self.rec.rank(users, cand[:, :c], cs[:, :c])
+        out = {"user_id": users}
+        lists = {"popularity": [self.popular] * len(users), "retrieval": cand, "ranker": ranked}
+        for name, rows in lists.items():
+            out[f"ndcg{self.k}_{name}"] = np.array([ndcg_at_k(r, set(rel), self.k)
+                                                    for r, rel in zip(rows, batch["relevant"])])
+            out[f"recall{self.recall_k}_{name}"] = np.array([recall_at_k(r, set(rel), self.recall_k)
+                                                             for r, rel in zip(rows, batch["relevant"])])
+        return out
+
+
+class ImpressionScorer:
+    """Ray Data stage: ranker rows -> label and the three methods' scores for AUC."""
+
+    def __init__(self, run_dir: str):
+        self.ranker = RankerScorer(run_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        dense = np.asarray(batch["dense"], dtype=np.float32)
+        return {"label": np.asarray(batch["label"]), "ranker": self.ranker(np.asarray(batch["sparse"]), dense),
+                "retrieval": dense[:, 0], "popularity": dense[:, 1]}
+
+
+def run(cfg: C.RecsysConfig, out: str) -> dict:
+    """Evaluate the run's models on the test slice; write eval_users, eval_metrics.json and PNGs."""
+    import ray
+
+    e = cfg.eval
+    _, t2, end = slice_bounds(cfg)
+    impressions = read_table(f"{out}/impressions")
+    users = clicked_by_user(impressions, t2, end).rename_columns(["user_id", "relevant"])
+    item_clicks = read_table(f"{out}/features/eval/items").column("clicks").to_numpy()
+    popular = np.argsort(-item_clicks, kind="stable")[:max(e.k, e.recall_k)].tolist()
+    per_user = ray.data.from_arrow(users).map_batches(
+        UserEvaluator, fn_constructor_kwargs={"run_dir": out, "retrieval_cfg": cfg.retrieval.model_dump(),
+                                              "k": e.k, "recall_k": e.recall_k, "popular": popular},
+        batch_size=e.batch_size, num_cpus=e.num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.max_actors)).to_arrow_refs()
+    per_user = pa.concat_tables(ray.get(per_user))
+    scored = impression_examples(time_slice(impressions, t2, end), out, "eval").map_batches(
+        ImpressionScorer, fn_constructor_kwargs={"run_dir": out}, batch_size=4096, num_cpus=e.num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=e.max_actors)).to_pandas()
+    metrics = {"test_users": len(users), "test_impressions": len(scored)}
+    for m in METHODS:
+        metrics[f"ndcg{e.k}_{m}"] = float(np.nanmean(per_user.column(f"ndcg{e.k}_{m}").to_numpy()))
+        metrics[f"recall{e.recall_k}_{m}"] = float(np.nanmean(per_user.column(f"recall{e.recall_k}_{m}").to_numpy()))
+        metrics[f"auc_{m}"] = roc_auc(scored["label"], scored[m])
+    metrics["ranker_vs_popularity"] = metrics[f"ndcg{e.k}_ranker"] / max(metrics[f"ndcg{e.k}_popularity"], 1e-9)
+    outputs = {"eval_users": write_table(per_user, f"{out}/eval_users")}
+    path = f"{out}/eval_metrics.json"
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2)
+    outputs["eval_metrics"] = path
+    for name, key in ((f"ndcg{e.k}", f"ndcg{e.k}_{{}}"), (f"recall{e.recall_k}", f"recall{e.recall_k}_{{}}"),
+                      ("auc", "auc_{}")):
+        outputs[f"plot_{name}"] = plot_bars(f"{out}/eval_{name}.png", {m: metrics[key.format(m)] for m in METHODS},
+                                            ylabel=name, title=f"{name} on the test slice ({len(users)} users)")
+    return summary(C.TEMPLATE, "evaluate", out, outputs, metrics)
+
+
+@click.command()
+@template_options
+def main(config, overrides, address, run_dir):
+    """Evaluate retrieval, ranker and popularity on the later time slice."""
+    cfg = C.load(config, overrides)
+    out = input_dir(run_dir, "models/ranker.pt")
+    connect_for(cfg, address)
+    emit(run(cfg, out))
+
+
+if __name__ == "__main__":
+    exit_with(main)

@@ -1,0 +1,258 @@
+"""Online recommendations and search on Ray Serve (FastAPI ingress).
+
+    GET/POST /recsys/recommend   user_id, k, filters (categories, max_price)
+    GET/POST /recsys/search      query, optional user_id, k, filters
+
+Ingress -> ``RetrieverDeployment`` (index + query tower) -> feature lookup
+(in-process or Redis) -> ``RankerDeployment`` (``@serve.batch``: one forward pass
+for many requests) -> items, scores and the model version. Unknown users, missing
+users and empty queries fall back to popular items; bad input is a 422.
+
+Deploy with ``python -m recsys.serve --run-dir RUN`` or ``serve run recsys/serve_config.yaml``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated
+
+import click
+import numpy as np
+from fastapi import FastAPI, Query
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from pipelines.cli import exit_with, template_options
+from pipelines.io import read_table
+from pipelines.report import emit, summary
+
+from . import config as C
+from .common import connect_for, input_dir
+from .features import FeatureStore, RedisUsers
+from .score import RankerScorer, Retriever
+
+MAX_K = 100
+api = FastAPI(title="recsys")
+
+
+class Filters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    categories: list[int] | None = Field(None, max_length=100)
+    max_price: float | None = Field(None, gt=0)
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: int | None = Field(None, ge=0)
+    k: int = Field(10, ge=1, le=MAX_K)
+    filters: Filters = Filters()
+
+
+class SearchRequest(RecommendRequest):
+    query: str = Field("", max_length=200)
+
+
+@serve.deployment
+class RetrieverDeployment:
+    """Holds the item index, user vectors and query tower; returns candidates."""
+
+    def __init__(self, run_dir: str, retrieval_cfg: dict):
+        self.r = Retriever(run_dir, C.RetrievalConfig(**retrieval_cfg))
+        self.n = C.RetrievalConfig(**retrieval_cfg).candidates
+
+    def known(self, user_id: int | None) -> bool:
+        return user_id is not None and bool(self.r.known([user_id])[0])
+
+    def for_user(self, user_id: int, k: int, filters: dict):
+        ids, scores = self.r.for_users([user_id], max(self.n, k), self.r.allowed(**filters))
+        return _finite(ids[0], scores[0])
+
+    def for_query(self, user_id: int | None, query: str, k: int, filters: dict):
+        ids, scores = self.r.for_queries([user_id], [query], max(self.n, k), self.r.allowed(**filters))
+        return _finite(ids[0], scores[0])
+
+
+def _finite(ids, scores):
+    keep = np.isfinite(scores)
+    return ids[keep], scores[keep]
+
+
+@serve.deployment
+class RankerDeployment:
+    """DeepFM scores; concurrent requests are batched into one forward pass."""
+
+    def __init__(self, run_dir: str, max_batch_size: int, batch_wait_timeout_s: float):
+        self.scorer = RankerScorer(run_dir)
+        self.score.set_max_batch_size(max_batch_size)
+        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def version(self) -> str:
+        return self.scorer.version
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def score(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        sizes = [len(s) for s, _ in requests]
+        out = self.scorer(np.concatenate([s for s, _ in requests]), np.concatenate([d for _, d in requests]))
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP routes: validation, fallbacks, feature lookup, and the response."""
+
+    def __init__(self, retriever, ranker, run_dir: str, serve_cfg: dict, version: str):
+        s = C.ServeConfig(**serve_cfg)
+        self.retriever, self.ranker, self.version = retriever, ranker, version
+        self.features = FeatureStore.from_dir(f"{run_dir}/features/serve", s.feature_store, s.redis_url,
+                                              redis_prefix(version))
+        items = read_table(f"{run_dir}/features/serve/items", columns=["clicks"])
+        meta = read_table(f"{run_dir}/items", columns=["category", "price"])
+        clicks = items.column("clicks").to_numpy()
+        self.popular = np.argsort(-clicks, kind="stable")
+        self.popular_score = clicks[self.popular].astype(float)
+        self.category = meta.column("category").to_numpy()
+        self.price = meta.column("price").to_numpy()
+
+    def _popular(self, k: int, f: Filters, reason: str) -> dict:
+        ok = np.ones(len(self.popular), dtype=bool)
+        if f.categories:
+            ok &= np.isin(self.category[self.popular], f.categories)
+        if f.max_price is not None:
+            ok &= self.price[self.popular] <= f.max_price
+        ids, scores = self.popular[ok][:k], self.popular_score[ok][:k]
+        return self._response(ids, scores, source="popular", fallback=reason)
+
+    def _response(self, ids, scores, source: str, fallback: str | None = None) -> dict:
+        return {"items": [{"item_id": int(i), "score": float(s)} for i, s in zip(ids, scores)],
+                "model_version": self.version, "source": source, "fallback": fallback}
+
+    async def _rank(self, user_id: int | None, ids: np.ndarray, scores: np.ndarray, k: int) -> dict:
+        if len(ids) == 0:
+            return self._response([], [], source="ranker")
+        users = np.full(len(ids), -1 if user_id is None else user_id, dtype=np.int64)
+        sparse, dense = self.features.ranker_inputs(users, ids, scores)
+        ranked = await self.ranker.score.remote((sparse, dense))
+        order = np.argsort(-ranked, kind="stable")[:k]
+        return self._response(ids[order], ranked[order], source="ranker")
+
+    async def recommend(self, req: RecommendRequest) -> dict:
+        if req.user_id is None:
+            return self._popular(req.k, req.filters, "no user_id")
+        if not await self.retriever.known.remote(req.user_id):
+            return self._popular(req.k, req.filters, "unknown user")
+        ids, scores = await self.retriever.for_user.remote(req.user_id, req.k, _filters(req.filters))
+        return await self._rank(req.user_id, ids, scores, req.k)
+
+    async def search(self, req: SearchRequest) -> dict:
+        if not req.query.strip():
+            return self._popular(req.k, req.filters, "empty query")
+        ids, scores = await self.retriever.for_query.remote(req.user_id, req.query, req.k, _filters(req.filters))
+        return await self._rank(req.user_id, ids, scores, req.k)
+
+    @api.get("/recommend")
+    async def recommend_get(self, user_id: Annotated[int | None, Query(ge=0)] = None,
+                            k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+                            category: Annotated[list[int] | None, Query()] = None,
+                            max_price: Annotated[float | None, Query(gt=0)] = None):
+        return await self.recommend(RecommendRequest(user_id=user_id, k=k,
+                                                     filters=Filters(categories=category, max_price=max_price)))
+
+    @api.post("/recommend")
+    async def recommend_post(self, req: RecommendRequest):
+        return await self.recommend(req)
+
+    @api.get("/search")
+    async def search_get(self, query: Annotated[str, Query(max_length=200)] = "",
+                         user_id: Annotated[int | None, Query(ge=0)] = None,
+                         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+                         category: Annotated[list[int] | None, Query()] = None,
+                         max_price: Annotated[float | None, Query(gt=0)] = None):
+        return await self.search(SearchRequest(query=query, user_id=user_id, k=k,
+                                               filters=Filters(categories=category, max_price=max_price)))
+
+    @api.post("/search")
+    async def search_post(self, req: SearchRequest):
+        return await self.search(req)
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"ok": True, "model_version": self.version}
+
+
+def _filters(f: Filters) -> dict:
+    return {"categories": f.categories, "max_price": f.max_price}
+
+
+def redis_prefix(version: str) -> str:
+    return f"recsys:{version}"
+
+
+def model_version(run_dir: str) -> str:
+    from .models import DeepFM, load_model
+    from .ranking import MODEL_FILE
+
+    return load_model(DeepFM, f"{run_dir}/{MODEL_FILE}")[1].get("version", "unknown")
+
+
+def build_app(cfg: C.RecsysConfig, run_dir: str):
+    """The Serve application; with the Redis feature store, user features are published first."""
+    s = cfg.serve
+    version = model_version(run_dir)
+    if s.feature_store == "redis":
+        users = read_table(f"{run_dir}/features/serve/users")
+        RedisUsers(s.redis_url, redis_prefix(version), cfg.data.num_categories).publish(users)
+    opts = {"num_cpus": s.num_cpus}
+    retriever = RetrieverDeployment.options(num_replicas=s.retriever_replicas, ray_actor_options=opts).bind(
+        run_dir, cfg.retrieval.model_dump())
+    ranker = RankerDeployment.options(num_replicas=s.ranker_replicas,
+                                      ray_actor_options={**opts, "num_gpus": s.num_gpus}).bind(
+        run_dir, s.max_batch_size, s.batch_wait_timeout_s)
+    return Ingress.options(num_replicas=s.ingress_replicas, ray_actor_options=opts).bind(
+        retriever, ranker, run_dir, s.model_dump(), version)
+
+
+def app_builder(args: dict):
+    """For ``serve run``/Serve config files: args ``run_dir`` (required), ``config``, ``overrides``."""
+    if not args.get("run_dir"):
+        raise ValueError("recsys serve app needs args.run_dir: a run folder with trained models")
+    cfg = C.load(args.get("config"), args.get("overrides", ()))
+    return build_app(cfg, str(args["run_dir"]))
+
+
+def deploy(cfg: C.RecsysConfig, run_dir: str) -> str:
+    """Start Serve (free port) and deploy the app; returns the base URL of its routes."""
+    from pipelines.serving import start_serve
+
+    base = start_serve()
+    serve.run(build_app(cfg, run_dir), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+    return f"{base}{cfg.serve.route_prefix}"
+
+
+@click.command()
+@template_options
+@click.option("--block/--no-block", default=False, help="Keep serving until Ctrl-C (local use).")
+def main(config, overrides, address, run_dir, block):
+    """Deploy the online recommend/search app and check one request of each kind."""
+    import httpx
+
+    cfg = C.load(config, overrides)
+    out = input_dir(run_dir, "models/ranker.pt")
+    connect_for(cfg, address)
+    url = deploy(cfg, out)
+    t0 = time.perf_counter()
+    rec = httpx.get(f"{url}/recommend", params={"user_id": 0, "k": 5}, timeout=30).json()
+    found = httpx.post(f"{url}/search", json={"query": "classic shoes", "k": 5}, timeout=30).json()
+    metrics = {"first_request_ms": (time.perf_counter() - t0) * 1000, "recommend_items": len(rec["items"]),
+               "search_items": len(found["items"])}
+    print(json.dumps({"recommend": rec, "search": found})[:2000], file=sys.stderr)
+    emit(summary(C.TEMPLATE, "serve", out, {"url": url}, metrics, model_version=rec["model_version"]))
+    if block:
+        print(f"serving at {url} (Ctrl-C to stop)", file=sys.stderr)
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    exit_with(main)
