@@ -5,8 +5,8 @@ Generates ``--images`` JPEG photos (640x480 by default), then times, on the same
   * bare 2-process pool (multiprocessing, same function)
   * Ray: ``multimodal.pipeline.run_modality`` for images (decode tasks, dedup, Parquet write),
     without and with the embedding actor pool (builtin encoder on CPU here)
-Each timing is the best of ``--repeat`` runs after one warm-up (Ray workers started, imports
-done). The Pillow-vs-OpenCV decoder comparison is printed on stderr. JSON last:
+After one warm-up (Ray workers started, imports done) the four measurements run in
+``--repeat`` interleaved rounds and each reports its best round. The Pillow-vs-OpenCV decoder comparison is printed on stderr. JSON last:
 images_per_s, images_per_s_embed, bare_1proc_per_s, bare_2proc_per_s, ratio_vs_2proc.
 
     python benchmarks/multimodal.py [--images 2000] [--address auto]
@@ -90,7 +90,7 @@ def ray_images(cfg, paths: list[str], out: str) -> float:
 @click.option("--images", "n", default=2000, show_default=True)
 @click.option("--width", default=640, show_default=True)
 @click.option("--height", default=480, show_default=True)
-@click.option("--repeat", default=2, show_default=True)
+@click.option("--repeat", default=3, show_default=True)
 @click.option("--address", default=None, help="Ray address (default: a local in-process Ray, 2 CPUs).")
 def main(n, width, height, repeat, address):
     """Run the image-path benchmark and print its JSON line last."""
@@ -102,22 +102,26 @@ def main(n, width, height, repeat, address):
         sample = paths[: min(200, n)]
         rates = {d: [] for d in ("pillow", "opencv")}
         for _ in range(3):  # interleaved, best of 3: robust to other load on the machine
-            for d in rates:
-                rates[d].append(bare_1proc(sample, d))
+            for d, seen in rates.items():
+                seen.append(bare_1proc(sample, d))
         pil, ocv = max(rates["pillow"]), max(rates["opencv"])
         print(f"decoder (1 process, {width}x{height} JPEG -> {SIZE}px + features): "
               f"pillow {pil:.0f} img/s, opencv {ocv:.0f} img/s", file=sys.stderr)
-        one = max(bare_1proc(paths) for _ in range(repeat))
-        two = max(bare_pool(paths, 2) for _ in range(repeat))
         base = [f"images.size={SIZE}", f"images.analysis_size={ANALYSIS}", "images.batch_size=32"]
         cfg = load(None, base + ["images.embed.enabled=false"])
         cfg_embed = load(None, base + ["images.embed.batch_size=64"])
         connect(address, **({} if address else {"num_cpus": 2, "object_store_memory": 300 << 20}))
         out = str(tmp / "run")
-        ray_images(cfg, paths[:64], out)  # warm-up: Ray workers, imports
-        ray_plain = max(ray_images(cfg, paths, out) for _ in range(repeat))
+        ray_images(cfg, paths[:64], out)  # warm-up: Ray workers, imports, encoder actor
         ray_images(cfg_embed, paths[:64], out)
-        ray_embed = max(ray_images(cfg_embed, paths, out) for _ in range(repeat))
+        runs = {"one": [], "two": [], "ray": [], "embed": []}
+        for _ in range(repeat):  # interleaved rounds, best of each: robust to other load
+            runs["one"].append(bare_1proc(paths))
+            runs["two"].append(bare_pool(paths, 2))
+            runs["ray"].append(ray_images(cfg, paths, out))
+            runs["embed"].append(ray_images(cfg_embed, paths, out))
+            print({k: round(v[-1], 1) for k, v in runs.items()}, file=sys.stderr)
+        one, two, ray_plain, ray_embed = (max(runs[k]) for k in ("one", "two", "ray", "embed"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     emit({"images_per_s": round(ray_plain, 1), "images_per_s_embed": round(ray_embed, 1),

@@ -15,6 +15,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from .batches import fill_rows
 from .sources import local_path, read_head
 
 HOP_S, WIN_S = 0.010, 0.025
@@ -154,19 +155,11 @@ class AudioDecoder:
                "peak": np.zeros(n, np.float32), "silence_ratio": np.zeros(n, np.float32),
                "logmel_mean": np.zeros((n, m), np.float32),
                "logmel": np.zeros((n, self.embed_frames, m), np.float32)}
-        for i, path in enumerate(paths):
-            try:
-                r = process_audio(path, str(batch["format"][i]), int(batch["size"][i]), self.rate, m,
-                                  self.silence_db, self.max_seconds, self.embed_frames, self.endpoint)
-            except (AudioError, OSError, ValueError) as e:
-                out["reason"][i] = str(e).splitlines()[0] or type(e).__name__
-                continue
-            for k, v in r.items():
-                out[k][i] = v
-        out["decode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1), np.float32)
-        if not self.keep_logmel:  # no embedding stage downstream
-            del out["logmel"]
-        return out
+        return fill_rows(
+            out, paths,
+            lambda i, path: process_audio(path, str(batch["format"][i]), int(batch["size"][i]), self.rate, m,
+                                          self.silence_db, self.max_seconds, self.embed_frames, self.endpoint),
+            (AudioError, OSError, ValueError), start, drop=None if self.keep_logmel else "logmel")
 
 
 def embed_frames(embed_seconds: float) -> int:

@@ -13,8 +13,8 @@ import zlib
 
 import numpy as np
 
+from .batches import ok_mask
 from .config import EmbedConfig
-from .sources import ok_mask
 
 INPUT_COLUMNS = {"images": "pixels", "video": "frames", "audio": "logmel", "text": "text"}
 TOKEN_RE = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|\w+", re.UNICODE)

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from .batches import fill_rows
 from .sources import read_bytes
 
 cv2.setNumThreads(1)  # Ray runs one task per core; OpenCV's own threads would oversubscribe
@@ -150,15 +151,7 @@ class ImageDecoder:
             "pixels": np.zeros((n, s, s, 3), np.uint8), "reason": np.array([""] * n, dtype=object),
             "format": np.array([str(f) for f in batch["format"]], dtype=object),
         }
-        for i, path in enumerate(paths):
-            try:
-                r = process_image(read_bytes(path, self.endpoint), s, self.analysis_size, self.decoder)
-            except (ImageError, OSError, ValueError, cv2.error) as e:
-                out["reason"][i] = str(e).splitlines()[0] if str(e) else type(e).__name__
-                continue
-            for k, v in r.items():
-                out[k][i] = v
-        out["decode_s"] = np.full(n, (time.perf_counter() - start) / max(n, 1), np.float32)
-        if not self.keep_pixels:  # no embedding stage downstream
-            del out["pixels"]
-        return out
+        return fill_rows(
+            out, paths,
+            lambda i, path: process_image(read_bytes(path, self.endpoint), s, self.analysis_size, self.decoder),
+            (ImageError, OSError, ValueError, cv2.error), start, drop=None if self.keep_pixels else "pixels")

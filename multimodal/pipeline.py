@@ -27,10 +27,11 @@ from pipelines.io import filesystem_for, is_remote, reject, rejects_table, write
 
 from . import dedup
 from .audio import AudioDecoder, embed_frames
+from .batches import ok_mask
 from .config import MODALITIES, MultimodalConfig
 from .embed import embed_stage
 from .images import ImageDecoder
-from .sources import ROUTED_SCHEMA, Router, blocks, list_files, ok_mask, read_manifest
+from .sources import ROUTED_SCHEMA, Router, blocks, list_files, read_manifest
 from .text import TextReader
 from .video import VideoDecoder
 

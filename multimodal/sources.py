@@ -6,7 +6,6 @@ Ray tasks, so a large folder streams through in bounded memory.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -15,7 +14,6 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
@@ -214,11 +212,6 @@ class Router:
 def _size_of(uri: str, endpoint: str | None) -> int:
     fs, path = resolve(uri, endpoint)
     return int(fs.get_file_info(path).size or 0)
-
-
-def ok_mask(reasons) -> np.ndarray:
-    """True where a row's ``reason`` is empty (the row is good)."""
-    return np.array([not r or (isinstance(r, float) and math.isnan(r)) for r in reasons], bool)
 
 
 def blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:

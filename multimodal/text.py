@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from .batches import one_line
 from .dedup import minhash
 from .sources import read_bytes
 
@@ -139,7 +140,7 @@ class TextReader:
             docs = list(iter_documents(path, read_bytes(path, self.endpoint), self.encodings,
                                        self.jsonl_field))
         except (TextError, OSError) as e:
-            yield {"path": path, "record": 0, "reason": str(e)}
+            yield {"path": path, "record": 0, "reason": one_line(e)}
             return
         for record, raw, enc, error in docs:
             if error:
