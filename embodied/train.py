@@ -57,14 +57,14 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(config["seed"] + rank)
     obs_all, act_all = ray.get(config["obs"]), ray.get(config["act"])
     device = ray.train.torch.get_device()
-    obs = torch.as_tensor(obs_all[rank::world], device=device)
-    act = torch.as_tensor(act_all[rank::world], device=device)
+    obs = torch.tensor(obs_all[rank::world], device=device)  # a copy: object-store arrays are read-only
+    act = torch.tensor(act_all[rank::world], device=device)
     model = build_mlp(obs.shape[1], act.shape[1], config["hidden"], obs_all.mean(0), obs_all.std(0))
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
     batch = max(1, config["batch_size"] // world)
-    steps = max(1, len(obs) // batch)
+    steps = max(1, (len(obs_all) // world) // batch)  # the same on every rank: DDP steps in lockstep
     generator = torch.Generator().manual_seed(config["seed"] + rank)
     for epoch in range(1, config["epochs"] + 1):
         order = torch.randperm(len(obs), generator=generator).to(device)
