@@ -28,9 +28,9 @@ def log(msg: str) -> None:
     print(f"[riskcontrol] {msg}", file=sys.stderr, flush=True)
 
 
-def run_all(cfg: RiskConfig, out: str, steps: tuple = ("data", "features", "train", "evaluate", "score",
-                                                       "online")) -> dict:
-    """Every step in order; returns the end-to-end summary."""
+def run_all(cfg: RiskConfig, out: str) -> dict:
+    """Every step in order (online only with ``serve.smoke_requests`` > 0); the end-to-end summary."""
+    steps = ["data", "features", "train", "evaluate", "score"]
     timings, metrics, outputs, rejects = {}, {}, {}, 0
     t0 = time.perf_counter()
     data_cfg = cfg.data.model_copy(update={"mysql_url": None})  # the pipeline reads Parquet
@@ -78,7 +78,8 @@ def run_all(cfg: RiskConfig, out: str, steps: tuple = ("data", "features", "trai
     timings["score_s"] = time.perf_counter() - t
     log(f"score: {scored['rows']} rows scored")
 
-    if "online" in steps and cfg.serve.smoke_requests:
+    if cfg.serve.smoke_requests:
+        steps.append("online")
         from .serve import smoke_test
 
         t = time.perf_counter()
@@ -87,7 +88,7 @@ def run_all(cfg: RiskConfig, out: str, steps: tuple = ("data", "features", "trai
         timings["online_s"] = time.perf_counter() - t
         log(f"online: {online}")
     metrics["timings"] = timings
-    return summary(TEMPLATE, "all", out, outputs, metrics, rejects, steps=list(steps))
+    return summary(TEMPLATE, "all", out, outputs, metrics, rejects, steps=steps)
 
 
 def _remember_threshold(model_dir: str, threshold: float) -> None:

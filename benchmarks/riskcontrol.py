@@ -1,0 +1,292 @@
+"""riskcontrol: Ray vs bare baselines for training, batch scoring and online scoring, in one run.
+
+(a) training on ``--rows`` generated transactions (default 2M): LightGBMTrainer with 2 workers
+    vs in-process LightGBM on the same features (wall time, AUPRC on the later slice);
+(b) batch scoring rows/s: Ray Data actors over the features Parquet vs a bare pyarrow+lightgbm loop;
+(c) online: p50/p99 at a fixed 100 req/s and max req/s, Ray Serve (FastAPI + @serve.batch + in-process
+    feature store) vs a bare FastAPI+uvicorn process serving the same model and features.
+
+Everything Ray runs on a local 2-worker cluster started with ``deploy.local.up`` and Serve's fast
+settings (``FAST_SERVE_ENV``); ``--serve-default`` also measures Serve's default mode (stderr only).
+
+    python benchmarks/riskcontrol.py [--rows 2000000] [--serve-default]
+
+Prints one JSON line last: train_wall_ratio, auprc_ray, auprc_inprocess, batch_rows_per_s, batch_ratio,
+online_p50_ms, online_p99_ms, online_max_rps, online_rps_ratio (+ machine).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipelines.bench import emit, timer
+from riskcontrol.config import FAST_SERVE_ENV, RiskConfig, ServeConfig
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def make_features(cfg: RiskConfig, out: str) -> str:
+    from riskcontrol.data import read_transactions, write_transactions
+    from riskcontrol.features import run_features
+
+    data, rows = write_transactions(cfg.data, out)
+    res = run_features(read_transactions(data["transactions"]), out, cfg.features)
+    log(f"{rows} transactions -> {res['rows']} feature rows")
+    return res["outputs"]["features"]
+
+
+def bench_training(cfg: RiskConfig, features: str, out: str) -> dict:
+    from riskcontrol.evaluate import evaluate, test_slice
+    from riskcontrol.train import run_training
+
+    test = test_slice(features, cfg.train)
+    with timer() as t_ray:
+        run_training(cfg, features, out, num_workers=2, name="model")
+    with timer() as t_local:
+        run_training(cfg, features, out, num_workers=0, name="model_inprocess")
+    report = evaluate(f"{out}/model", test, cfg.eval, out, {"inprocess": f"{out}/model_inprocess"})
+    log(f"train: ray {t_ray():.1f}s, in-process {t_local():.1f}s")
+    return {"train_wall_ratio": t_ray() / t_local(), "auprc_ray": report["model"]["auprc"],
+            "auprc_inprocess": report["inprocess"]["auprc"]}
+
+
+def bare_batch(features: str, model_dir: str, out: str) -> float:
+    """Rows/s of a plain pyarrow + lightgbm loop: read batches, predict + contributions, write Parquet."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from riskcontrol.score import Scorer
+
+    scorer = Scorer(model_dir)
+    rows = 0
+    with timer() as t:
+        writer = None
+        for batch in pads.dataset(features, format="parquet").to_batches(batch_size=4096):
+            frame = batch.to_pandas()
+            table = pa.Table.from_pandas(scorer(frame), preserve_index=False)
+            writer = writer or pq.ParquetWriter(f"{out}/bare_scores.parquet", table.schema)
+            writer.write_table(table)
+            rows += len(frame)
+        writer.close()
+    return rows / t()
+
+
+def ray_batch(features: str, model_dir: str, out: str, cfg: RiskConfig) -> float:
+    """Rows/s of the template's scoring actors over the same Parquet (read -> score -> write)."""
+    import ray
+
+    from pipelines.io import write_dataset
+    from riskcontrol.score import Scorer
+
+    ds = ray.data.read_parquet(features).map_batches(
+        Scorer, batch_format="pandas", batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus,
+        fn_constructor_kwargs={"model_dir": model_dir},
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.score.max_actors, max_size=cfg.score.max_actors))
+    with timer() as t:
+        write_dataset(ds, f"{out}/ray_scores")
+    import pyarrow.dataset as pads
+
+    return pads.dataset(f"{out}/ray_scores", format="parquet").count_rows() / t()
+
+
+def replay_payloads(features: str, n: int) -> list[dict]:
+    import pyarrow.dataset as pads
+
+    from riskcontrol.serve import transaction_payload
+
+    frame = pads.dataset(features, format="parquet").head(n).to_pandas()
+    return [transaction_payload(r) for r in frame.to_dict("records")]
+
+
+def measure_online(url: str, payloads: list, seconds: float) -> dict:
+    from pipelines.serving import load_test, max_rps
+
+    load_test(f"{url}/score", payloads, rps=100, seconds=2)  # warm-up
+    fixed = load_test(f"{url}/score", payloads, rps=100, seconds=seconds)
+    peak = max_rps(f"{url}/score", payloads, seconds=seconds, concurrency=32)
+    return {"p50_ms": fixed["p50_ms"], "p99_ms": fixed["p99_ms"], "errors": fixed["errors"] + peak["errors"],
+            "max_rps": peak["rps"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bare_online(model_dir: str, payloads: list, seconds: float) -> dict:
+    """The same model and feature store behind a bare FastAPI + uvicorn process (1 worker)."""
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port), "--model", model_dir],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/riskcontrol"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        return measure_online(url, payloads, seconds)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def bare_app(model_dir: str):
+    """FastAPI app: same request model, feature store and scorer as the Serve app, no Ray."""
+    import numpy as np
+    from fastapi import FastAPI
+
+    from riskcontrol.features import to_epoch
+    from riskcontrol.score import Scorer
+    from riskcontrol.serve import MemoryStore, Transaction, score_online
+
+    scorer, store, app = Scorer(model_dir), MemoryStore(), FastAPI()
+
+    @app.get("/riskcontrol/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.post("/riskcontrol/score")
+    def score(body: Transaction):
+        start = time.perf_counter()
+        txn = body.model_dump()
+        txn["ts"] = to_epoch(body.event_time)
+        feats = score_online(store, txn)
+        s = scorer.score_matrix(np.array([[feats[n] for n in scorer.features]], dtype=np.float64))
+        return {"transaction_id": body.transaction_id, "probability": float(s["probability"][0]),
+                "risk_tier": str(s["risk_tier"][0]), "reasons": s["reasons"][0],
+                "model_version": scorer.meta["version"], "latency_ms": (time.perf_counter() - start) * 1000}
+
+    return app
+
+
+def serve_online(model_dir: str, payloads: list, seconds: float) -> dict:
+    from ray import serve
+
+    from riskcontrol.serve import deploy
+
+    cfg = ServeConfig()
+    url = deploy(cfg, model_dir)
+    try:
+        return measure_online(url, payloads, seconds)
+    finally:
+        serve.delete(cfg.app_name)
+
+
+def start_cluster(env: dict):
+    from deploy import local
+    from deploy.spec import load_spec
+
+    spec = load_spec(str(ROOT / "deploy" / "demo_cluster.yaml"), name=f"rc-bench-{os.getpid()}")
+    return local.up(spec, log=lambda *_: None, env=env)
+
+
+def attach(state) -> None:
+    import ray
+
+    from pipelines.connect import use_token
+
+    use_token(token_path=state.token_path)
+    ray.init(address=state.gcs_address, log_to_driver=False)
+
+
+def online_in_subprocess(mode: str, model_dir: str, features: str, seconds: float) -> dict:
+    """Serve measured on a fresh local cluster of its own (Serve's mode is fixed per cluster)."""
+    import json
+
+    proc = subprocess.run([sys.executable, __file__, "--serve-mode", mode, "--model", model_dir,
+                           "--features", features, "--online-seconds", str(seconds)],
+                          check=False, cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"online ({mode}) failed with exit code {proc.returncode} (see stderr above)")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def serve_mode_main(mode: str, model_dir: str, features: str, seconds: float) -> None:
+    """Child process: start a cluster with (fast) or without (default) the fast Serve env and measure."""
+    import json
+
+    from deploy import local
+
+    state = start_cluster(FAST_SERVE_ENV if mode == "fast" else {})
+    try:
+        attach(state)
+        result = serve_online(model_dir, replay_payloads(features, 5000), seconds)
+    finally:
+        local.down(state.name, log=lambda *_: None)
+    print(json.dumps(result), flush=True)
+
+
+@click.command()
+@click.option("--rows", default=2_000_000, help="Generated transactions for the training benchmark.")
+@click.option("--online-seconds", default=10.0, help="Seconds per online measurement.")
+@click.option("--serve-default", is_flag=True, help="Also measure Serve's default mode (stderr).")
+@click.option("--bare-server", type=int, default=None, hidden=True)
+@click.option("--serve-mode", type=click.Choice(["fast", "default"]), default=None, hidden=True)
+@click.option("--model", "model_dir", default=None, hidden=True)
+@click.option("--features", "features_path", default=None, hidden=True)
+def main(rows, online_seconds, serve_default, bare_server, serve_mode, model_dir, features_path):
+    """Benchmark riskcontrol against bare baselines."""
+    if bare_server:
+        import uvicorn
+
+        uvicorn.run(bare_app(model_dir), host="127.0.0.1", port=bare_server, log_level="warning")
+        return
+    if serve_mode:
+        serve_mode_main(serve_mode, model_dir, features_path, online_seconds)
+        return
+    import ray
+
+    from deploy import local
+
+    cfg = RiskConfig(data={"rows": rows, "cards": max(4000, rows // 50), "merchants": max(600, rows // 300),
+                           "days": 30, "shards": 8},
+                     features={"blocks": 8}, train={"num_workers": 2, "num_cpus": 1},
+                     score={"max_actors": 2, "batch_size": 4096})
+    out = tempfile.mkdtemp(prefix="rc-bench-")
+    result = {}
+    state = start_cluster({})
+    try:
+        attach(state)
+        with timer() as t:
+            features = make_features(cfg, out)
+        log(f"data + features: {t():.0f}s")
+        result.update(bench_training(cfg, features, out))
+        bare_rps = bare_batch(features, f"{out}/model", out)
+        ray_rps = ray_batch(features, f"{out}/model", out, cfg)
+        log(f"batch: ray {ray_rps:.0f} rows/s, bare {bare_rps:.0f} rows/s")
+        result.update(batch_rows_per_s=ray_rps, batch_ratio=ray_rps / bare_rps)
+        ray.shutdown()
+    finally:
+        local.down(state.name, log=lambda *_: None)
+    model = f"{out}/model"
+    fast = online_in_subprocess("fast", model, features, online_seconds)
+    log(f"online (fast serve): {fast}")
+    bare = bare_online(model, replay_payloads(features, 5000), online_seconds)
+    log(f"online (bare uvicorn): {bare}")
+    if serve_default:
+        log(f"online (default serve): {online_in_subprocess('default', model, features, online_seconds)}")
+    result.update(online_p50_ms=fast["p50_ms"], online_p99_ms=fast["p99_ms"], online_max_rps=fast["max_rps"],
+                  online_rps_ratio=fast["max_rps"] / bare["max_rps"])
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
