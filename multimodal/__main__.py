@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from ray.exceptions import RayError
 
 from pipelines.cli import RunFailed, run_main, template_options
 from pipelines.connect import connect
@@ -54,7 +55,11 @@ def command(config, overrides, address, run_dir, input_path, manifest):
     local = not (address or os.environ.get("RAY_ADDRESS"))
     init = {"num_cpus": cfg.num_cpus, "object_store_memory": cfg.object_store_mb << 20} if local else {}
     connect(address, **init)
-    result = run(cfg, out, None if cfg.source.manifest else source)
+    try:
+        result = run(cfg, out, None if cfg.source.manifest else source)
+    except RayError as e:  # a stage failed on the cluster: its own error is the last line
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise RunFailed(f"pipeline failed: {lines[-1].strip() if lines else type(e).__name__}") from None
     emit(summary("multimodal", "all", out, steps=STEPS, **result))
     files, bad = result["metrics"]["files"], result["metrics"]["rejected_files"]
     if files and bad / files > cfg.max_reject_ratio:

@@ -133,12 +133,11 @@ def decode_args(cfg: MultimodalConfig, modality: str) -> dict:
 
 
 def write_staging(ds, uri: str, remote_args: dict) -> None:
-    """Execute pass 1 into a fresh staging folder. The write tasks ask for the same resources
-    as the decode tasks, so without an embedding stage Ray Data fuses decode and write into
-    one task (no extra object transfer)."""
+    """Execute pass 1 into a fresh staging folder. Given the decode tasks' resources as
+    ``remote_args`` (no embedding stage), Ray Data fuses decode and write into one task."""
     _remove(uri)
     fs, path = filesystem_for(uri)
-    ds.write_parquet(path, filesystem=fs, ray_remote_args=remote_args)
+    ds.write_parquet(path, filesystem=fs, ray_remote_args=remote_args or None)
 
 
 # ------------------------------------------------------------------ pass 2
@@ -266,7 +265,8 @@ def run_modality(cfg: MultimodalConfig, modality: str, files: pa.Table, out_dir:
         return {"files": 0, "rows": 0, "rejects": [], "duplicates": {}, "stages": {}}
     staging = f"{out_dir}/_staging/{modality}"
     t0 = time.perf_counter()
-    write_staging(build_modality(cfg, modality, files), staging, decode_args(cfg, modality))
+    fuse_write = not _embeds(cfg, modality)  # decode -> write: one task when no actor stage between
+    write_staging(build_modality(cfg, modality, files), staging, decode_args(cfg, modality) if fuse_write else {})
     pass1 = time.perf_counter() - t0
     small = ["path", "reason", "decode_s"] + (["embed_s"] if _embeds(cfg, modality) else [])
     small += {"images": ["sha256", "phash"], "text": ["record", "sha256", "minhash"]}.get(modality, [])

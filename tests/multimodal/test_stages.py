@@ -275,3 +275,35 @@ def test_listing_and_manifests(tmp_path):
     pq.write_table(pa.table({"file": ["x.jpg"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="no 'path' column"):
         read_manifest(str(tmp_path / "bad.parquet"))
+
+
+def test_encoder_from_a_local_path_and_dim_check(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    cfg = EmbedConfig(model=str(tmp_path / "vit"), dim=32).model_dump()
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    out = Embedder("images", cfg, (32, 32, 3))({"pixels": pixels, "reason": np.array(["", ""], dtype=object)})
+    assert out["embedding"].shape == (2, 32) and np.isfinite(out["embedding"]).all()
+    with pytest.raises(ValueError, match="images.embed.dim is 64 .* set images.embed.dim=32"):
+        Embedder("images", {**cfg, "dim": 64}, (32, 32, 3))
+
+
+def test_long_video_streams_one_batch_per_clip(tmp_path):
+    from multimodal.video import VideoDecoder
+
+    p = tmp_path / "long.mp4"
+    w = cv2.VideoWriter(str(p), cv2.VideoWriter_fourcc(*"mp4v"), 10, (32, 32))
+    for i in range(100):  # 10 s, one shot
+        w.write(np.full((32, 32, 3), 90 + i % 5, np.uint8))
+    w.release()
+    stage = VideoDecoder(sample_fps=2, frame_size=16, frames_per_clip=2, max_clip_s=2.0, shot_threshold=0.5,
+                         max_seconds=60)
+    batches = list(stage({"path": np.array([str(p), str(tmp_path / "missing.mp4")], dtype=object)}))
+    assert len(batches) == 6 and all(len(b["path"]) == 1 for b in batches)  # 5 clips + 1 reject row
+    assert [int(b["clip"][0]) for b in batches[:5]] == [0, 1, 2, 3, 4]
+    assert batches[0]["frames"].shape == (1, 2, 16, 16, 3) and batches[4]["end_s"][0] == pytest.approx(10.0)
+    assert batches[5]["reason"][0] and all(b["reason"][0] == "" for b in batches[:5])
