@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import time
 
-import click
-
-from pipelines.cli import exit_with, template_options
-from pipelines.report import emit, summary
+from pipelines.cli import exit_with
+from pipelines.report import summary
 
 from . import batch, data, evaluate, ranking, retrieval
 from . import config as C
-from .common import connect_for, output_dir
+from .common import step_command
 
 STEPS = (("data", data.run), ("retrieval", retrieval.run), ("ranking", ranking.run),
          ("evaluate", evaluate.run), ("batch", batch.run))
@@ -32,13 +30,7 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
                    steps=[name for name, _ in STEPS], **extra)
 
 
-@click.command()
-@template_options
-def main(config, overrides, address, run_dir):
-    """Run the recsys template end to end (default configs/local.yaml)."""
-    cfg = C.load(config, overrides)
-    connect_for(cfg, address)
-    emit(run(cfg, output_dir(run_dir)))
+main = step_command(run, None, "Run the recsys template end to end (default configs/local.yaml).")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import time
 
-import click
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with, template_options
+from pipelines.cli import exit_with
 from pipelines.io import mysql_connect, upsert_mysql, write_dataset
-from pipelines.report import emit, summary
+from pipelines.report import summary
 
 from . import config as C
-from .common import connect_for, input_dir
+from .common import step_command
 from .score import Recommender
 
 KEY = ("user_id", "rank")
@@ -93,14 +92,9 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
     return summary(C.TEMPLATE, "batch", out, {"recommendations": target}, metrics)
 
 
-@click.command()
-@template_options
-def main(config, overrides, address, run_dir):
-    """Top-k recommendations for every user (needs a run folder with trained models)."""
-    cfg = C.load(config, overrides)
-    out = input_dir(run_dir, "models/ranker.pt")
-    connect_for(cfg, address)
-    emit(run(cfg, out))
+main = step_command(
+    run, "models/ranker.pt",
+    "Top-k recommendations for every user (needs a run folder with trained models).")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import click
+
+from pipelines.cli import template_options
 from pipelines.connect import connect
 from pipelines.io import run_dir as new_run_dir
+from pipelines.report import emit
 
+from . import config as C
 from .config import TEMPLATE, RecsysConfig
 
 DAY_S = 86_400
@@ -46,3 +51,18 @@ def slice_bounds(cfg: RecsysConfig) -> tuple[int, int, int]:
     t2 = (d.days - d.test_days) * DAY_S
     t1 = t2 - d.ranker_days * DAY_S
     return t1, t2, d.days * DAY_S
+
+
+def step_command(run, needs: str | None, help_text: str) -> click.Command:
+    """The click ``main`` of a step: load config, find the run folder (one holding ``needs``;
+    a new one when ``needs`` is None), connect, ``run(cfg, out)``, print the summary last."""
+
+    @click.command(help=help_text)
+    @template_options
+    def main(config, overrides, address, run_dir):
+        cfg = C.load(config, overrides)
+        out = output_dir(run_dir) if needs is None else input_dir(run_dir, needs)
+        connect_for(cfg, address)
+        emit(run(cfg, out))
+
+    return main

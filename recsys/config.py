@@ -114,7 +114,8 @@ class ServeConfig(StrictModel):
     route_prefix: str = "/recsys"
     feature_store: Literal["inprocess", "redis"] = "inprocess"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    max_k: int = Field(100, ge=1)
+    search_relevance_weight: float = Field(
+        3.0, ge=0, description="/search score = ranker score + this x query relevance logit")
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     num_cpus: float = Field(0.5, ge=0)

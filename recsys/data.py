@@ -8,16 +8,15 @@ Impressions and queries are generated per block of users with Ray Data.
 """
 from __future__ import annotations
 
-import click
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with, template_options
+from pipelines.cli import exit_with
 from pipelines.io import upsert_mysql, write_dataset, write_table
-from pipelines.report import emit, summary
+from pipelines.report import summary
 
 from . import config as C
-from .common import DAY_S, connect_for, output_dir
+from .common import DAY_S, step_command
 
 CATEGORY_WORDS = ["shoes", "shirt", "phone", "laptop", "book", "toy", "kitchen", "garden", "beauty",
                   "sports", "music", "game", "camera", "watch", "bag", "sofa", "lamp", "bike", "coffee",
@@ -104,17 +103,29 @@ def _pool(rng, w: dict, users: np.ndarray, size: int, d: C.DataConfig) -> tuple[
     return cand, np.where(dup, -np.inf, aff)
 
 
-class ImpressionGenerator:
-    """Ray Data stage: a batch of user ids -> their sessions' impressions (with clicks)."""
+class WorldStage:
+    """Base of the Ray Data generator stages: the latent world, built once per actor."""
+
+    stream = 0
 
     def __init__(self, data_cfg: dict):
         self.d = C.DataConfig(**data_cfg)
         self.w = make_world(self.d)
 
+    def users_and_rng(self, batch: dict) -> tuple[np.ndarray, np.random.Generator]:
+        """The batch's user ids and a generator seeded by (seed, stage, first user): reproducible."""
+        users = np.asarray(batch["id"], dtype=np.int64)
+        return users, np.random.default_rng([self.d.seed, self.stream, int(users.min())])
+
+
+class ImpressionGenerator(WorldStage):
+    """Ray Data stage: a batch of user ids -> their sessions' impressions (with clicks)."""
+
+    stream = 1
+
     def __call__(self, batch: dict) -> dict:
         d, w = self.d, self.w
-        users = np.asarray(batch["id"], dtype=np.int64)
-        rng = np.random.default_rng([d.seed, 1, int(users.min())])
+        users, rng = self.users_and_rng(batch)
         n_sess = rng.poisson(d.sessions_per_user * w["activity"][users])
         sess_user = np.repeat(users, n_sess)
         s = d.slate_size
@@ -145,17 +156,14 @@ def _session_index(n_sess: np.ndarray) -> np.ndarray:
     return np.arange(int(n_sess.sum())) - starts
 
 
-class QueryGenerator:
+class QueryGenerator(WorldStage):
     """Ray Data stage: a batch of user ids -> search queries and the item each led to."""
 
-    def __init__(self, data_cfg: dict):
-        self.d = C.DataConfig(**data_cfg)
-        self.w = make_world(self.d)
+    stream = 2
 
     def __call__(self, batch: dict) -> dict:
         d, w = self.d, self.w
-        users = np.asarray(batch["id"], dtype=np.int64)
-        rng = np.random.default_rng([d.seed, 2, int(users.min())])
+        users, rng = self.users_and_rng(batch)
         n_q = rng.poisson(d.queries_per_user * w["activity"][users])
         q_user = np.repeat(users, n_q)
         cand, aff = _pool(rng, w, q_user, 3 * d.slate_size, d)
@@ -172,23 +180,13 @@ class QueryGenerator:
                 "query": np.array(texts, dtype=object), "item_id": target.astype(np.int64)}
 
 
-def build_impressions(d: C.DataConfig):
-    """Lazy Ray Dataset of impressions for every user."""
+def build_per_user(stage, d: C.DataConfig):
+    """Lazy Ray Dataset: ``stage`` (a WorldStage) applied to blocks of user ids on a small actor pool."""
     import ray
 
     blocks = max(1, -(-d.num_users // d.users_per_block))
     return ray.data.range(d.num_users, override_num_blocks=blocks).map_batches(
-        ImpressionGenerator, fn_constructor_kwargs={"data_cfg": d.model_dump()},
-        batch_size=d.users_per_block, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
-
-
-def build_queries(d: C.DataConfig):
-    """Lazy Ray Dataset of search queries for every user."""
-    import ray
-
-    blocks = max(1, -(-d.num_users // d.users_per_block))
-    return ray.data.range(d.num_users, override_num_blocks=blocks).map_batches(
-        QueryGenerator, fn_constructor_kwargs={"data_cfg": d.model_dump()},
+        stage, fn_constructor_kwargs={"data_cfg": d.model_dump()},
         batch_size=d.users_per_block, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
 
 
@@ -201,10 +199,10 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
     w = make_world(d)
     outputs = {"users": write_table(users_table(d, w), f"{out}/users"),
                "items": write_table(items_table(d, w), f"{out}/items")}
-    impressions = build_impressions(d).materialize()
+    impressions = build_per_user(ImpressionGenerator, d).materialize()
     outputs["impressions"] = write_dataset(impressions, f"{out}/impressions")
     outputs["clicks"] = write_dataset(impressions.filter(expr=col("clicked") == True), f"{out}/clicks")
-    outputs["queries"] = write_dataset(build_queries(d), f"{out}/queries")
+    outputs["queries"] = write_dataset(build_per_user(QueryGenerator, d), f"{out}/queries")
     n_imp = impressions.count()
     n_clicks = ray.data.read_parquet(f"{out}/clicks").count()
     n_queries = ray.data.read_parquet(f"{out}/queries").count()
@@ -219,13 +217,7 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
                     "queries": n_queries, "ctr": n_clicks / max(n_imp, 1)})
 
 
-@click.command()
-@template_options
-def main(config, overrides, address, run_dir):
-    """Generate the synthetic recsys data into a run folder."""
-    cfg = C.load(config, overrides)
-    connect_for(cfg, address)
-    emit(run(cfg, output_dir(run_dir)))
+main = step_command(run, None, "Generate the synthetic recsys data into a run folder.")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 
-import click
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with, template_options
+from pipelines.cli import exit_with
 from pipelines.io import read_table, write_table
 from pipelines.metrics import ndcg_at_k, recall_at_k, roc_auc
-from pipelines.report import emit, plot_bars, summary
+from pipelines.report import plot_bars, summary
 
 from . import config as C
-from .common import connect_for, input_dir, slice_bounds
+from .common import slice_bounds, step_command
 from .features import clicked_by_user
 from .ranking import impression_examples, time_slice
 from .score import RankerScorer, Recommender
@@ -100,14 +99,9 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
     return summary(C.TEMPLATE, "evaluate", out, outputs, metrics)
 
 
-@click.command()
-@template_options
-def main(config, overrides, address, run_dir):
-    """Evaluate retrieval, ranker and popularity on the later time slice."""
-    cfg = C.load(config, overrides)
-    out = input_dir(run_dir, "models/ranker.pt")
-    connect_for(cfg, address)
-    emit(run(cfg, out))
+main = step_command(
+    run, "models/ranker.pt",
+    "Evaluate retrieval, ranker and popularity on the later time slice.")
 
 
 if __name__ == "__main__":

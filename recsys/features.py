@@ -171,6 +171,11 @@ class RedisUsers:
         return known, out[:, 0], out[:, 1:], items
 
 
+def redis_prefix(model_version: str) -> str:
+    """Redis key prefix of the user features published for one model version."""
+    return f"recsys:{model_version}"
+
+
 def clicked_before(user_ids: np.ndarray, item_ids: np.ndarray, clicked: list[np.ndarray]) -> np.ndarray:
     """1.0 where the pair's user clicked the item before the snapshot (``clicked`` aligned with pairs)."""
     out = np.zeros(len(item_ids), dtype=np.float32)

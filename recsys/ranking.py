@@ -13,17 +13,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with, template_options
+from pipelines.cli import exit_with
 from pipelines.io import read_table, rejects_table, write_table
 from pipelines.metrics import ndcg_at_k, roc_auc
-from pipelines.report import emit, summary
+from pipelines.report import summary
 
 from . import config as C
-from .common import connect_for, input_dir, slice_bounds
+from .common import slice_bounds, step_command
 from .features import (
     PRICE_BUCKETS,
     CandidateExamples,
@@ -205,14 +204,9 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
     return summary(C.TEMPLATE, "ranking", out, outputs, metrics, rejects=n_rejects, model_version=version)
 
 
-@click.command()
-@template_options
-def main(config, overrides, address, run_dir):
-    """Train the DeepFM ranker (needs a run folder with data and retriever embeddings)."""
-    cfg = C.load(config, overrides)
-    out = input_dir(run_dir, "user_embeddings")
-    connect_for(cfg, address)
-    emit(run(cfg, out))
+main = step_command(
+    run, "user_embeddings",
+    "Train the DeepFM ranker (needs a run folder with data and retriever embeddings).")
 
 
 if __name__ == "__main__":

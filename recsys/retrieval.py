@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import time
 
-import click
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with, template_options
+from pipelines.cli import exit_with
 from pipelines.io import read_table, write_dataset
-from pipelines.report import emit, summary
+from pipelines.report import summary
 
 from . import config as C
-from .common import connect_for, input_dir, slice_bounds
+from .common import slice_bounds, step_command
 from .models import TwoTower, in_batch_softmax_loss, load_model, save_model, tokenize
 from .training import (
     batches_per_epoch,
@@ -209,14 +208,9 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
     return summary(C.TEMPLATE, "retrieval", out, outputs, metrics)
 
 
-@click.command()
-@template_options
-def main(config, overrides, address, run_dir):
-    """Train the two-tower retriever and embed items/users (needs a run folder with data)."""
-    cfg = C.load(config, overrides)
-    out = input_dir(run_dir, "clicks")
-    connect_for(cfg, address)
-    emit(run(cfg, out))
+main = step_command(
+    run, "clicks",
+    "Train the two-tower retriever and embed items/users (needs a run folder with data).")
 
 
 if __name__ == "__main__":

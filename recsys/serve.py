@@ -5,12 +5,12 @@
 
 Ingress -> ``RetrieverDeployment`` (index + query tower) -> feature lookup
 (in-process or Redis) -> ``RankerDeployment`` (``@serve.batch``: one forward pass
-for many requests) -> items, scores and the model version. Unknown users, missing
+for many requests) -> items, scores and the model version. Search scores add the query
+relevance (retrieval logit) to the ranker's personal score, so matches stay on top. Unknown users, missing
 users and empty queries fall back to popular items; bad input is a 422.
 
 Deploy with ``python -m recsys.serve --run-dir RUN`` or ``serve run recsys/serve_config.yaml``.
 """
-from __future__ import annotations
 
 import json
 import sys
@@ -29,7 +29,7 @@ from pipelines.report import emit, summary
 
 from . import config as C
 from .common import connect_for, input_dir
-from .features import FeatureStore, RedisUsers
+from .features import FeatureStore, RedisUsers, redis_prefix
 from .score import RankerScorer, Retriever
 
 MAX_K = 100
@@ -40,6 +40,9 @@ class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     categories: list[int] | None = Field(None, max_length=100)
     max_price: float | None = Field(None, gt=0)
+
+    def as_kwargs(self) -> dict:
+        return {"categories": self.categories, "max_price": self.max_price}
 
 
 class RecommendRequest(BaseModel):
@@ -61,21 +64,22 @@ class RetrieverDeployment:
         self.r = Retriever(run_dir, C.RetrievalConfig(**retrieval_cfg))
         self.n = C.RetrievalConfig(**retrieval_cfg).candidates
 
-    def known(self, user_id: int | None) -> bool:
-        return user_id is not None and bool(self.r.known([user_id])[0])
-
     def for_user(self, user_id: int, k: int, filters: dict):
+        """(ids, scores) of the user's candidates, or None for an unknown user."""
+        if not self.r.known([user_id])[0]:
+            return None
         ids, scores = self.r.for_users([user_id], max(self.n, k), self.r.allowed(**filters))
-        return _finite(ids[0], scores[0])
+        return self.finite(ids[0], scores[0])
 
     def for_query(self, user_id: int | None, query: str, k: int, filters: dict):
         ids, scores = self.r.for_queries([user_id], [query], max(self.n, k), self.r.allowed(**filters))
-        return _finite(ids[0], scores[0])
+        return self.finite(ids[0], scores[0])
 
-
-def _finite(ids, scores):
-    keep = np.isfinite(scores)
-    return ids[keep], scores[keep]
+    @staticmethod
+    def finite(ids, scores):
+        """Drop slots a filter left empty (score -inf)."""
+        keep = np.isfinite(scores)
+        return ids[keep], scores[keep]
 
 
 @serve.deployment
@@ -102,8 +106,10 @@ class RankerDeployment:
 class Ingress:
     """HTTP routes: validation, fallbacks, feature lookup, and the response."""
 
-    def __init__(self, retriever, ranker, run_dir: str, serve_cfg: dict, version: str):
+    def __init__(self, retriever, ranker, run_dir: str, serve_cfg: dict, version: str, temperature: float):
         s = C.ServeConfig(**serve_cfg)
+        # query relevance on the retriever's logit scale, times serve.search_relevance_weight
+        self.relevance_weight = s.search_relevance_weight / temperature
         self.retriever, self.ranker, self.version = retriever, ranker, version
         self.features = FeatureStore.from_dir(f"{run_dir}/features/serve", s.feature_store, s.redis_url,
                                               redis_prefix(version))
@@ -128,28 +134,30 @@ class Ingress:
         return {"items": [{"item_id": int(i), "score": float(s)} for i, s in zip(ids, scores)],
                 "model_version": self.version, "source": source, "fallback": fallback}
 
-    async def _rank(self, user_id: int | None, ids: np.ndarray, scores: np.ndarray, k: int) -> dict:
+    async def _rank(self, user_id: int | None, ids: np.ndarray, scores: np.ndarray, k: int,
+                    relevance_weight: float = 0.0) -> dict:
+        """Ranker scores for the candidates; search adds ``relevance_weight`` x query relevance."""
         if len(ids) == 0:
             return self._response([], [], source="ranker")
         users = np.full(len(ids), -1 if user_id is None else user_id, dtype=np.int64)
         sparse, dense = self.features.ranker_inputs(users, ids, scores)
-        ranked = await self.ranker.score.remote((sparse, dense))
+        ranked = await self.ranker.score.remote((sparse, dense)) + relevance_weight * scores
         order = np.argsort(-ranked, kind="stable")[:k]
         return self._response(ids[order], ranked[order], source="ranker")
 
     async def recommend(self, req: RecommendRequest) -> dict:
         if req.user_id is None:
             return self._popular(req.k, req.filters, "no user_id")
-        if not await self.retriever.known.remote(req.user_id):
+        found = await self.retriever.for_user.remote(req.user_id, req.k, req.filters.as_kwargs())
+        if found is None:
             return self._popular(req.k, req.filters, "unknown user")
-        ids, scores = await self.retriever.for_user.remote(req.user_id, req.k, _filters(req.filters))
-        return await self._rank(req.user_id, ids, scores, req.k)
+        return await self._rank(req.user_id, *found, req.k)
 
     async def search(self, req: SearchRequest) -> dict:
         if not req.query.strip():
             return self._popular(req.k, req.filters, "empty query")
-        ids, scores = await self.retriever.for_query.remote(req.user_id, req.query, req.k, _filters(req.filters))
-        return await self._rank(req.user_id, ids, scores, req.k)
+        ids, scores = await self.retriever.for_query.remote(req.user_id, req.query, req.k, req.filters.as_kwargs())
+        return await self._rank(req.user_id, ids, scores, req.k, relevance_weight=self.relevance_weight)
 
     @api.get("/recommend")
     async def recommend_get(self, user_id: Annotated[int | None, Query(ge=0)] = None,
@@ -181,14 +189,6 @@ class Ingress:
         return {"ok": True, "model_version": self.version}
 
 
-def _filters(f: Filters) -> dict:
-    return {"categories": f.categories, "max_price": f.max_price}
-
-
-def redis_prefix(version: str) -> str:
-    return f"recsys:{version}"
-
-
 def model_version(run_dir: str) -> str:
     from .models import DeepFM, load_model
     from .ranking import MODEL_FILE
@@ -210,7 +210,7 @@ def build_app(cfg: C.RecsysConfig, run_dir: str):
                                       ray_actor_options={**opts, "num_gpus": s.num_gpus}).bind(
         run_dir, s.max_batch_size, s.batch_wait_timeout_s)
     return Ingress.options(num_replicas=s.ingress_replicas, ray_actor_options=opts).bind(
-        retriever, ranker, run_dir, s.model_dump(), version)
+        retriever, ranker, run_dir, s.model_dump(), version, cfg.retrieval.temperature)
 
 
 def app_builder(args: dict):

@@ -46,9 +46,12 @@ def test_filters_and_search(app_url):
                                                                                 "max_price": 80}}).json()
     assert r["items"] and all(items.category[i["item_id"]] == 2 and items.price[i["item_id"]] <= 80
                               for i in r["items"])
-    title = items.title.iloc[17]
-    found = httpx.get(f"{url}/search", params={"query": title, "k": 10}).json()
-    assert found["source"] == "ranker" and 17 in [i["item_id"] for i in found["items"]]
+    found = 0
+    for item in range(0, 200, 20):
+        r = httpx.get(f"{url}/search", params={"query": items.title[item], "k": 10}).json()
+        assert r["source"] == "ranker" and len(r["items"]) == 10
+        found += item in [i["item_id"] for i in r["items"]]
+    assert found >= 5, found  # a product's own title finds it (ranker-only ordering finds ~2 in 10)
 
 
 def test_fallbacks_to_popular(app_url):
