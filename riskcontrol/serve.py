@@ -212,7 +212,24 @@ def deploy(cfg: ServeConfig, model_dir: str) -> str:
 
     base = start_serve()
     serve.run(application(cfg, model_dir), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    return f"{base}{cfg.route_prefix}"
+    url = f"{base}{cfg.route_prefix}"
+    wait_until_routed(url)
+    return url
+
+
+def wait_until_routed(url: str, timeout: float = 60.0) -> None:
+    """Block until the HTTP proxy routes ``url`` (an app is "ready" before every proxy knows its route)."""
+    deadline, last = time.time() + timeout, "no answer"
+    while time.time() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            last = type(e).__name__
+        time.sleep(0.2)
+    raise RunFailed(f"{url}/healthz did not answer 200 within {timeout:.0f}s ({last})")
 
 
 def transaction_payload(row: dict) -> dict:
