@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 from pipelines.bench import emit
+from pipelines.report import write_summary
 
 
 def bare_train_samples_per_s(cfg, run_dir: str, epochs: int = 2) -> float:
@@ -101,6 +102,7 @@ def main(run_dir, seconds):
     else:
         out = output_dir(None)
         summary = pipeline.run(cfg, out)
+        write_summary(summary)  # so --run-dir can reuse this run
     m = summary["metrics"]
     bare = bare_train_samples_per_s(cfg, out)
     net = online(cfg, out, seconds)
