@@ -6,7 +6,7 @@ then:
   (per-epoch time inside the loop, as reported with the checkpoint) vs the same model, data,
   batch size and epoch code in one bare process;
 - online: ``GET /recsys/recommend`` (100 candidates ranked) at a fixed 50 req/s, and max req/s
-  with 32 closed-loop clients, Serve in Ray 2.60's throughput-optimized mode;
+  with 8 closed-loop clients, Serve in Ray 2.60's throughput-optimized mode;
 - batch: users/s of the batch top-k step.
 Prints one JSON line last.
 """
@@ -74,7 +74,7 @@ def online(cfg, run_dir: str, seconds: float) -> dict:
     try:
         max_rps(url, payload, seconds=2, concurrency=8)  # warm up replicas and connections
         fixed = load_test(url, payload, rps=50, seconds=seconds)
-        peak = max_rps(url, payload, seconds=seconds / 2, concurrency=32)
+        peak = max_rps(url, payload, seconds=seconds / 2, concurrency=8)
     finally:
         serve.delete(cfg.serve.app_name)
     return {"p50": fixed["p50_ms"], "p99": fixed["p99_ms"], "errors": fixed["errors"] + peak["errors"],
