@@ -11,6 +11,21 @@ from riskcontrol.score import run_score
 SMALL = {"rows": 8000, "cards": 150, "merchants": 60, "days": 12, "invalid_rate": 0.002}
 
 
+def sql(url: str, statement: str):
+    """Run one statement and commit; the first row of its result (or None)."""
+    from pipelines.io import mysql_connect
+
+    conn = mysql_connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+            row = cur.fetchone()
+        conn.commit()
+        return row
+    finally:
+        conn.close()
+
+
 @pytest.fixture(scope="module")
 def small_run(ray_connected, tmp_path_factory):
     """Small transactions (Parquet) and an in-process model trained on their features."""
@@ -33,12 +48,7 @@ def test_ray_features_equal_plain_features(small_run):
 def test_score_twice_one_row_per_id_with_reasons(small_run, mysql_url):
     out, frame, feats = small_run
     table = "riskcontrol_test_scores"
-    from pipelines.io import mysql_connect
-
-    conn = mysql_connect(mysql_url)
-    with conn.cursor() as cur:
-        cur.execute(f"DROP TABLE IF EXISTS `{table}`")
-    conn.commit()
+    sql(mysql_url, f"DROP TABLE IF EXISTS `{table}`")
     cfg = ScoreConfig(batch_size=1000, max_actors=2, output_mysql_url=mysql_url, output_table=table)
     for _ in range(2):
         res = run_score(read_transactions(str(out / "transactions")), str(out / "model"), cfg, str(out / "run"),
@@ -56,12 +66,8 @@ def test_score_twice_one_row_per_id_with_reasons(small_run, mysql_url):
     assert merged[merged.is_fraud == 1].probability.mean() > 5 * merged[merged.is_fraud == 0].probability.mean()
     rejects = pq.read_table(out / "run" / "rejects").to_pandas()
     assert len(rejects) == res["rejects"] and rejects.reason.str.len().gt(0).all()
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT COUNT(*), COUNT(DISTINCT transaction_id) FROM `{table}`")
-        total, distinct = cur.fetchone()
-        cur.execute(f"DROP TABLE `{table}`")
-    conn.commit()
-    conn.close()
+    total, distinct = sql(mysql_url, f"SELECT COUNT(*), COUNT(DISTINCT transaction_id) FROM `{table}`")
+    sql(mysql_url, f"DROP TABLE `{table}`")
     assert total == distinct == len(feats)
 
 
@@ -69,15 +75,11 @@ def test_score_reads_transactions_from_mysql(small_run, mysql_url):
     out, frame, _ = small_run
     import pyarrow as pa
 
-    from pipelines.io import mysql_connect, upsert_mysql
+    from pipelines.io import upsert_mysql
     from riskcontrol.score import input_dataset
 
     table = "riskcontrol_test_transactions"
-    conn = mysql_connect(mysql_url)
-    with conn.cursor() as cur:
-        cur.execute(f"DROP TABLE IF EXISTS `{table}`")
-    conn.commit()
-    conn.close()
+    sql(mysql_url, f"DROP TABLE IF EXISTS `{table}`")
     subset = frame.drop(columns=["date"]).head(3000)
     upsert_mysql(mysql_url, table, pa.Table.from_pandas(subset, preserve_index=False), ["transaction_id"])
     cfg = ScoreConfig(input_mysql_url=mysql_url, input_table=table, batch_size=1000)
@@ -86,34 +88,21 @@ def test_score_reads_transactions_from_mysql(small_run, mysql_url):
     assert res["rows"] + res["rejects"] == 3000 and res["rejects"] > 0
     ids = pq.read_table(out / "run_mysql" / "scores", columns=["transaction_id"]).column(0).to_pylist()
     assert len(ids) == len(set(ids)) == res["rows"]
-    conn = mysql_connect(mysql_url)
-    with conn.cursor() as cur:
-        cur.execute(f"DROP TABLE `{table}`")
-    conn.commit()
-    conn.close()
+    sql(mysql_url, f"DROP TABLE `{table}`")
 
 
 def test_generator_writes_mysql_idempotently(ray_connected, mysql_url, tmp_path):
-    from pipelines.io import mysql_connect
     from riskcontrol.config import DataConfig
     from riskcontrol.data import write_transactions
 
     table = "riskcontrol_test_generated"
     cfg = DataConfig(rows=4000, cards=40, merchants=20, days=5, shards=2, invalid_rate=0.01,
                      mysql_url=mysql_url, mysql_table=table)
-    conn = mysql_connect(mysql_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP TABLE IF EXISTS `{table}`")
-        conn.commit()
-        for _ in range(2):
-            outputs, rows = write_transactions(cfg, str(tmp_path))
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT COUNT(*), COUNT(DISTINCT transaction_id), SUM(amount IS NULL) FROM `{table}`")
-            total, distinct, null_amounts = cur.fetchone()
-            cur.execute(f"DROP TABLE `{table}`")
-        conn.commit()
-    finally:
-        conn.close()
+    sql(mysql_url, f"DROP TABLE IF EXISTS `{table}`")
+    for _ in range(2):
+        outputs, rows = write_transactions(cfg, str(tmp_path))
+    total, distinct, null_amounts = sql(
+        mysql_url, f"SELECT COUNT(*), COUNT(DISTINCT transaction_id), SUM(amount IS NULL) FROM `{table}`")
+    sql(mysql_url, f"DROP TABLE `{table}`")
     assert total == distinct == rows and outputs["transactions"].endswith(f"#{table}")
     assert null_amounts > 0  # NaN amounts arrive as NULL (and are rejected when scored)
