@@ -310,13 +310,6 @@ def read_transactions(path: str):
     return ray.data.read_parquet(path)
 
 
-def fraud_summary(ds) -> dict:
-    """Row and fraud counts of a transactions Dataset."""
-    stats = ds.select_columns(["is_fraud"]).to_pandas()
-    return {"transactions": len(stats), "fraud": int(stats.is_fraud.sum()),
-            "fraud_rate": float(stats.is_fraud.mean()) if len(stats) else 0.0}
-
-
 def connect_for(cfg: RiskConfig, address: str | None) -> None:
     """Attach to the cluster (or start a small local Ray when no address is given anywhere)."""
     import os
