@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.io import _replace_dir as replace_dir
+from pipelines.io import replace_dir
 from pipelines.io import filesystem_for, is_remote, reject, rejects_table, write_table
 
 from . import dedup

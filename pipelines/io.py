@@ -76,7 +76,7 @@ def filesystem_for(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSyst
 def write_table(table: pa.Table, uri: str, name: str = "part-0.parquet") -> str:
     """Write one Arrow table as a Parquet folder, replacing what was there."""
     fs, path = filesystem_for(uri)
-    _replace_dir(fs, path, lambda tmp: pq.write_table(table, f"{tmp}/{name}", filesystem=fs))
+    replace_dir(fs, path, lambda tmp: pq.write_table(table, f"{tmp}/{name}", filesystem=fs))
     return uri
 
 
@@ -87,11 +87,16 @@ def write_dataset(ds, uri: str) -> str:
     write leaves the previous output intact.
     """
     fs, path = filesystem_for(uri)
-    _replace_dir(fs, path, lambda tmp: ds.write_parquet(tmp, filesystem=fs))
+    replace_dir(fs, path, lambda tmp: ds.write_parquet(tmp, filesystem=fs))
     return uri
 
 
-def _replace_dir(fs: pafs.FileSystem, path: str, write) -> None:
+def replace_dir(fs: pafs.FileSystem, path: str, write) -> None:
+    """Call ``write(folder)`` and make that folder's content the new ``path``.
+
+    Locally the write goes to a sibling temp folder that is swapped in only on
+    success; on object stores the prefix is cleared first.
+    """
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         Path(tmp).mkdir(parents=True)

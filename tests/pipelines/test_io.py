@@ -21,7 +21,7 @@ def test_failed_write_keeps_previous_output(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        io._replace_dir(io.filesystem_for(out)[0], out, boom)
+        io.replace_dir(io.filesystem_for(out)[0], out, boom)
     assert io.read_table(out).num_rows == 1
     assert [p.name for p in tmp_path.iterdir()] == ["t"]
 
