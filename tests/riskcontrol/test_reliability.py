@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-from riskcontrol_helpers import small_model
+from .riskcontrol_helpers import small_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = {"rows": 30000, "cards": 400, "merchants": 100, "days": 14, "seed": 5}

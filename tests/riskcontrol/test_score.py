@@ -1,7 +1,7 @@
 """Batch scoring on the shared cluster: rejects, reason codes, idempotent Parquet and MySQL writes."""
 import pyarrow.parquet as pq
 import pytest
-from riskcontrol_helpers import small_model
+from .riskcontrol_helpers import small_model
 
 from riskcontrol.config import FeatureConfig, ScoreConfig
 from riskcontrol.data import read_transactions

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from ray import serve
-from riskcontrol_helpers import small_model
+from .riskcontrol_helpers import small_model
 
 from riskcontrol.config import ServeConfig
 from riskcontrol.features import FEATURE_COLUMNS, features_frame, invalid_reasons
