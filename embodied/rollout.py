@@ -10,7 +10,6 @@ dataset never sees a partial episode and every episode id arrives exactly once.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import deque
@@ -34,11 +33,7 @@ from .simulator import PolicyServer, Simulator
 
 def connect_cluster(cfg: EmbodiedConfig, address: str | None = None) -> None:
     """Attach to the given/ambient cluster, or start a small local Ray sized from config."""
-    if address or os.environ.get("RAY_ADDRESS"):
-        connect(address)
-    else:
-        connect(None, num_cpus=cfg.local_ray.cpus,
-                object_store_memory=cfg.local_ray.object_store_mb * 1024 * 1024)
+    connect(address, num_cpus=cfg.local_ray.cpus, object_store_memory=cfg.local_ray.object_store_mb * 1024 * 1024)
 
 
 class Rollout:

@@ -6,7 +6,6 @@ groups duplicates across the dataset, writes ``images``, ``video``, ``audio``, `
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -52,9 +51,7 @@ def command(config, overrides, address, run_dir, input_path, manifest):
         source = local_sample_dir(out)
         generate(source, cfg.sample)
         print(f"generated a mixed-media sample in {source}", file=sys.stderr)
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    init = {"num_cpus": cfg.num_cpus, "object_store_memory": cfg.object_store_mb << 20} if local else {}
-    connect(address, **init)
+    connect(address, num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_mb << 20)
     try:
         result = run(cfg, out, None if cfg.source.manifest else source)
     except RayError as e:  # a stage failed on the cluster: its own error is the last line

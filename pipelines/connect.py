@@ -13,6 +13,8 @@ import sys
 from urllib.parse import urlparse
 
 DASHBOARD_PORT = 8265
+# ray.init arguments that size a Ray started in-process; dropped when attaching to a cluster
+LOCAL_ONLY = ("num_cpus", "num_gpus", "object_store_memory", "resources")
 CLIENT_PORT = 10001
 
 
@@ -100,7 +102,8 @@ def connect(address: str | None = None, token: str | None = None, quiet: bool = 
 
     ``address=None`` uses ``RAY_ADDRESS`` or, inside a Ray job, the job's cluster;
     with neither it starts an in-process local Ray (the laptop case), which is
-    said on stderr. ``token`` (or ``RAY_AUTH_TOKEN``) is passed for token auth.
+    said on stderr, sized by ``num_cpus``/``object_store_memory``/... in
+    ``init_kwargs`` (ignored when attaching to a cluster). ``token`` (or ``RAY_AUTH_TOKEN``) is passed for token auth.
     """
     import ray
 
@@ -114,6 +117,9 @@ def connect(address: str | None = None, token: str | None = None, quiet: bool = 
         if os.environ.get("RAY_AUTH_MODE", "token").lower() != "disabled" and not token_available():
             raise MissingToken(f"no Ray auth token for {address}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
         check_reachable(address)
+    if address is not None:  # attaching: sizing only applies to a Ray we start ourselves
+        for key in LOCAL_ONLY:
+            init_kwargs.pop(key, None)
     init_kwargs.setdefault("log_to_driver", True)
     init_kwargs.setdefault("configure_logging", False)
     if address is None:

@@ -9,8 +9,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 from urllib.parse import urlparse
 
 import pyarrow as pa

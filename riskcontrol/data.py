@@ -316,13 +316,10 @@ def connect_for(cfg: RiskConfig, address: str | None) -> None:
 
     from pipelines.connect import connect
 
-    if address or os.environ.get("RAY_ADDRESS"):
-        connect(address)
-    else:
-        if cfg.serve.fast_serve:  # our own Ray: its Serve processes inherit these
-            for key, value in FAST_SERVE_ENV.items():
-                os.environ.setdefault(key, value)
-        connect(None, num_cpus=cfg.local_cpus, object_store_memory=cfg.object_store_mb * 1024 * 1024)
+    if cfg.serve.fast_serve and not (address or os.environ.get("RAY_ADDRESS")):
+        for key, value in FAST_SERVE_ENV.items():  # our own Ray: its Serve processes inherit these
+            os.environ.setdefault(key, value)
+    connect(address, num_cpus=cfg.local_cpus, object_store_memory=cfg.object_store_mb * 1024 * 1024)
 
 
 @click.command()
