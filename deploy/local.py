@@ -138,6 +138,9 @@ def _ray_bin() -> str:
 def _start_env(state: ClusterState, ha: bool) -> dict:
     env = dict(os.environ)
     env.update(state.extra_env)
+    # job entrypoints say `python ...`: make that this environment's Python even when
+    # the venv is not activated (e.g. `.venv/bin/adbray cluster up`, `make test`)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state.token_path)
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)

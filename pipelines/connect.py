@@ -107,16 +107,16 @@ def connect(address: str | None = None, token: str | None = None, quiet: bool = 
     """
     import ray
 
-    if ray.is_initialized():
-        return None
     if token:
         use_token(token)
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "auto":
+    if address and address != "auto":  # checked even when attached: a bad address is always an error
         address = to_client_address(address)
         if os.environ.get("RAY_AUTH_MODE", "token").lower() != "disabled" and not token_available():
             raise MissingToken(f"no Ray auth token for {address}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
         check_reachable(address)
+    if ray.is_initialized():
+        return None
     if address is not None:  # attaching: sizing only applies to a Ray we start ourselves
         for key in LOCAL_ONLY:
             init_kwargs.pop(key, None)

@@ -10,11 +10,10 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-
-from ray.job_submission import JobSubmissionClient
 
 from deploy import local
 from deploy.jobs import TERMINAL
@@ -22,6 +21,13 @@ from deploy.spec import ResourceGroupSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "deploy/examples/squares/configs/local.yaml"
+
+
+def job_get(state, job_id, suffix=""):
+    req = urllib.request.Request(f"{state.dashboard_url}/api/jobs/{job_id}{suffix}",
+                                 headers={"Authorization": f"Bearer {state.token()}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 def workers(state):
@@ -76,15 +82,15 @@ def test_flood_scales_the_group_to_max_with_a_warning_then_back_to_min(monkeypat
             peak = max(peak, len(workers(state)))
             time.sleep(1)
         assert peak == 3, f"the flood should drive the group to max (3), saw {peak}"
-        client = JobSubmissionClient(
-            state.dashboard_url, headers={"Authorization": f"Bearer {state.token()}"}
-        )
+        # plain HTTP with this cluster's token: this process may already hold another
+        # cluster's token (the session driver), which Ray's client would mix in
         job_id = flood.stdout.strip().splitlines()[-1]
         deadline = time.time() + 120
-        while time.time() < deadline and str(client.get_job_status(job_id)) not in TERMINAL:
+        while time.time() < deadline and job_get(state, job_id)["status"] not in TERMINAL:
             time.sleep(1)
-        assert str(client.get_job_status(job_id)) == "SUCCEEDED", client.get_job_logs(job_id)[-2000:]
-        summary = json.loads(client.get_job_logs(job_id).strip().splitlines()[-1])
+        logs = job_get(state, job_id, "/logs")["logs"]
+        assert job_get(state, job_id)["status"] == "SUCCEEDED", logs[-2000:]
+        summary = json.loads(logs.strip().splitlines()[-1])
         assert summary["metrics"]["flood_nodes"] >= 2  # the flood ran on the added workers
         deadline = time.time() + 120
         while time.time() < deadline and len(workers(state)) > 1:
