@@ -12,13 +12,27 @@ def test_address_conversion():
 
 
 def test_unreachable_address_raises_and_never_starts_local_ray():
-    import ray
+    """In a fresh process (this one may already be a driver): one clear error, no Ray started."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    with pytest.raises(ClusterUnreachable, match="unreachable"):
-        connect("http://127.0.0.1:1")
-    with pytest.raises(ClusterUnreachable):
-        connect("ray://127.0.0.1:1")
-    assert not ray.is_initialized()
+    code = (
+        "import ray\n"
+        "from pipelines.connect import ClusterUnreachable, connect\n"
+        "for address in ('http://127.0.0.1:1', 'ray://127.0.0.1:1'):\n"
+        "    try:\n"
+        "        connect(address)\n"
+        "    except ClusterUnreachable as e:\n"
+        "        print('raised', e)\n"
+        "print('initialized', ray.is_initialized())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120,
+                          env={"RAY_AUTH_TOKEN": "x" * 32, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert proc.stdout.count("raised Ray cluster at") == 2 and "unreachable" in proc.stdout
+    assert "initialized False" in proc.stdout
 
 
 def test_check_reachable_bad_host():
