@@ -126,8 +126,11 @@ def last_json_line(text: str) -> dict | None:
 def _rows(summary: dict) -> int:
     m = summary.get("metrics", {})
     for key in ("rows", "transactions", "files", "episodes", "users"):
-        if key in m:
-            return int(m[key])
+        value = m.get(key)
+        if isinstance(value, dict):  # per-modality counts, e.g. multimodal's rows
+            return int(sum(v for v in value.values() if isinstance(v, (int, float))))
+        if isinstance(value, (int, float)):
+            return int(value)
     return 0
 
 
