@@ -43,6 +43,7 @@ HEAD_OBJECT_STORE = 200 * MB
 REDIS_ADDRESS = os.environ.get("ADBRAY_REDIS_ADDRESS", "127.0.0.1:6379")
 LOCAL_AUTOSCALE_MAX = int(os.environ.get("ADBRAY_LOCAL_AUTOSCALE_MAX", "3"))
 AUTOSCALE_IDLE_S = float(os.environ.get("ADBRAY_LOCAL_IDLE_S", "10"))
+SERVE_PORT_LABEL = "serve-port"  # node label: the port this node's Serve proxy binds (local clusters)
 
 
 class LocalClusterError(RuntimeError):
@@ -183,16 +184,33 @@ def start_head(state: ClusterState) -> None:
 
 def start_worker(state: ClusterState, node: NodePlan, index: int = 0) -> None:
     """Start one worker raylet; it gets its own temp dir (``<temp_dir>/w<index>``) so that raylets on
-    this host never share a runtime-env folder (see ``deploy.fake_provider``)."""
+    this host never share a runtime-env folder (see ``deploy.fake_provider``), and its own Serve
+    proxy port (see :func:`worker_proxy_port`)."""
+    serve_port = free_port()
     cmd = [
         _ray_bin(), "start", f"--address={state.gcs_address}", "--node-ip-address=127.0.0.1",
         f"--num-cpus={node.num_cpus}", f"--num-gpus={node.num_gpus}", f"--memory={node.memory}",
-        f"--object-store-memory={node.object_store_memory}", f"--labels={node.labels}",
+        f"--object-store-memory={node.object_store_memory}",
+        f"--labels={node.labels},{SERVE_PORT_LABEL}={serve_port}",
         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}", f"--temp-dir={state.temp_dir}/w{index}",
         "--disable-usage-stats",
     ]
-    _run(cmd, _start_env(state, False), f"starting worker of group {node.group}")
+    env = {**_start_env(state, False), **worker_proxy_env(serve_port)}
+    _run(cmd, env, f"starting worker of group {node.group}")
+
+
+def worker_proxy_env(port: int) -> dict:
+    """Environment of a worker raylet whose Serve HTTP proxy binds ``port``.
+
+    On one host every raylet's proxy would otherwise bind the same port through
+    SO_REUSEPORT, so the kernel spreads connections over proxies at random and a
+    client cannot tell which proxy (node) answered. A port per worker (Ray reads
+    ``RAY_SERVE_WORKER_PROXY_HTTP_PORT``; the head keeps Serve's configured port)
+    makes each proxy addressable, as each node's is on a real group. The port is
+    also the node's ``serve-port`` label, which :func:`pipelines.serving.proxy_urls` reads.
+    """
+    return {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(port)}
 
 
 def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str,

@@ -50,6 +50,94 @@ def serve_base_url() -> str:
     return f"http://{host}:{cfg.port}"
 
 
+SERVE_PORT_LABEL = "serve-port"  # set by deploy.local on worker raylets whose proxy has its own port
+
+
+def proxy_urls(node_ids=None) -> dict[str, str]:
+    """``{node_id: base URL}`` of every running Serve HTTP proxy (or of ``node_ids``).
+
+    A node's proxy listens on the node's address and Serve's HTTP port, or on the
+    port in the node's ``serve-port`` label (local clusters give each worker
+    raylet's proxy its own port, as each node of a real group has its own address).
+    """
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    proxies = serve.status().proxies
+    cfg = _get_global_client().http_config
+    urls = {}
+    for node in ray.nodes():
+        nid = node["NodeID"]
+        if not node.get("Alive") or nid not in proxies or (node_ids is not None and nid not in node_ids):
+            continue
+        # a proxy bound to all interfaces is reached at its node's address, else where it is bound
+        host = node["NodeManagerAddress"] if cfg.host in ("0.0.0.0", "", "::") else cfg.host
+        port = (node.get("Labels") or {}).get(SERVE_PORT_LABEL) or cfg.port
+        urls[nid] = f"http://{host}:{port}"
+    return urls
+
+
+def _replica_nodes(app_name: str) -> set[str]:
+    """Nodes that hold an alive replica of ``app_name`` (Serve starts a proxy on each)."""
+    from ray.util.state import list_actors
+
+    prefix = f"ServeReplica:{app_name}:"
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False)
+    return {a.node_id for a in actors if (a.class_name or "").startswith(prefix)}
+
+
+def wait_until_routed(app_name: str, route_prefix: str, health_path: str = "/healthz",
+                      timeout: float = 90.0) -> list[str]:
+    """Block until EVERY Serve proxy answers 200 on ``route_prefix + health_path``; returns their URLs.
+
+    A Serve app is RUNNING before each proxy knows its route, and Serve starts a
+    proxy on a node only once a replica lands there: so wait until every node that
+    holds a replica has a healthy proxy, and every proxy (head's included) routes
+    the app. Raises TimeoutError naming the proxies that did not.
+    """
+    import httpx
+    from ray import serve
+
+    deadline, last = time.time() + timeout, "no proxy yet"
+    while time.time() < deadline:
+        try:
+            proxies = serve.status().proxies
+            missing = _replica_nodes(app_name) - set(proxies)
+            unhealthy = [n for n, s in proxies.items() if str(getattr(s, "value", s)) != "HEALTHY"]
+            if missing or unhealthy:
+                last = f"{len(missing)} replica node(s) without a proxy, {len(unhealthy)} proxy(ies) not healthy"
+            else:
+                urls = list(proxy_urls().values())
+                bad = []
+                for base in urls:
+                    try:
+                        code = httpx.get(f"{base}{route_prefix}{health_path}", timeout=5).status_code
+                    except httpx.HTTPError as e:
+                        code = type(e).__name__
+                    if code != 200:
+                        bad.append(f"{base} -> {code}")
+                if urls and not bad:
+                    return urls
+                last = "; ".join(bad) or "no proxy URL"
+        except Exception as e:  # controller busy, state API starting: keep waiting until the deadline
+            last = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        time.sleep(0.25)
+    raise TimeoutError(f"Serve app {app_name!r} not routed by every proxy within {timeout:.0f}s: {last}")
+
+
+def deploy_app(app, name: str, route_prefix: str, health_path: str = "/healthz",
+               timeout: float = 90.0) -> str:
+    """Start Serve if needed, run ``app`` under ``name``/``route_prefix``, wait until every proxy
+    routes it (:func:`wait_until_routed`); returns the app's base URL on the head's proxy."""
+    from ray import serve
+
+    base = start_serve()
+    serve.run(app, name=name, route_prefix=route_prefix)
+    wait_until_routed(name, route_prefix, health_path, timeout)
+    return f"{base}{route_prefix}"
+
+
 def percentiles(latencies_s: Sequence[float]) -> dict:
     """p50/p99/mean in milliseconds."""
     if not len(latencies_s):

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from pipelines.cli import exit_with, template_options
+from pipelines.cli import RunFailed, exit_with, template_options
 from pipelines.io import read_table
 from pipelines.report import emit, summary
 
@@ -232,11 +232,12 @@ def app_builder(args: dict):
 
 def deploy(cfg: C.RecsysConfig, run_dir: str) -> str:
     """Start Serve (free port) and deploy the app; returns the base URL of its routes."""
-    from pipelines.serving import start_serve
+    from pipelines.serving import deploy_app
 
-    base = start_serve()
-    serve.run(build_app(cfg, run_dir), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
-    return f"{base}{cfg.serve.route_prefix}"
+    try:
+        return deploy_app(build_app(cfg, run_dir), cfg.serve.app_name, cfg.serve.route_prefix)
+    except TimeoutError as e:
+        raise RunFailed(str(e)) from None
 
 
 @click.command()

@@ -207,29 +207,13 @@ def application(cfg: ServeConfig, model_dir: str):
 
 
 def deploy(cfg: ServeConfig, model_dir: str) -> str:
-    """Start Serve (free port) and run the app; returns the app's base URL."""
-    from pipelines.serving import start_serve
+    """Start Serve (free port), run the app and wait until every proxy routes it; returns its base URL."""
+    from pipelines.serving import deploy_app
 
-    base = start_serve()
-    serve.run(application(cfg, model_dir), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    url = f"{base}{cfg.route_prefix}"
-    wait_until_routed(url)
-    return url
-
-
-def wait_until_routed(url: str, timeout: float = 60.0) -> None:
-    """Block until the HTTP proxy routes ``url`` (an app is "ready" before every proxy knows its route)."""
-    deadline, last = time.time() + timeout, "no answer"
-    while time.time() < deadline:
-        try:
-            r = httpx.get(f"{url}/healthz", timeout=5)
-            if r.status_code == 200:
-                return
-            last = f"HTTP {r.status_code}"
-        except httpx.HTTPError as e:
-            last = type(e).__name__
-        time.sleep(0.2)
-    raise RunFailed(f"{url}/healthz did not answer 200 within {timeout:.0f}s ({last})")
+    try:
+        return deploy_app(application(cfg, model_dir), cfg.app_name, cfg.route_prefix)
+    except TimeoutError as e:
+        raise RunFailed(str(e)) from None
 
 
 def transaction_payload(row: dict) -> dict:
