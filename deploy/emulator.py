@@ -10,6 +10,16 @@ against the configured access key, the service's error body
 with the group's ``AuthToken`` as the Ray token), and ``deleting -> deleted``
 once that cluster is stopped. ``DescribeDBResourceGroup`` returns the cluster's
 dashboard, ray:// and metrics addresses.
+
+Hardening (the emulator listens on a port anyone on the machine can reach): the
+body is read only after its ``Content-Length`` is checked (a non-negative
+integer up to ``max_body_bytes``, 1 MiB; else 400/413), each connection has a
+socket timeout (``request_timeout_s``; a stalled body gets 408), at most
+``max_handlers`` connections are served at once (more get 503 ``Throttling``),
+the signed ``host`` must be this endpoint, a nonce is remembered until its
+request's own date leaves the ±15 min window (so no replay inside it), and
+malformed input (deep JSON, a non-UTF-8 form body) is a 400, never a 500.
+Group state is read and changed under ``lock``.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import hashlib
 import hmac
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -40,6 +51,10 @@ ACTIONS = (
     "DeleteDBResourceGroup",
 )
 MAX_CLOCK_SKEW_S = 15 * 60
+MAX_BODY_BYTES = 1024 * 1024
+MAX_HANDLERS = 32
+REQUEST_TIMEOUT_S = 30.0
+MAX_JSON_DEPTH = 16
 CLUSTER_ID_RE = re.compile(r"^am[a-z]-[A-Za-z0-9]{1,64}$")
 
 
@@ -122,6 +137,12 @@ class Emulator:
         self.faults: list[ApiFault] = []  # injected answers for the next requests (throttling rehearsal)
         self.server: ThreadingHTTPServer | None = None
         self.threads: list[threading.Thread] = []
+        # limits, read by start(): body size, per-connection socket timeout, concurrent connections
+        self.max_body_bytes, self.request_timeout_s, self.max_handlers = (
+            MAX_BODY_BYTES, REQUEST_TIMEOUT_S, MAX_HANDLERS
+        )
+        self.active = 0  # connections being served now
+        self._active_lock = threading.Lock()
 
     # -- server ---------------------------------------------------------------------------------
 
@@ -133,6 +154,8 @@ class Emulator:
         emulator = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = emulator.request_timeout_s  # socket timeout: a stalled client cannot hold a thread
+
             def do_POST(self):
                 emulator.handle(self)
 
@@ -141,8 +164,7 @@ class Emulator:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(self, Handler)
         self.port = self.server.server_address[1]
         t = threading.Thread(target=self.server.serve_forever, name="adbray-emulator", daemon=True)
         t.start()
@@ -154,27 +176,77 @@ class Emulator:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
-        for t in list(self.threads):
+        with self.lock:
+            threads = list(self.threads)
+        for t in threads:
             t.join(timeout=300)
         if delete_groups:
-            for g in list(self.groups.values()):
-                if g.cluster and g.status not in ("deleted",):
-                    self._teardown(g)
+            with self.lock:
+                groups = [g for g in self.groups.values() if g.cluster and g.status != "deleted"]
+            for g in groups:
+                self._teardown(g)
+
+    def refuse_busy(self, sock) -> None:
+        """Answer 503 Throttling on a connection that gets no handler (all ``max_handlers`` busy)."""
+        request_id = str(uuid.uuid4()).upper()
+        fault = ApiFault(503, "Throttling", "Request was denied: too many concurrent requests.")
+        out = json.dumps(self._error_payload(request_id, fault)).encode()
+        head = (
+            "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json;charset=utf-8\r\n"
+            f"Content-Length: {len(out)}\r\nx-acs-request-id: {request_id}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(head.encode() + out)
+            sock.shutdown(socket.SHUT_WR)
+            # read what the client sent, briefly, so closing does not reset the answer away
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
 
     # -- protocol -------------------------------------------------------------------------------
+
+    def read_body(self, http: BaseHTTPRequestHandler) -> bytes:
+        """The request body, after checking its Content-Length (ApiFault 400/411/413 otherwise)."""
+        if http.headers.get("transfer-encoding"):
+            raise ApiFault(411, "MissingContentLength", "Send the body with a Content-Length, not chunked.")
+        values = {v.strip() for v in http.headers.get_all("content-length") or ["0"]}
+        text = values.pop() if len(values) == 1 else ",".join(sorted(values))
+        if not re.fullmatch(r"[0-9]{1,16}", text):
+            raise ApiFault(
+                400,
+                "InvalidParameter.ContentLength",
+                f"Content-Length {text[:40]!r} is not a non-negative integer.",
+            )
+        length = int(text)
+        if length > self.max_body_bytes:
+            raise ApiFault(
+                413, "RequestEntityTooLarge", f"The request body is larger than {self.max_body_bytes} bytes."
+            )
+        body = http.rfile.read(length) if length else b""
+        if len(body) != length:
+            raise ApiFault(
+                400, "InvalidParameter.ContentLength", "The body is shorter than its Content-Length."
+            )
+        return body
 
     def handle(self, http: BaseHTTPRequestHandler) -> None:
         request_id = str(uuid.uuid4()).upper()
         try:
-            length = int(http.headers.get("content-length") or 0)
-            body = http.rfile.read(length) if length else b""
             if http.command != "POST":
                 raise ApiFault(400, "UnsupportedHTTPMethod", "RPC actions are sent with POST")
+            body = self.read_body(http)
             split = urlsplit(http.path)
             query = parse_query(split.query)
             self.verify_signature(http.command, split.path or "/", query, http.headers, body)
-            if self.faults:
-                raise self.faults.pop(0)
+            with self.lock:
+                fault = self.faults.pop(0) if self.faults else None
+            if fault:
+                raise fault
             action = http.headers.get("x-acs-action") or query.get("Action", "")
             if action not in ACTIONS:
                 raise ApiFault(404, "InvalidAction.NotFound", f"Specified api {action!r} is not found")
@@ -182,22 +254,21 @@ class Emulator:
             if version != API_VERSION:
                 raise ApiFault(400, "InvalidVersion", f"Specified parameter Version {version!r} is not valid")
             if body and "form" in (http.headers.get("content-type") or ""):
-                query.update(parse_query(body.decode()))
+                try:
+                    query.update(parse_query(body.decode("utf-8")))
+                except UnicodeDecodeError:
+                    raise ApiFault(400, "InvalidParameter", "The form body is not valid UTF-8.") from None
             result = getattr(self, action.replace("DBResourceGroup", "_group").lower())(query)
             self._answer(http, 200, {"RequestId": request_id, **result})
         except ApiFault as f:
             self.log(f"{f.code}: {f.message} (request id {request_id})")
-            self._answer(
-                http,
-                f.status,
-                {
-                    "RequestId": request_id,
-                    "HostId": f"127.0.0.1:{self.port}",
-                    "Code": f.code,
-                    "Message": f.message,
-                    "Recommend": "https://api.aliyun.com/troubleshoot",
-                },
-            )
+            if f.status in (411, 413) or f.code == "InvalidParameter.ContentLength":
+                http.close_connection = True  # the body was not read: nothing more on this connection
+            self._answer(http, f.status, self._error_payload(request_id, f))
+        except TimeoutError:
+            http.close_connection = True
+            fault = ApiFault(408, "RequestTimeout", "The request was not received in time.")
+            self._answer(http, 408, self._error_payload(request_id, fault))
         except Exception as e:  # an emulator bug must still answer like the service would
             self.log(f"InternalError: {type(e).__name__}: {e}")
             self._answer(
@@ -210,15 +281,30 @@ class Emulator:
                 },
             )
 
+    def _error_payload(self, request_id: str, f: ApiFault) -> dict:
+        """The service's error body."""
+        return {
+            "RequestId": request_id,
+            "HostId": f"127.0.0.1:{self.port}",
+            "Code": f.code,
+            "Message": f.message,
+            "Recommend": "https://api.aliyun.com/troubleshoot",
+        }
+
     @staticmethod
     def _answer(http, status: int, payload: dict) -> None:
         out = json.dumps(payload).encode()
-        http.send_response(status)
-        http.send_header("Content-Type", "application/json;charset=utf-8")
-        http.send_header("Content-Length", str(len(out)))
-        http.send_header("x-acs-request-id", payload["RequestId"])
-        http.end_headers()
-        http.wfile.write(out)
+        try:
+            http.send_response(status)
+            http.send_header("Content-Type", "application/json;charset=utf-8")
+            http.send_header("Content-Length", str(len(out)))
+            http.send_header("x-acs-request-id", payload["RequestId"])
+            if http.close_connection:
+                http.send_header("Connection", "close")
+            http.end_headers()
+            http.wfile.write(out)
+        except OSError:  # the client went away (or stalled past the socket timeout)
+            http.close_connection = True
 
     def verify_signature(self, method: str, path: str, query: dict, headers, body: bytes) -> None:
         """Check an ACS3-HMAC-SHA256 signature exactly as the SDK computes it."""
@@ -244,6 +330,11 @@ class Emulator:
         ):
             if needed not in names:
                 raise ApiFault(400, "IncompleteSignature", f"The header {needed} must be signed.")
+        host = (headers.get("host") or "").strip().lower()
+        if host not in (f"127.0.0.1:{self.port}", f"localhost:{self.port}"):
+            raise ApiFault(
+                400, "SignatureDoesNotMatch", f"The signed host {host[:100]!r} is not this endpoint."
+            )
         payload_hash = headers.get("x-acs-content-sha256") or ""
         if payload_hash != hashlib.sha256(body).hexdigest():
             raise ApiFault(
@@ -255,7 +346,8 @@ class Emulator:
             raise ApiFault(
                 400, "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted."
             )
-        if abs(time.time() - sent.replace(tzinfo=timezone.utc).timestamp()) > MAX_CLOCK_SKEW_S:
+        sent_ts = sent.replace(tzinfo=timezone.utc).timestamp()
+        if abs(time.time() - sent_ts) > MAX_CLOCK_SKEW_S:
             raise ApiFault(400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired.")
         canonical_headers = "".join(f"{n}:{(headers.get(n) or '').strip()}\n" for n in names)
         canonical_query = "&".join(f"{k}={quote(query[k], safe='~')}" for k in sorted(query))
@@ -268,11 +360,12 @@ class Emulator:
             )
         nonce = headers.get("x-acs-signature-nonce") or ""
         with self.lock:
+            # a nonce is kept until its request's date leaves the window: until then the date passes
             now = time.time()
-            self.nonces = {n: t for n, t in self.nonces.items() if now - t < MAX_CLOCK_SKEW_S}
+            self.nonces = {n: until for n, until in self.nonces.items() if until >= now}
             if nonce in self.nonces:
                 raise ApiFault(400, "SignatureNonceUsed", "Specified signature nonce was used already.")
-            self.nonces[nonce] = now
+            self.nonces[nonce] = sent_ts + MAX_CLOCK_SKEW_S
 
     # -- actions --------------------------------------------------------------------------------
 
@@ -291,6 +384,7 @@ class Emulator:
             )
 
     def _group(self, query: dict) -> Group:
+        """The live group a query names (call with ``lock`` held)."""
         self._required(query, "DBClusterId", "GroupName")
         group = self.groups.get((query["DBClusterId"], query["GroupName"]))
         if group is None or group.status == "deleted":
@@ -304,9 +398,12 @@ class Emulator:
     @staticmethod
     def _ray_config(query: dict) -> dict:
         try:
-            return json.loads(query.get("RayConfig") or "")
-        except json.JSONDecodeError:
+            rc = json.loads(query.get("RayConfig") or "")
+        except (json.JSONDecodeError, RecursionError):
             raise ApiFault(400, "InvalidParameter", "RayConfig is not valid JSON") from None
+        if json_depth(rc) > MAX_JSON_DEPTH:
+            raise ApiFault(400, "InvalidParameter", f"RayConfig nests deeper than {MAX_JSON_DEPTH} levels")
+        return rc
 
     def create_group(self, query: dict) -> dict:
         self._required(query, "DBClusterId", "GroupName", "GroupType")
@@ -338,32 +435,34 @@ class Emulator:
 
     def describe_group(self, query: dict) -> dict:
         self._required(query, "DBClusterId")
-        if query.get("GroupName"):
-            return {"GroupsInfo": [describe_entry(self._group(query))]}
-        return {
-            "GroupsInfo": [
-                describe_entry(g)
-                for (cid, _), g in self.groups.items()
-                if cid == query["DBClusterId"] and g.status != "deleted"
-            ]
-        }
+        with self.lock:
+            if query.get("GroupName"):
+                return {"GroupsInfo": [describe_entry(self._group(query))]}
+            return {
+                "GroupsInfo": [
+                    describe_entry(g)
+                    for (cid, _), g in self.groups.items()
+                    if cid == query["DBClusterId"] and g.status != "deleted"
+                ]
+            }
 
     def modify_group(self, query: dict) -> dict:
-        group = self._group(query)
-        if group.status != "ok":
-            raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
-        rc = self._ray_config(query)
-        spec = checked_spec(group.spec.name, rc)
-        if spec.category != group.spec.category:
-            raise ApiFault(400, "OperationDenied.Category", "Category cannot be changed after creation.")
-        group.spec, group.updated = spec, _now()
+        with self.lock:
+            group = self._group(query)
+            if group.status != "ok":
+                raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
+            spec = checked_spec(group.spec.name, self._ray_config(query))
+            if spec.category != group.spec.category:
+                raise ApiFault(400, "OperationDenied.Category", "Category cannot be changed after creation.")
+            group.spec, group.updated = spec, _now()
         return {}
 
     def delete_group(self, query: dict) -> dict:
-        group = self._group(query)
-        if group.status in ("creating", "deleting"):
-            raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
-        group.status, group.updated = "deleting", _now()
+        with self.lock:
+            group = self._group(query)
+            if group.status in ("creating", "deleting"):
+                raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
+            group.status, group.updated = "deleting", _now()
         self._background(self._teardown, group)
         return {}
 
@@ -371,19 +470,21 @@ class Emulator:
 
     def _background(self, fn, group: Group) -> None:
         t = threading.Thread(target=fn, args=(group,), daemon=True)
-        self.threads = [x for x in self.threads if x.is_alive()] + [t]
+        with self.lock:
+            self.threads = [x for x in self.threads if x.is_alive()] + [t]
         t.start()
 
     def _provision(self, group: Group) -> None:
         spec = group.spec.model_copy(update={"name": group.local_name})
         scale = self.autoscale and any(g.min_workers != g.max_workers for g in spec.worker_groups)
         try:
-            group.cluster = local.up(spec, token=group.token, log=self.log, autoscale=scale)
-            group.status, group.message = "ok", ""
+            cluster = local.up(spec, token=group.token, log=self.log, autoscale=scale)
+            status, message = "ok", ""
         except Exception as e:
-            group.status, group.message = "failed", " ".join(str(e).split())
-        group.updated = _now()
-        self.log(f"group {group.spec.name}: {group.status} {group.message}".rstrip())
+            cluster, status, message = None, "failed", " ".join(str(e).split())
+        with self.lock:
+            group.cluster, group.status, group.message, group.updated = cluster, status, message, _now()
+        self.log(f"group {group.spec.name}: {status} {message}".rstrip())
 
     def _teardown(self, group: Group) -> None:
         try:
@@ -391,7 +492,55 @@ class Emulator:
                 local.down(group.cluster.name, log=self.log)
         except local.LocalClusterError as e:
             self.log(f"group {group.spec.name}: {e}")
-        group.cluster, group.status, group.updated = None, "deleted", _now()
+        with self.lock:
+            group.cluster, group.status, group.updated = None, "deleted", _now()
+
+
+class _Server(ThreadingHTTPServer):
+    """A threaded HTTP server that serves at most ``emulator.max_handlers`` connections at once."""
+
+    daemon_threads = True
+
+    def __init__(self, emulator: Emulator, handler):
+        self.emulator = emulator
+        super().__init__(("127.0.0.1", emulator.port), handler)
+
+    def process_request(self, request, client_address):
+        emu = self.emulator
+        with emu._active_lock:
+            busy = emu.active >= emu.max_handlers
+            if not busy:
+                emu.active += 1
+        if busy:
+            emu.refuse_busy(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self):
+        with self.emulator._active_lock:
+            self.emulator.active -= 1
+
+
+def json_depth(value) -> int:
+    """How deep lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def parse_query(text: str) -> dict:

@@ -207,7 +207,8 @@ class GroupClient:
         self.log = log or (lambda m: print(m, file=sys.stderr))
         self.client = Client(sdk_config(region, endpoint, access_key_id, access_key_secret))
 
-    def _call(self, method: str, request) -> dict:
+    def _call(self, method: str, request, failures: list | None = None) -> dict:
+        """One API call with retries of transient errors (each retried error is added to ``failures``)."""
         for attempt in range(self.retries + 1):
             try:
                 return getattr(self.client, method)(request).body.to_map()
@@ -220,14 +221,46 @@ class GroupClient:
                 )
                 if not transient or attempt == self.retries:
                     raise err from None
+                if failures is not None:
+                    failures.append(err)
                 delay = self.backoff_s * 2**attempt
                 self.log(f"{err.code}: retrying in {delay:.0f}s ({attempt + 1}/{self.retries})")
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
     def create(self, spec: ResourceGroupSpec, token: str) -> dict:
-        """CreateDBResourceGroup; returns the response body (RequestId)."""
-        return self._call("create_dbresource_group", build_request(spec, self.cluster_id, self.region, token))
+        """CreateDBResourceGroup; returns the response body (RequestId).
+
+        An attempt whose answer is lost (5xx, dropped connection) may still have created the group,
+        so its retry gets ``Duplicate``. When the group did not exist before this call, that group
+        is this call's (with ``token``): create succeeds and the caller stores the token. A group
+        that existed before stays a ``Duplicate`` error.
+        """
+        existed = self._exists(spec.name)
+        failures: list[ApiError] = []
+        request = build_request(spec, self.cluster_id, self.region, token)
+        try:
+            return self._call("create_dbresource_group", request, failures)
+        except ApiError as e:
+            lost = any(f.status is None or f.status >= 500 for f in failures)
+            if e.code != "InvalidDBResourceGroup.Duplicate" or existed or not lost:
+                raise
+            try:
+                self.describe(spec.name)
+            except ApiError:
+                raise e from None
+            self.log(f"group {spec.name} was already created by the attempt whose answer was lost")
+            return {"RequestId": e.request_id}
+
+    def _exists(self, name: str) -> bool:
+        """Whether the group exists now (DescribeDBResourceGroup)."""
+        try:
+            self.describe(name)
+        except ApiError as e:
+            if e.code == "InvalidDBResourceGroup.NotFound":
+                return False
+            raise
+        return True
 
     def describe(self, name: str) -> dict:
         """The group's GroupsInfo entry (Status, RayConfig with addresses); ApiError if absent."""

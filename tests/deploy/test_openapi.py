@@ -214,3 +214,68 @@ def test_emulator_command_serves_until_sigterm():
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+# -- create survives a lost answer (no clusters: these emulators never provision) ---------------
+
+
+@pytest.fixture
+def quiet_emulator():
+    """A fresh emulator whose groups stay ``creating`` (no backing cluster, no Ray)."""
+    emu = Emulator("test-key-id", "test-key-secret", log=lambda *_: None)
+    emu._provision = lambda group: None
+    emu.start()
+    yield emu
+    emu.stop()
+
+
+def lose_first_create_answer(emu, applied: bool):
+    """The next CreateDBResourceGroup answers 500; with ``applied`` the group is created anyway."""
+    real, calls = emu.create_group, []
+
+    def create_group(query):
+        calls.append(query)
+        if len(calls) == 1:
+            if applied:
+                real(query)
+            raise ApiFault(500, "InternalError", "The request processing has failed.")
+        return real(query)
+
+    emu.create_group = create_group
+    return calls
+
+
+def test_create_retried_after_a_lost_answer_succeeds(quiet_emulator):
+    calls = lose_first_create_answer(quiet_emulator, applied=True)
+    lines, token = [], openapi.new_token()
+    body = client(quiet_emulator, backoff_s=0.01, log=lines.append).create(load_spec(EXAMPLE_SPEC), token)
+    assert len(calls) == 2 and body.get("RequestId")
+    assert quiet_emulator.groups[("amv-unit1", "squares")].token == token
+    assert any("already created" in line for line in lines), lines
+
+
+def test_create_duplicate_of_an_older_group_is_still_an_error(quiet_emulator):
+    c = client(quiet_emulator, backoff_s=0.01)
+    spec = load_spec(EXAMPLE_SPEC)
+    c.create(spec, "a" * 32)
+    lose_first_create_answer(quiet_emulator, applied=False)
+    with pytest.raises(openapi.ApiError) as e:
+        c.create(spec, "b" * 32)
+    assert e.value.code == "InvalidDBResourceGroup.Duplicate"
+    assert quiet_emulator.groups[("amv-unit1", "squares")].token == "a" * 32
+
+
+def test_cli_create_keeps_the_token_when_the_first_answer_is_lost(quiet_emulator, tmp_path):
+    lose_first_create_answer(quiet_emulator, applied=True)
+    env = {
+        **os.environ,
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "test-key-id",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "test-key-secret",
+        "ADBRAY_STATE": str(tmp_path),
+    }
+    proc = adbray("group", "create", EXAMPLE_SPEC, "--cluster-id", "amv-unit1", "--endpoint",
+                  quiet_emulator.endpoint, env=env)
+    assert proc.returncode == 0, proc.stderr
+    stored = tmp_path / "tokens" / "amv-unit1" / "squares.token"
+    assert stored.read_text().strip() == quiet_emulator.groups[("amv-unit1", "squares")].token
+    assert stat.S_IMODE(os.stat(stored).st_mode) == 0o600
