@@ -99,11 +99,11 @@ def measure(cfg, policy: dict, steps: int, rounds: int) -> dict:
 @click.option("--set", "overrides", multiple=True, help="config override, e.g. simulator.envs_per_actor=32")
 @click.option("--address", default=None, help="Ray address (default: a local in-process Ray)")
 def main(env_id, steps, rounds, overrides, address):
-    from embodied.rollout import connect_cluster
+    from embodied.template import TEMPLATE
 
     cfg = config_mod.load(None, [f"env.id={env_id}", "simulator.envs_per_actor=32", *overrides])
     policy = policy_spec("mlp", env_id, weights=random_mlp(env_id, cfg.train.hidden))
-    connect_cluster(cfg, address)
+    TEMPLATE.connect(cfg, address)
     result = measure(cfg, policy, steps, rounds)
     ray_rate, bare_rate = result.pop("steps_per_s"), result.pop("bare_steps_per_s")
     emit({"env": env_id, "steps_per_s": round(ray_rate, 1), "bare_steps_per_s": round(bare_rate, 1),

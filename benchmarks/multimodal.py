@@ -101,7 +101,8 @@ def ray_images(cfg, paths: list[str], out: str) -> float:
 @click.option("--width", default=640, show_default=True)
 @click.option("--height", default=480, show_default=True)
 @click.option("--repeat", default=3, show_default=True)
-@click.option("--address", default=None, help="Ray address (default: a local in-process Ray, 2 CPUs).")
+@click.option("--address", default=None,
+              help="Ray address (default: a local in-process Ray sized by local_ray in configs/local.yaml).")
 def main(n, width, height, repeat, address):
     """Run the image-path benchmark and print its JSON line last."""
     from pipelines.connect import connect
@@ -121,8 +122,8 @@ def main(n, width, height, repeat, address):
         cfg_embed = load(None, base + ["images.embed.batch_size=64"])
         # Ray starts its workers at nice 15; on a machine shared with other load that alone cuts
         # their CPU share against the nice-0 bare processes, so the local Ray uses niceness 0.
-        local = {"num_cpus": 2, "object_store_memory": 300 << 20, "include_dashboard": False,
-                 "_system_config": {"worker_niceness": 0}}
+        local = {"num_cpus": cfg.local_ray.cpus, "object_store_memory": cfg.local_ray.object_store_mb << 20,
+                 "include_dashboard": False, "_system_config": {"worker_niceness": 0}}
         connect(address, **({} if address else local))
         import ray
 

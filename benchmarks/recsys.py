@@ -88,20 +88,19 @@ def main(run_dir, seconds):
     """Run the benchmark and print its JSON line last."""
     import json
 
-    from recsys import __main__ as pipeline
-    from recsys import batch
+    from pipelines.template import prepare_run_dir
     from recsys import config as C
-    from recsys.common import connect_for, output_dir
+    from recsys.template import TEMPLATE
 
     cfg = C.load()
-    connect_for(cfg, None)
+    TEMPLATE.connect(cfg, None)
     if run_dir:
         out = str(Path(run_dir).resolve())
         summary = json.loads((Path(out) / "summary.json").read_text())
-        summary["metrics"].update(batch.run(cfg, out)["metrics"])
+        summary["metrics"].update(TEMPLATE.run(cfg, out, step="batch")["metrics"])
     else:
-        out = output_dir(None)
-        summary = pipeline.run(cfg, out)
+        out = prepare_run_dir(C.TEMPLATE, None)
+        summary = TEMPLATE.run(cfg, out)
         write_summary(summary)  # so --run-dir can reuse this run
     m = summary["metrics"]
     bare = bare_train_samples_per_s(cfg, out)

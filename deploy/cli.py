@@ -13,11 +13,7 @@ import click
 from pipelines.config import ConfigError
 
 from . import local
-from .spec import REPO_ROOT, TEMPLATES, load_spec
-
-# the metric the demo table shows for each template
-KEY_METRICS = {"riskcontrol": "auprc", "recsys": "ndcg10_ranker", "embodied": "bc_success_rate",
-               "multimodal": "files_per_s"}
+from .spec import load_spec
 
 
 def fail(message: str, code: int = 2):
@@ -108,8 +104,10 @@ def cluster_down(name):
 
 
 def available_templates() -> list[str]:
-    """Templates that exist in this checkout (have a ``__main__.py``)."""
-    return [t for t in TEMPLATES if (REPO_ROOT / t / "__main__.py").is_file()]
+    """Installed templates (entry-point group ``adbray.templates``), the examples last."""
+    from pipelines.template import discover
+
+    return sorted(discover(), key=lambda n: (discover()[n].value.startswith("deploy."), n))
 
 
 def last_json_line(text: str) -> dict | None:
@@ -123,25 +121,20 @@ def last_json_line(text: str) -> dict | None:
     return None
 
 
-def _rows(summary: dict) -> int:
-    m = summary.get("metrics", {})
-    for key in ("rows", "transactions", "files", "episodes", "users"):
-        value = m.get(key)
-        if isinstance(value, dict):  # per-modality counts, e.g. multimodal's rows
-            return int(sum(v for v in value.values() if isinstance(v, (int, float))))
-        if isinstance(value, (int, float)):
-            return int(value)
-    return 0
-
-
 @cli.command()
-@click.option("--template", "only", multiple=True, help="Run only these templates.")
+@click.option("--template", "only", multiple=True, help="Run only these templates (default: all but examples).")
+@click.option("--small", is_flag=True, help="Each template's tiny test config (its test_overrides).")
 @click.option("--keep", is_flag=True, help="Leave the demo cluster up afterwards.")
-def demo(only, keep):
+def demo(only, small, keep):
     """Run every template end to end on its local config, on a local cluster, then print a table."""
-    names = [t for t in available_templates() if not only or t in only]
-    if not names:
-        fail("no templates found", 1)
+    from pipelines.template import discover, load_template
+
+    found = discover()
+    names = list(only) or [t for t in available_templates() if not found[t].value.startswith("deploy.")]
+    unknown = [t for t in names if t not in found]
+    if unknown or not names:
+        fail(f"unknown template(s) {', '.join(unknown)} (installed: {', '.join(available_templates()) or 'none'})"
+             if unknown else "no templates found", 1)
     spec = load_spec(str(Path(__file__).with_name("demo_cluster.yaml")))
     try:
         state = local.up(spec, log=lambda m: click.echo(m, err=True))
@@ -151,17 +144,19 @@ def demo(only, keep):
     try:
         for t in names:
             click.echo(f"== {t}", err=True)
+            template = load_template(t)
             start = time.time()
-            env = {**os.environ, **state.env(), "PYTHONPATH": str(REPO_ROOT)}
-            proc = subprocess.run([sys.executable, "-m", t], cwd=REPO_ROOT, env=env,
+            env = {**os.environ, **state.env()}
+            args = [x for item in template.test_overrides for x in ("--set", item)] if small else []
+            proc = subprocess.run([sys.executable, "-m", template.package, *args], cwd=Path.cwd(), env=env, check=False,
                                   stdout=subprocess.PIPE, text=True)
             secs = time.time() - start
             s = last_json_line(proc.stdout) or {}
             ok &= proc.returncode == 0
-            metric = KEY_METRICS.get(t, "")
+            metric = template.key_metric
             value = s.get("metrics", {}).get(metric)
             rows.append([t, "ok" if proc.returncode == 0 else f"FAILED({proc.returncode})",
-                         ",".join(s.get("steps", [s.get("step", "?")])), _rows(s),
+                         ",".join(s.get("steps", [s.get("step", "?")])), s.get("rows", 0),
                          f"{metric}={value:.3f}" if isinstance(value, (int, float)) else "-",
                          f"{secs:.0f}", s.get("run_dir", "-")])
     finally:
@@ -173,6 +168,25 @@ def demo(only, keep):
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     if not ok:
         sys.exit(1)
+
+
+@cli.command("new")
+@click.argument("name")
+@click.option("--from", "source", default="squares", show_default=True,
+              help="Installed template to start from (e.g. riskcontrol).")
+@click.option("--dir", "dest", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write the project folder NAME/.")
+def new(name, source, dest):
+    """Write a standalone template project for a team repo: pyproject, package, README, tests."""
+    from .scaffold import ScaffoldError, new_template
+
+    try:
+        project = new_template(name, source, dest)
+    except (ScaffoldError, click.BadParameter) as e:
+        fail(e.format_message() if isinstance(e, click.BadParameter) else str(e))
+    click.echo(f"wrote {project} (from {source}); next: pip install -e {project}  &&  "
+               f"python -m {name} --help  &&  pytest {project}/tests", err=True)
+    click.echo(str(project))
 
 
 # -- resource groups on the managed service (AnalyticDB OpenAPI) ---------------------------------
@@ -418,7 +432,8 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 
 @cli.command()
 @click.argument("template")
-@click.option("--step", default=None, help="Run TEMPLATE.STEP instead of the whole template.")
+@click.option("--step", default=None,
+              help="Run one step (python -m TEMPLATE STEP) on an existing run folder (--run-dir).")
 @click.option("--config", default=None,
               help="Config YAML inside the working dir (default: configs/cluster.yaml, else local.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, passed on.")
@@ -427,7 +442,10 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 @_target_options
 @click.option("--spec", "spec_file", default=None,
               help="Resource group spec to preflight against with --address (default: the template's).")
-@click.option("--working-dir", default=str(REPO_ROOT), show_default=True, type=click.Path(file_okay=False))
+@click.option("--working-dir", default=None, type=click.Path(file_okay=False),
+              help="Folder to upload (default: the template's project root, this repo for built-ins).")
+@click.option("--image-has-adbray", is_flag=True,
+              help="A team repo's template: the group's image already has adbray (else it is pip-installed).")
 @click.option("--max-upload-mb", default=None, type=float, help="Upload size limit (default 100 MB).")
 @click.option("--allow-secrets", is_flag=True, help="Upload files that look like secrets anyway.")
 @click.option("--pip", multiple=True, help="Extra pip requirement for the job's runtime_env (repeatable).")
@@ -438,18 +456,28 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 @click.option("--dry-run", is_flag=True,
               help="Run the checks and print entrypoint + runtime_env; contact no cluster, upload nothing.")
 def submit(template, step, config, overrides, run_dir, address, group_name, cluster_id, region, endpoint,
-           token_file, spec_file, working_dir, max_upload_mb, allow_secrets, pip, entrypoint_num_cpus,
-           entrypoint_num_gpus, wait, timeout, dry_run):
+           token_file, spec_file, working_dir, image_has_adbray, max_upload_mb, allow_secrets, pip,
+           entrypoint_num_cpus, entrypoint_num_gpus, wait, timeout, dry_run):
     """Submit a template as a Ray job (JobSubmissionClient) and follow it; exit 0 only if it SUCCEEDED."""
-    from .jobs import SubmitError, cluster_check, follow, prepare, status_name
+    from .jobs import (
+        SET_ENV,
+        SubmitError,
+        cluster_check,
+        follow,
+        prepare,
+        redact,
+        redact_command,
+        shown_runtime_env,
+        status_name,
+    )
     from .jobs import submit as submit_job
 
     target = None if dry_run and not (address or group_name) else \
         _target(address, group_name, cluster_id, region, endpoint, token_file)
     try:
         spec = (target and target.spec) or (load_spec(spec_file) if spec_file else None)
-        plan = prepare(template, step, config, overrides, spec, Path(working_dir), max_upload_mb,
-                       allow_secrets, pip, run_dir)
+        plan = prepare(template, step, config, overrides, spec, Path(working_dir) if working_dir else None,
+                       max_upload_mb, allow_secrets, pip, run_dir, image_has_adbray)
     except (SubmitError, ConfigError) as e:
         fail(str(e), 2)
     for f in plan.findings:
@@ -459,8 +487,13 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
     if plan.runtime_env.get("pip"):
         click.echo(f"runtime_env pip (not in the group's requirements): {', '.join(plan.runtime_env['pip'])}",
                    err=True)
+    hidden = json.loads(plan.runtime_env.get("env_vars", {}).get(SET_ENV, "[]"))
+    if hidden:
+        click.echo(f"{len(hidden)} --set value(s) carry secrets: passed in the job's environment ({SET_ENV}), "
+                   "not on its command line", err=True)
     if dry_run:
-        click.echo(json.dumps({"entrypoint": plan.entrypoint, "runtime_env": plan.runtime_env,
+        click.echo(json.dumps({"entrypoint": redact_command(plan.entrypoint),
+                               "runtime_env": shown_runtime_env(plan.runtime_env),
                                "entrypoint_num_cpus": entrypoint_num_cpus,
                                "entrypoint_num_gpus": entrypoint_num_gpus}, indent=2))
         return
@@ -474,7 +507,7 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
         client, job_id = submit_job(target, plan, entrypoint_num_cpus, entrypoint_num_gpus)
     except SubmitError as e:
         fail(str(e), 1)
-    click.echo(f"submitted job {job_id}: {plan.entrypoint}", err=True)
+    click.echo(f"submitted job {job_id}: {redact_command(plan.entrypoint)}", err=True)
     click.echo(f"  dashboard {target.dashboard_url}/#/jobs/{job_id}", err=True)
     if not wait:
         click.echo(job_id)
@@ -487,7 +520,7 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
         fail(str(e), 1)
     status = status_name(info)
     if status != "SUCCEEDED":
-        message = " ".join(str(info.message or "").split())
+        message = redact(" ".join(str(info.message or "").split()))
         message = message if len(message) <= 400 else message[:150] + " ... " + message[-250:]
         fail(f"job {job_id} {status}: {message}", 1)
     click.echo(f"job {job_id} SUCCEEDED", err=True)
@@ -521,17 +554,20 @@ def _job_call(target, fn, *args):
 @_target_options
 @click.option("--json", "as_json", is_flag=True)
 def jobs_list(address, group_name, cluster_id, region, endpoint, token_file, as_json):
-    """Jobs on the cluster, newest first."""
+    """Jobs on the cluster, newest first (secret --set values and URL passwords masked)."""
+    from .jobs import redact, redact_command
+
     target, client = _jobs_client(address, group_name, cluster_id, region, endpoint, token_file)
     rows = sorted(_job_call(target, client.list_jobs), key=lambda j: j.start_time or 0, reverse=True)
     if as_json:
         click.echo(json.dumps([{"job_id": j.submission_id or j.job_id,
                                 "status": getattr(j.status, "value", j.status),
-                                "entrypoint": j.entrypoint, "message": j.message} for j in rows]))
+                                "entrypoint": redact_command(j.entrypoint),
+                                "message": redact(j.message) if j.message else j.message} for j in rows]))
         return
     for j in rows:
         status = getattr(j.status, "value", j.status)
-        click.echo(f"{j.submission_id or j.job_id:<28} {status:<10} {j.entrypoint}")
+        click.echo(f"{j.submission_id or j.job_id:<28} {status:<10} {redact_command(j.entrypoint)}")
 
 
 @jobs.command("logs")

@@ -55,7 +55,7 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_HANDLERS = 32
 REQUEST_TIMEOUT_S = 30.0
 MAX_JSON_DEPTH = 16
-CLUSTER_ID_RE = re.compile(r"^am[a-z]-[A-Za-z0-9]{1,64}$")
+CLUSTER_ID_RE = re.compile(r"am[a-z]-[A-Za-z0-9]{1,64}")
 
 
 class ApiFault(Exception):
@@ -378,7 +378,7 @@ class Emulator:
                     "MissingParameter",
                     f"The input parameter {n} that is mandatory for processing this request is not supplied.",
                 )
-        if not CLUSTER_ID_RE.match(query["DBClusterId"]):
+        if not CLUSTER_ID_RE.fullmatch(query["DBClusterId"]):
             raise ApiFault(
                 404, "InvalidDBClusterId.NotFound", f"The DBClusterId {query['DBClusterId']!r} is not found."
             )

@@ -4,6 +4,12 @@
 dashboard URL, the ray:// address, the token and (when known) the group's spec;
 :func:`prepare` does everything that must pass before upload (spec, preflight,
 working dir); :func:`submit` and :func:`follow` run the job and stream its logs.
+
+``--set`` values that carry secrets (a URL with a password, a key named like
+password/secret/token/key) never enter the entrypoint, which Ray prints and keeps in
+its job table: they travel in the job's ``runtime_env`` env var ``ADBRAY_SET`` (a JSON
+list), which :func:`pipelines.config.load_config` applies after the command line's.
+Whatever we print goes through :func:`redact`/:func:`redact_override`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipelines.config import ConfigError, apply_overrides, read_yaml
+from pipelines.config import SET_ENV, ConfigError, apply_overrides, parse_override, read_yaml
 from pipelines.connect import CLIENT_PORT, DASHBOARD_PORT, to_client_address, to_dashboard_url
 
 from . import preflight, workdir
@@ -139,6 +146,95 @@ def resolve_target(
     return target
 
 
+# -- secrets in --set ---------------------------------------------------------------------------
+
+SECRET_WORDS = {"password", "passwd", "pwd", "passphrase", "secret", "secrets", "token", "key", "apikey",
+                "credential", "credentials", "dsn"}
+URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*:)([^\s/@]+)(@)")
+MASK = "***"
+
+
+def secret_key(key: str) -> bool:
+    """Whether a key path names a secret: a name containing password/secret, or ending in the word token, key,
+    pwd, dsn, ... (``api_key``, ``access_key_secret``, ``auth_token``; not ``key_metric`` nor ``max_tokens``)."""
+    for name in str(key).lower().split("."):
+        words = [w for w in re.split(r"[^a-z0-9]+", name) if w]
+        if "password" in name or "secret" in name or (words and words[-1] in SECRET_WORDS):
+            return True
+    return False
+
+
+def _secret_value(value) -> bool:
+    if isinstance(value, dict):
+        return any(secret_key(k) or _secret_value(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_secret_value(v) for v in value)
+    return bool(URL_PASSWORD.search(str(value)))
+
+
+def is_secret_override(item: str) -> bool:
+    """Whether ``key=value`` carries a secret (by its key, a nested key, or a URL password in the value)."""
+    key, _, raw = str(item).partition("=")
+    if secret_key(key) or URL_PASSWORD.search(raw):
+        return True
+    try:
+        return _secret_value(parse_override(item)[1])
+    except ConfigError:
+        return False
+
+
+def redact(text: str) -> str:
+    """``text`` with URL passwords masked (``mysql://u:***@host/db``)."""
+    return URL_PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", str(text))
+
+
+def redact_override(item: str) -> str:
+    """``key=***`` for a secret key (or a mapping holding one), else the item with URL passwords masked."""
+    key, sep, raw = str(item).partition("=")
+    if sep and (secret_key(key) or (not URL_PASSWORD.search(raw) and is_secret_override(item))):
+        return f"{key}={MASK}"
+    return redact(item)
+
+
+def redact_command(command: str) -> str:
+    """An entrypoint safe to print: each ``--set`` item through :func:`redact_override`, URL passwords masked."""
+    try:
+        parts = shlex.split(command or "")
+    except ValueError:
+        return redact(command)
+    out = [redact_override(p) if i and parts[i - 1] == "--set" else redact(p) for i, p in enumerate(parts)]
+    return " ".join(shlex.quote(p) for p in out)
+
+
+def split_overrides(overrides) -> tuple[list[str], list[str]]:
+    """(overrides for the entrypoint, overrides for ``ADBRAY_SET``). A later override of a key that a secret
+    one set (or of a key above or below it) goes with it, so that the order they apply in is kept."""
+    public, secret, keys = [], [], []
+    for item in overrides or ():
+        key = [p for p in str(item).partition("=")[0].strip().split(".") if p]
+        overlaps = any(k[: len(key)] == key or key[: len(k)] == k for k in keys)
+        if is_secret_override(item) or overlaps:
+            secret.append(item)
+            keys.append(key)
+        else:
+            public.append(item)
+    return public, secret
+
+
+def shown_runtime_env(runtime_env: dict) -> dict:
+    """A copy of a job's runtime_env that is safe to print (``ADBRAY_SET`` items redacted)."""
+    shown = dict(runtime_env)
+    env = dict(shown.get("env_vars") or {})
+    if SET_ENV in env:
+        env[SET_ENV] = [redact_override(i) for i in json.loads(env[SET_ENV])]
+    for k, v in env.items():
+        if k != SET_ENV:
+            env[k] = MASK if secret_key(k) else redact(v)
+    if env:
+        shown["env_vars"] = env
+    return shown
+
+
 # -- before upload ------------------------------------------------------------------------------
 
 
@@ -155,24 +251,72 @@ def template_dir(template: str, root: Path = REPO_ROOT) -> Path:
     return root / template.replace(".", "/")
 
 
+def project_root(package_dir: Path) -> Path:
+    """The project a template package belongs to: the nearest folder above it with a
+    ``pyproject.toml`` (this repo for the built-in templates), else the package's parent."""
+    for folder in package_dir.parents:
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return package_dir.parent
+
+
+@dataclass
+class Resolved:
+    """Where a template lives and how its job is started."""
+
+    module: str          # python -m <module>
+    tdir: Path           # the package folder (configs/, resource_group.yaml)
+    root: Path           # the working dir to upload
+    steps: dict | None   # step name -> needs (None: a plain folder, not a registered template)
+    external: bool       # registered from outside this repo: the job needs adbray installed
+
+
+def resolve_template(template: str, root: Path | None) -> Resolved:
+    """A registered template (entry point ``adbray.templates``) or a package folder under ``root``."""
+    from pipelines.template import discover, load_template
+
+    if template in discover():
+        t = load_template(template)
+        cfg = t.load_config(None, [])
+        home = project_root(t.root)
+        return Resolved(t.package, t.root, Path(root or home).resolve(),
+                        {s.name: t.needs(s, cfg) for s in t.steps}, home != REPO_ROOT.resolve())
+    root = Path(root or REPO_ROOT).resolve()
+    return Resolved(template, template_dir(template, root), root, None, False)
+
+
 def prepare(
     template: str,
     step: str | None = None,
     config: str | None = None,
     overrides=(),
     spec: ResourceGroupSpec | None = None,
-    root: Path = REPO_ROOT,
+    root: Path | None = None,
     max_upload_mb: float | None = None,
     allow_secrets: bool = False,
     pip=(),
     run_dir: str | None = None,
+    image_has_adbray: bool = False,
 ) -> Plan:
-    """Everything checked before upload; SubmitError (one line) on the first problem."""
-    root = Path(root).resolve()
-    tdir = template_dir(template, root)
+    """Everything checked before upload; SubmitError (one line) on the first problem.
+
+    ``root`` is the working dir to upload (default: the template's project root). A template
+    registered from another project gets ``adbray`` in the job's pip requirements unless
+    ``image_has_adbray``.
+    """
+    where = resolve_template(template, root)
+    root, tdir = where.root, where.tdir
     if not (tdir / "__main__.py").is_file() and not (tdir / "__init__.py").is_file():
         raise SubmitError(f"no template {template!r} under {root} (looked for {tdir}/__main__.py)")
-    if step and not ((tdir / f"{step}.py").is_file() or (tdir / step / "__init__.py").is_file()):
+    if where.steps is not None:
+        if step and step not in where.steps:
+            raise SubmitError(f"template {template} has no step {step!r} (steps: {', '.join(where.steps)})")
+        if step and where.steps[step] and not run_dir:
+            raise SubmitError(f"step {step} reads {', '.join(where.steps[step])} from an earlier run: give "
+                              "--run-dir (a storage URI the cluster can read, e.g. oss://bucket/runs/x)")
+        if root not in tdir.parents:
+            raise SubmitError(f"template {template} ({tdir}) is outside the working dir {root}")
+    elif step and not ((tdir / f"{step}.py").is_file() or (tdir / step / "__init__.py").is_file()):
         raise SubmitError(f"template {template} has no step {step!r} (no {tdir / step}.py)")
     if config is None:
         config_path = next(
@@ -197,7 +341,7 @@ def prepare(
         data = apply_overrides(read_yaml(config_path), overrides) if config_path else {}
         asks = preflight.resource_asks(data)
     except (ConfigError, ValueError) as e:
-        raise SubmitError(str(e)) from None
+        raise SubmitError(redact(e)) from None
     findings = (
         preflight.check(asks, spec)
         if spec
@@ -216,22 +360,38 @@ def prepare(
         wd = workdir.check(root, max_upload_mb or workdir.DEFAULT_MAX_UPLOAD_MB, allow_secrets)
     except workdir.WorkdirError as e:
         raise SubmitError(str(e)) from None
-    module = f"{template}.{step}" if step else template
-    parts = ["python", "-m", module]
+    if where.steps is not None:  # the contract: python -m TEMPLATE [STEP]
+        parts = ["python", "-m", where.module, *([step] if step else [])]
+    else:
+        parts = ["python", "-m", f"{template}.{step}" if step else template]
     if config_path:
         parts += ["--config", str(config_path.relative_to(root))]
-    for item in overrides:
+    public, secret = split_overrides(overrides)
+    for item in public:
         parts += ["--set", item]
     if run_dir:
         parts += ["--run-dir", run_dir]
     entrypoint = " ".join(shlex.quote(p) for p in parts)
     runtime_env = {"working_dir": str(root), "excludes": wd["excludes"]}
+    if secret:  # out of the entrypoint (printed, kept in the job table): the template reads ADBRAY_SET
+        runtime_env["env_vars"] = {SET_ENV: json.dumps(list(secret))}
     # what the template needs and the target group was not created with comes via the job's runtime_env
     installed = set(spec.requirements) if spec else set()
     missing = [r for r in (template_spec.requirements if template_spec else []) if r not in installed]
+    if where.external and not image_has_adbray and not any(_dist_name(r) == "adbray" for r in installed):
+        missing.append("adbray")  # a team repo's template imports adbray's toolkit
     if missing or pip:
         runtime_env["pip"] = missing + [p for p in pip if p not in missing]
     return Plan(template, entrypoint, runtime_env, findings, wd)
+
+
+def _dist_name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    try:
+        return Requirement(requirement).name.lower()
+    except ValueError:
+        return requirement.strip().lower()
 
 
 # -- on the cluster -----------------------------------------------------------------------------

@@ -13,8 +13,14 @@ runs Ray's own autoscaler with its fake multi-node provider: worker raylets of
 each group are added on logical resource demand up to the group's max (capped
 by ``ADBRAY_LOCAL_AUTOSCALE_MAX``) and removed when idle, like the service.
 
-State lives in ``.adbray/clusters/<name>/state.json``; ``down`` stops exactly the
-processes whose command lines carry this cluster's temp dir.
+State lives in ``.adbray/clusters/<name>/state.json`` (folders 0700, the token file
+created 0600). Every Ray process of the cluster gets an allow-listed environment
+(:data:`ENV_ALLOW`: never the launcher's cloud keys or other secrets) marked with
+``ADBRAY_CLUSTER_DIR=<temp dir>``. ``up`` records the (pid, create time) of every
+process of the cluster; ``down`` stops the recorded ones that are still the same
+process, those whose command line or environment carries this cluster's temp dir
+(autoscaled workers, job drivers; the dir name has a random suffix), and their
+descendants — never a process merely because it names the cluster's ports.
 """
 from __future__ import annotations
 
@@ -44,6 +50,17 @@ REDIS_ADDRESS = os.environ.get("ADBRAY_REDIS_ADDRESS", "127.0.0.1:6379")
 LOCAL_AUTOSCALE_MAX = int(os.environ.get("ADBRAY_LOCAL_AUTOSCALE_MAX", "3"))
 AUTOSCALE_IDLE_S = float(os.environ.get("ADBRAY_LOCAL_IDLE_S", "10"))
 SERVE_PORT_LABEL = "serve-port"  # node label: the port this node's Serve proxy binds (local clusters)
+# what a cluster's processes inherit from the environment that starts it (plus the cluster's own env)
+ENV_ALLOW = {
+    "PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "MUJOCO_GL", "PYOPENGL_PLATFORM", "OMP_NUM_THREADS",
+    "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "XDG_CACHE_HOME",
+}
+# Ray's own settings, ours, Python's, locales, and the object-storage endpoint/keys the templates read
+# (pipelines.io: OSS_*; pyarrow's S3 client: AWS_*)
+ENV_ALLOW_PREFIXES = ("RAY_", "ADBRAY_", "PYTHON", "LC_", "OSS_", "AWS_")
+ENV_DENY = {"RAY_AUTH_TOKEN", "RAY_ADDRESS", "ADBRAY_SET"}  # another cluster's token/address; a job's secrets
+CLUSTER_MARKER = "ADBRAY_CLUSTER_DIR"  # in every process of a cluster: its temp dir
 
 
 class LocalClusterError(RuntimeError):
@@ -77,6 +94,7 @@ class ClusterState:
     scaling: list[str] = field(default_factory=list)
     redis_namespace: str | None = None
     head_pids: list[int] = field(default_factory=list)
+    pids: list[list] = field(default_factory=list)  # [pid, create_time] of every process started for it
     extra_env: dict = field(default_factory=dict)
     autoscaling_config: str | None = None
 
@@ -103,6 +121,34 @@ class ClusterState:
 
 def state_dir(name: str) -> Path:
     return STATE_ROOT / "clusters" / name
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` (and missing parents) created 0700; it and its folders below STATE_ROOT made 0700."""
+    path = Path(path)
+    for p in reversed([path, *path.parents]):
+        if not p.exists():
+            p.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(p, 0o700)
+        elif p == path or STATE_ROOT in p.parents:
+            os.chmod(p, 0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a fresh 0600 file (O_CREAT|O_EXCL) renamed over it: at no
+    moment is the content in a file others can read."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def free_port() -> int:
@@ -132,13 +178,20 @@ def plan_nodes(spec: ResourceGroupSpec, max_workers: int = LOCAL_MAX_WORKERS_PER
     return nodes, notes
 
 
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
+def _ray_cmd() -> list[str]:
+    """The ``ray`` CLI of this environment: the script beside this Python, else the same CLI through
+    ``python -m`` (a venv that sees Ray through a .pth, e.g. a team repo's, has no ``ray`` script)."""
+    script = Path(sys.executable).with_name("ray")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _start_env(state: ClusterState, ha: bool) -> dict:
-    env = dict(os.environ)
+    """The environment of the cluster's Ray processes: the allow-listed part of ours, the cluster's
+    ``extra_env``, token auth, and the cluster marker."""
+    env = {k: v for k, v in os.environ.items()
+           if (k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)) and k not in ENV_DENY}
     env.update(state.extra_env)
+    env[CLUSTER_MARKER] = state.temp_dir
     # job entrypoints say `python ...`: make that this environment's Python even when
     # the venv is not activated (e.g. `.venv/bin/adbray cluster up`, `make test`)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -166,7 +219,7 @@ def start_head(state: ClusterState) -> None:
     Path(state.temp_dir, "ray_current_cluster").unlink(missing_ok=True)
     before = {p.pid for p in processes(state)}
     cmd = [
-        _ray_bin(), "start", "--head", "--num-cpus=0", "--num-gpus=0",
+        *_ray_cmd(), "start", "--head", "--num-cpus=0", "--num-gpus=0",
         f"--port={state.gcs_port}", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={state.dashboard_port}",
         f"--ray-client-server-port={state.client_port}",
@@ -179,7 +232,7 @@ def start_head(state: ClusterState) -> None:
         cmd.append(f"--autoscaling-config={state.autoscaling_config}")
     _run(cmd, _start_env(state, state.category == "HIGH_AVAILABILITY"), "starting the head")
     state.head_pids = sorted(p.pid for p in processes(state) if p.pid not in before)
-    save_state(state)
+    record_processes(state)
 
 
 def start_worker(state: ClusterState, node: NodePlan, index: int = 0) -> None:
@@ -188,7 +241,7 @@ def start_worker(state: ClusterState, node: NodePlan, index: int = 0) -> None:
     proxy port (see :func:`worker_proxy_port`)."""
     serve_port = free_port()
     cmd = [
-        _ray_bin(), "start", f"--address={state.gcs_address}", "--node-ip-address=127.0.0.1",
+        *_ray_cmd(), "start", f"--address={state.gcs_address}", "--node-ip-address=127.0.0.1",
         f"--num-cpus={node.num_cpus}", f"--num-gpus={node.num_gpus}", f"--memory={node.memory}",
         f"--object-store-memory={node.object_store_memory}",
         f"--labels={node.labels},{SERVE_PORT_LABEL}={serve_port}",
@@ -257,10 +310,8 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
             raise LocalClusterError(f"cluster {spec.name!r} is already up ({existing.dashboard_url}); "
                                     f"run `adbray cluster down --name {spec.name}` first")
         shutil.rmtree(sdir, ignore_errors=True)
-    sdir.mkdir(parents=True, exist_ok=True)
-    token_path = sdir / "auth_token"
-    token_path.write_text(token or spec.auth_token or secrets.token_hex(32))
-    os.chmod(token_path, 0o600)
+    private_dir(sdir)
+    token_path = write_private(sdir / "auth_token", token or spec.auth_token or secrets.token_hex(32))
     nodes, notes = plan_nodes(spec)
     state = ClusterState(
         name=spec.name, category=spec.category, gcs_port=free_port(), dashboard_port=free_port(),
@@ -291,6 +342,7 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
             for i, n in enumerate(nodes):
                 start_worker(state, n, i)
         wait_for_nodes(state, 1 + len(nodes), timeout=180 if autoscale else 90)
+        record_processes(state)
     except Exception:
         down(spec.name, log=lambda *_: None)
         raise
@@ -370,29 +422,66 @@ def status(name: str) -> dict:
     return info
 
 
-def processes(state: ClusterState) -> list:
-    """Every live process that belongs to this cluster (its temp dir is in the command line)."""
+def _carries(p, temp_dir: str) -> bool:
+    """Whether a process names this cluster's temp dir on its command line or in its environment."""
+    import psutil
+
+    try:
+        if temp_dir in " ".join(p.info["cmdline"] or ()):
+            return True
+        return p.environ().get(CLUSTER_MARKER) == temp_dir
+    except (psutil.Error, TypeError):
+        return False
+
+
+def _recorded(state: ClusterState) -> list:
+    """The recorded processes that are still the same process (same pid and create time)."""
     import psutil
 
     found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for pid, created in state.pids:
         try:
-            cmd = " ".join(p.info["cmdline"] or ())
-        except (psutil.Error, TypeError):
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 0.01:
+                found.append(p)
+        except psutil.Error:
             continue
-        if state.temp_dir in cmd or f"--gcs_server_port={state.gcs_port}" in cmd \
-                or f":{state.gcs_port}" in cmd:
-            found.append(p)
+    return found
+
+
+def processes(state: ClusterState) -> list:
+    """Every live process of this cluster: the recorded ones still alive, those that carry its temp dir
+    (command line or environment), and all their descendants. A process that merely names the
+    cluster's ports is not one of them."""
+    import psutil
+
+    found = {p.pid: p for p in _recorded(state)}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.pid not in found and _carries(p, state.temp_dir):
+            found[p.pid] = p
     # agents, dashboard modules and workers rename themselves: take every descendant too
-    by_pid = {p.pid: p for p in found}
-    for p in list(found):
+    for p in list(found.values()):
         try:
             for child in p.children(recursive=True):
-                by_pid.setdefault(child.pid, child)
+                found.setdefault(child.pid, child)
         except psutil.Error:
             pass
-    by_pid.pop(os.getpid(), None)
-    return list(by_pid.values())
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def record_processes(state: ClusterState) -> None:
+    """Remember (pid, create time) of the cluster's processes now, for ``down``; saves the state."""
+    import psutil
+
+    known = {pid: created for pid, created in state.pids}
+    for p in processes(state):
+        try:
+            known[p.pid] = p.create_time()
+        except psutil.Error:
+            continue
+    state.pids = sorted([pid, created] for pid, created in known.items())
+    save_state(state)
 
 
 def kill_processes(procs: list, grace: float = 5.0) -> None:

@@ -113,14 +113,12 @@ def token_path(cluster_id: str, group: str) -> Path:
 
 
 def store_token(cluster_id: str, group: str, token: str) -> Path:
-    """Write the group's Ray token to a 0600 file (created 0600, never world-readable)."""
+    """Write the group's Ray token to a file created 0600 (O_EXCL, renamed into place) in 0700 folders."""
+    from .local import private_dir, write_private
+
     path = token_path(cluster_id, group)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-    os.chmod(path, 0o600)
-    return path
+    private_dir(path.parent)
+    return write_private(path, token)
 
 
 def load_token(cluster_id: str, group: str) -> str | None:

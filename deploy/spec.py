@@ -9,6 +9,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
+from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.config import ConfigError, StrictModel, read_yaml, validate
@@ -20,11 +21,23 @@ SPECS: dict[str, tuple[int, int]] = {
     "m.2xlarge": (16, 128),
 }
 HEAD_SPECS = tuple(SPECS)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,254}")  # always .fullmatch: "$" lets "\n" through
 SHELL_META = re.compile(r"[;&|`$\\\n\r]")
 MAX_REQUIREMENTS = 200
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ("multimodal", "recsys", "riskcontrol", "embodied")
+
+
+def check_requirement(line: str) -> None:
+    """A requirement specifier (``name[extras] op version``) or ValueError naming the line: no pip options
+    (``--extra-index-url``, ``-e``, ``-r``) and no URL requirements (``pkg @ https://…``, ``git+…``)."""
+    if line.strip().startswith("-"):
+        raise ValueError(f"requirement {line!r}: pip options are not accepted, only requirement specifiers")
+    try:
+        req = Requirement(line)
+    except InvalidRequirement:
+        raise ValueError(f"requirement {line!r} is not a requirement specifier (like lightgbm>=4.5)") from None
+    if req.url:
+        raise ValueError(f"requirement {line!r}: URL requirements are not accepted, only name and version")
 
 
 def parse_unit(unit: str) -> Fraction:
@@ -58,7 +71,7 @@ class WorkerGroup(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError("must match [A-Za-z0-9][A-Za-z0-9_-]{0,254}")
         return v
 
@@ -109,7 +122,7 @@ class ResourceGroupSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError("must match [A-Za-z0-9][A-Za-z0-9_-]{0,254}")
         return v
 
@@ -123,6 +136,7 @@ class ResourceGroupSpec(StrictModel):
                 raise ValueError(f"requirement {line!r} contains a shell metacharacter")
             if not line.strip():
                 raise ValueError("empty requirement line")
+            check_requirement(line)
         return v
 
     @model_validator(mode="after")
@@ -156,10 +170,14 @@ class ResourceGroupSpec(StrictModel):
 
 def spec_path(template_or_path: str) -> Path:
     """A template name (``riskcontrol``) or a YAML path -> the spec file path."""
+    from pipelines.template import discover, load_template
+
     p = Path(template_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
-    if template_or_path in TEMPLATES or (REPO_ROOT / template_or_path).is_dir():
+    if template_or_path in discover():  # a registered template (entry point adbray.templates)
+        return load_template(template_or_path).resource_group
+    if (REPO_ROOT / template_or_path).is_dir():
         return REPO_ROOT / template_or_path / "resource_group.yaml"
     return p
 

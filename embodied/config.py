@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipelines.config import StrictModel, load_config
+from pipelines.config import LocalRayConfig, StrictModel, load_config
 
 TEMPLATE = "embodied"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -68,22 +68,14 @@ class EvaluateConfig(StrictModel):
                                   description="fail the run when BC closes less of the random->expert gap")
 
 
-class LocalRayConfig(StrictModel):
-    """Only used when no cluster address is given (an in-process local Ray)."""
-
-    cpus: int = Field(4, ge=1)
-    object_store_mb: int = Field(300, ge=75)
-
-
 class EmbodiedConfig(StrictModel):
+    local_ray: LocalRayConfig = LocalRayConfig()
     env: EnvConfig = EnvConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     policy_server: PolicyServerConfig = PolicyServerConfig()
     collect: CollectConfig = CollectConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    local_ray: LocalRayConfig = LocalRayConfig()
-    run_root: str | None = None
 
 
 def load(path: str | None = None, overrides=()) -> EmbodiedConfig:

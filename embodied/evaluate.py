@@ -1,24 +1,22 @@
 """Evaluation: the cloned policy vs the expert and random policies on held-out seeds.
 
-``python -m embodied.evaluate --checkpoint <bc checkpoint>`` rolls each policy out
-on ``evaluate.episodes`` seeds starting at ``evaluate.seed`` (disjoint from the
-collect seeds), writes ``evaluation.json`` and ``evaluation.png`` into the run
-folder and prints the run-contract JSON line.
+The ``evaluate`` step (``python -m embodied evaluate --run-dir DIR``) loads the run
+folder's cloned policy (output ``policy``), rolls it and the expert and random
+policies out on ``evaluate.episodes`` seeds starting at ``evaluate.seed`` (disjoint
+from the collect seeds) and writes ``evaluation.json`` and ``evaluation.png`` into
+the run folder.
 """
 from __future__ import annotations
 
 import json
 
-import click
+from pipelines.cli import RunFailed
+from pipelines.report import plot_bars
+from pipelines.template import Run, StepResult
 
-from pipelines.cli import RunFailed, exit_with, template_options
-from pipelines.io import run_dir as make_run_dir
-from pipelines.report import emit, plot_bars, summary
-
-from . import config as config_mod
-from .config import TEMPLATE, EmbodiedConfig
+from .config import EmbodiedConfig
 from .policies import policy_spec
-from .rollout import Rollout, connect_cluster
+from .rollout import Rollout
 from .train import load_weights
 
 
@@ -70,20 +68,13 @@ def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str) -> dict:
     return metrics
 
 
-@click.command()
-@template_options
-@click.option("--checkpoint", required=True, help="A BC checkpoint folder (from embodied.train).")
-def main(config, overrides, address, run_dir, checkpoint):
-    """Evaluate a cloned policy against the expert and random policies on held-out seeds."""
-    cfg = config_mod.load(config, overrides)
-    policy_spec("expert", cfg.env.id)  # the comparison needs an expert: fail before cluster work
-    weights = load_weights(checkpoint)
-    connect_cluster(cfg, address)
-    out = run_dir or make_run_dir(TEMPLATE, root=cfg.run_root)
-    metrics = evaluate(cfg, weights, out)
-    emit(summary(TEMPLATE, "evaluate", out, outputs={"evaluation": f"{out}/evaluation.json",
-                                                     "plot": f"{out}/evaluation.png"}, metrics=metrics))
+def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
+    """The evaluate step: the run's ``policy`` vs the expert and random policies on held-out seeds."""
+    metrics = evaluate(cfg, load_weights(run.input("policy")), run.dir)
+    return StepResult({"evaluation": run.path("evaluation.json"), "plot": run.path("evaluation.png")}, metrics)
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("evaluate")

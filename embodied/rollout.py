@@ -1,7 +1,7 @@
 """Rollouts: simulator actors + a batched policy actor (or a local policy copy per simulator).
 
-``python -m embodied.rollout`` collects expert episodes into a LeRobot v3
-dataset (``<run_dir>/episodes``) and prints the run-contract JSON line.
+The ``collect`` step (``python -m embodied collect``) rolls out expert episodes
+into a LeRobot v3 dataset (``<run_dir>/episodes``) and the rejects table.
 
 Crash safety: the driver remembers which episodes each simulator holds. When a
 simulator actor dies, the driver starts a new one and re-queues every episode
@@ -15,25 +15,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import click
-
-from pipelines.cli import RunFailed, exit_with, template_options
-from pipelines.connect import connect
+from pipelines.cli import RunFailed
 from pipelines.io import rejects_table, write_table
-from pipelines.io import run_dir as make_run_dir
-from pipelines.report import emit, summary
+from pipelines.template import Run, StepResult
 
-from . import config as config_mod
-from .config import TEMPLATE, EmbodiedConfig
+from .config import EmbodiedConfig
 from .dataset import LeRobotWriter
 from .envs import env_facts
 from .policies import policy_spec
 from .simulator import PolicyServer, Simulator
-
-
-def connect_cluster(cfg: EmbodiedConfig, address: str | None = None) -> None:
-    """Attach to the given/ambient cluster, or start a small local Ray sized from config."""
-    connect(address, num_cpus=cfg.local_ray.cpus, object_store_memory=cfg.local_ray.object_store_mb * 1024 * 1024)
 
 
 class Rollout:
@@ -185,18 +175,14 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None) -> dict:
     return metrics
 
 
-@click.command()
-@template_options
-def main(config, overrides, address, run_dir):
-    """Collect episodes with simulator actors into a LeRobot v3 dataset."""
-    cfg = config_mod.load(config, overrides)
-    policy_spec(cfg.collect.policy, cfg.env.id)  # an unusable policy fails before any cluster work
-    connect_cluster(cfg, address)
-    out = run_dir or make_run_dir(TEMPLATE, root=cfg.run_root)
-    metrics = collect(cfg, out)
-    emit(summary(TEMPLATE, "rollout", out, outputs={"episodes": f"{out}/episodes", "rejects": f"{out}/rejects"},
-                 metrics=metrics, rejects=metrics["rejected_episodes"]))
+def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
+    """The collect step: ``episodes`` (LeRobot v3, one row per frame) and ``rejects``."""
+    metrics = collect(cfg, run.dir)
+    return StepResult({"episodes": run.path("episodes"), "rejects": run.path("rejects")}, metrics,
+                      rows=metrics["steps"], rejects=metrics["rejected_episodes"])
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("collect")

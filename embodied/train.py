@@ -1,9 +1,10 @@
 """Behaviour cloning with Ray Train: an MLP policy regressed onto the expert's actions.
 
-``python -m embodied.train --dataset <run_dir>/episodes`` trains on a LeRobot v3
-dataset with ``TorchTrainer`` (``train.num_workers`` DDP workers, CUDA when a
-GPU is assigned), checkpoints every ``train.checkpoint_every`` epochs into
-``<run_dir>/checkpoints``, and prints the run-contract JSON line.
+The ``train`` step (``python -m embodied train --run-dir DIR``) trains on the run
+folder's LeRobot v3 dataset (output ``episodes``) with ``TorchTrainer``
+(``train.num_workers`` DDP workers, CUDA when a GPU is assigned), checkpoints every
+``train.checkpoint_every`` epochs into ``<run_dir>/checkpoints``, and keeps the
+final checkpoint as ``<run_dir>/policy`` (output ``policy``, what ``evaluate`` reads).
 
 The frames are read once on the driver and shared through the object store;
 each worker trains on its own slice (rank::world_size). State-vector datasets
@@ -17,19 +18,14 @@ import json
 import tempfile
 from pathlib import Path
 
-import click
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipelines.cli import exit_with, template_options
 from pipelines.io import filesystem_for
-from pipelines.io import run_dir as make_run_dir
-from pipelines.report import emit, summary
+from pipelines.template import Run, StepResult
 
-from . import config as config_mod
-from .config import TEMPLATE, EmbodiedConfig
+from .config import EmbodiedConfig
 from .dataset import read_frames, read_info, vectors
-from .rollout import connect_cluster
 
 WEIGHTS_FILE = "policy.pt"
 
@@ -103,8 +99,16 @@ def load_weights(checkpoint_dir: str) -> dict:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
 
 
+def keep_checkpoint(checkpoint, dest: str) -> str:
+    """Copy a Ray Train checkpoint folder to ``dest`` (a fixed place in the run folder); ``dest``."""
+    fs, path = filesystem_for(dest)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(checkpoint.path, path, source_filesystem=checkpoint.filesystem, destination_filesystem=fs)
+    return dest
+
+
 def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
-    """Fit the BC policy on ``dataset``; return metrics, the checkpoint path and the weights."""
+    """Fit the BC policy on ``dataset``; return metrics and the final Ray Train checkpoint."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -134,27 +138,20 @@ def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
         raise RuntimeError("training finished without a checkpoint")
     metrics = {"train_loss": float(result.metrics["loss"]), "train_epochs": int(result.metrics["epoch"]),
                "train_frames": len(obs), "train_workers": t.num_workers}
-    return {"metrics": metrics, "checkpoint": result.checkpoint.path,
-            "weights": load_weights(result.checkpoint.path)}
+    return {"metrics": metrics, "checkpoint": result.checkpoint}
 
 
-@click.command()
-@template_options
-@click.option("--dataset", default=None, help="LeRobot v3 dataset folder (default: <run-dir>/episodes).")
-def main(config, overrides, address, run_dir, dataset):
-    """Behaviour cloning on a collected dataset with Ray Train."""
-    cfg = config_mod.load(config, overrides)
-    if not (dataset or run_dir):
-        raise click.UsageError("give --dataset PATH or --run-dir of a collect run")
-    dataset = dataset or f"{run_dir}/episodes"
+def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
+    """The train step: BC on the run's ``episodes``; the final checkpoint becomes output ``policy``."""
+    dataset = run.input("episodes")
     fs, path = filesystem_for(dataset)
     if fs.get_file_info(f"{path}/meta/info.json").type != pafs.FileType.File:
         raise FileNotFoundError(f"no LeRobot dataset at {dataset} (meta/info.json missing)")
-    connect_cluster(cfg, address)
-    out = run_dir or make_run_dir(TEMPLATE, root=cfg.run_root)
-    result = train(cfg, dataset, out)
-    emit(summary(TEMPLATE, "train", out, outputs={"checkpoint": result["checkpoint"]}, metrics=result["metrics"]))
+    result = train(cfg, dataset, run.dir)
+    return StepResult({"policy": keep_checkpoint(result["checkpoint"], run.path("policy"))}, result["metrics"])
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("train")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipelines.config import StrictModel, load_config
+from pipelines.config import LocalRayConfig, StrictModel, load_config
 
 PKG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = PKG_DIR / "configs" / "local.yaml"
@@ -80,6 +80,7 @@ class TextConfig(StrictModel):
     encodings: list[str] = Field(default_factory=lambda: ["utf-8", "gb18030", "cp1252"])  # after a BOM check
     min_chars: int = Field(1, ge=0)
     max_chars: int = Field(100_000, ge=1)
+    max_file_mb: float = Field(10, gt=0)  # files are decoded whole: larger ones are rejects (too_large)
     jsonl_field: str = "text"
     near_dup_jaccard: float = Field(0.7, gt=0, le=1)
     shingle: int = Field(3, ge=1)
@@ -101,8 +102,7 @@ class SampleConfig(StrictModel):
 
 class MultimodalConfig(StrictModel):
     modalities: list[Literal["images", "video", "audio", "text"]] = Field(default_factory=lambda: list(MODALITIES))
-    num_cpus: int = Field(2, ge=1)          # only for a local in-process Ray
-    object_store_mb: int = Field(300, ge=50)
+    local_ray: LocalRayConfig = LocalRayConfig(cpus=2)  # only for a local in-process Ray
     max_reject_ratio: float = Field(0.5, ge=0, le=1)
     source: SourceConfig = SourceConfig()
     images: ImageConfig = ImageConfig()

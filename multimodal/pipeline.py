@@ -1,5 +1,10 @@
 """Assemble and run the multimodal ETL: list -> route -> per-modality decode + embed
-(Ray Data, streaming) -> dataset-wide dedup -> Parquet outputs, rejects and a summary.
+(Ray Data, streaming) -> dataset-wide dedup -> Parquet outputs, rejects and metrics.
+
+The template's steps (``template.py``): ``sample`` (:func:`generate_sample`, the mixed-media
+sample written into the run folder when no input is configured) and ``process``
+(:func:`process`: routing, per-modality decode/embed, dedup and the writes, one streaming pass
+with no intermediate dataset that a separate step could read).
 
 Each modality runs in two passes so that duplicates are found across the whole dataset:
 pass 1 (distributed, Ray Data) decodes, computes features and embeddings and writes a
@@ -22,8 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.io import replace_dir
-from pipelines.io import filesystem_for, is_remote, reject, rejects_table, write_table
+from pipelines.cli import RunFailed
+from pipelines.io import filesystem_for, is_remote, reject, rejects_table, replace_dir, write_table
+from pipelines.template import Run, StepResult
 
 from . import dedup
 from .audio import AudioDecoder, embed_frames
@@ -120,7 +126,8 @@ def build_modality(cfg: MultimodalConfig, modality: str, files: pa.Table):
     if modality == "text":
         c = cfg.text
         ds = ray.data.from_arrow(blocks(files, c.batch_size)).map_batches(
-            TextReader(c.encodings, c.jsonl_field, c.shingle, c.min_chars, c.max_chars, ep),
+            TextReader(c.encodings, c.jsonl_field, c.shingle, c.min_chars, c.max_chars, ep,
+                       max_bytes=int(c.max_file_mb * (1 << 20))),
             batch_size=c.batch_size, batch_format="numpy", **decode_args(cfg, modality))
         return embed_stage(ds, "text", c.embed, (c.max_tokens,), max_tokens=c.max_tokens)
     raise ValueError(f"unknown modality {modality!r}")
@@ -310,7 +317,7 @@ def reason_class(reason: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "N", re.sub(r"'[^']*'", "'…'", reason))[:120]
 
 
-def run(cfg: MultimodalConfig, out_dir: str, input_path: str | None = None) -> dict:
+def etl(cfg: MultimodalConfig, out_dir: str, input_path: str | None = None) -> dict:
     """List, route and process every modality; write outputs; return metrics and outputs."""
     t0 = time.perf_counter()
     files = listing(cfg, input_path)
@@ -353,3 +360,42 @@ def local_sample_dir(out_dir: str) -> str:
     if is_remote(out_dir):
         raise ValueError("the generated sample needs a local run folder; pass --input for remote runs")
     return str(Path(out_dir) / "sample")
+
+
+# ------------------------------------------------------------------ steps
+def input_configured(cfg: MultimodalConfig) -> bool:
+    """True when ``source.input`` or ``source.manifest`` says what to process."""
+    return bool(cfg.source.input or cfg.source.manifest)
+
+
+def generate_sample(cfg: MultimodalConfig, run: Run) -> StepResult:
+    """Step ``sample``: generate the mixed-media sample (with broken files) into ``<run_dir>/sample``."""
+    import sys
+
+    from .sample import generate
+
+    folder = local_sample_dir(run.dir)
+    made = generate(folder, cfg.sample)
+    files = sum(len(v) for v in made["good"].values()) + len(made["broken"])
+    print(f"generated a mixed-media sample ({files} files) in {folder}", file=sys.stderr)
+    return StepResult({"sample": folder}, {"sample_files": files})
+
+
+def process(cfg: MultimodalConfig, run: Run) -> StepResult:
+    """Step ``process``: route, decode/embed per modality, dedup and write ``images``, ``video``,
+    ``audio``, ``text`` and ``rejects`` from ``source.manifest``, ``source.input`` or the run
+    folder's ``sample``. Too many rejected files fail the run (after the outputs are written)."""
+    from ray.exceptions import RayError
+
+    source = None if cfg.source.manifest else (cfg.source.input or run.input("sample"))
+    try:
+        result = etl(cfg, run.dir, source)
+    except RayError as e:  # a stage failed on the cluster: its own error is the last line
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise RunFailed(f"pipeline failed: {lines[-1].strip() if lines else type(e).__name__}") from None
+    m = result["metrics"]
+    files, bad = m["files"], m["rejected_files"]
+    failure = (f"{bad} of {files} files rejected, above max_reject_ratio {cfg.max_reject_ratio} "
+               f"(outputs and rejects in {run.dir})") if files and bad / files > cfg.max_reject_ratio else None
+    return StepResult(result["outputs"], m, rows=sum(m["rows"].values()), rejects=result["rejects"],
+                      failure=failure)

@@ -54,10 +54,19 @@ def read_head(uri: str, n: int, endpoint: str | None = None) -> bytes:
         return f.read(n)
 
 
-def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
-    """The whole file (use for images and text; video and audio are read from a local path)."""
+class FileTooLarge(ValueError):
+    """A file over the size cap of its stage (reason ``too_large: ...``)."""
+
+
+def read_bytes(uri: str, endpoint: str | None = None, max_bytes: int | None = None) -> bytes:
+    """The whole file (use for images and text; video and audio are read from a local path).
+
+    With ``max_bytes``, a larger file is a FileTooLarge, checked before anything is read.
+    """
     fs, path = resolve(uri, endpoint)
     with fs.open_input_file(path) as f:
+        if max_bytes is not None and f.size() > max_bytes:
+            raise FileTooLarge(f"too_large: {f.size()} bytes, over the {max_bytes}-byte cap")
         return f.read()
 
 

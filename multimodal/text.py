@@ -15,7 +15,7 @@ import numpy as np
 
 from .batches import one_line
 from .dedup import minhash
-from .sources import read_bytes
+from .sources import FileTooLarge, read_bytes
 
 BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
         (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
@@ -126,20 +126,21 @@ COLUMNS = ["path", "record", "text", "encoding", "n_chars", "n_words", "n_lines"
 class TextReader:
     """``map_batches`` stage: text files -> one row per document/record (bad records keep a
     ``reason``); yields a batch per ``rows_per_batch`` rows, so one big JSONL file becomes
-    many blocks (each file is decoded whole: keep single text files under ~1 GB)."""
+    many blocks. Each file is decoded whole, so files over ``max_bytes`` (``text.max_file_mb``)
+    are not read: one row with reason ``too_large: ...``."""
 
     def __init__(self, encodings: list[str], jsonl_field: str = "text", shingle: int = 3,
                  min_chars: int = 1, max_chars: int = 100_000, endpoint: str | None = None,
-                 rows_per_batch: int = 1024):
+                 rows_per_batch: int = 1024, max_bytes: int = 10 << 20):
         self.encodings, self.jsonl_field, self.shingle = list(encodings), jsonl_field, shingle
         self.min_chars, self.max_chars, self.endpoint = min_chars, max_chars, endpoint
-        self.rows_per_batch = rows_per_batch
+        self.rows_per_batch, self.max_bytes = rows_per_batch, max_bytes
 
     def _rows(self, path: str):
         try:
-            docs = list(iter_documents(path, read_bytes(path, self.endpoint), self.encodings,
+            docs = list(iter_documents(path, read_bytes(path, self.endpoint, self.max_bytes), self.encodings,
                                        self.jsonl_field))
-        except (TextError, OSError) as e:
+        except (TextError, FileTooLarge, OSError) as e:
             yield {"path": path, "record": 0, "reason": one_line(e)}
             return
         for record, raw, enc, error in docs:

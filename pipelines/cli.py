@@ -18,6 +18,7 @@ import click
 
 from .config import ConfigError
 from .connect import ClusterUnreachable, MissingToken
+from .io import CorruptParquet, corrupt_parquet_error
 
 
 def template_options(fn):
@@ -39,7 +40,7 @@ class RunFailed(RuntimeError):
 def run_main(command: click.Command, argv=None) -> int:
     """Invoke a click command; known errors become one stderr line and exit code."""
     try:
-        command.main(args=argv, standalone_mode=False)
+        _invoke(command, argv)
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -49,9 +50,21 @@ def run_main(command: click.Command, argv=None) -> int:
     except (ConfigError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         return 2
-    except (ClusterUnreachable, MissingToken, RunFailed, FileNotFoundError) as e:
+    except (ClusterUnreachable, MissingToken, RunFailed, FileNotFoundError, CorruptParquet) as e:
         click.echo(f"error: {e}", err=True)
         return 1
+
+
+def _invoke(command: click.Command, argv) -> None:
+    """Run the command; a Ray task that failed reading a Parquet file (a multi-line
+    RayTaskError) becomes the one-line CorruptParquet naming the file."""
+    try:
+        command.main(args=argv, standalone_mode=False)
+    except Exception as e:
+        bad = corrupt_parquet_error(e)
+        if bad is None or bad is e:
+            raise
+        raise bad from None
 
 
 def exit_with(command: click.Command, argv=None) -> None:

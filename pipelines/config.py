@@ -2,18 +2,23 @@
 
 Templates define pydantic models and call :func:`load_config`. Invalid config is
 raised as :class:`ConfigError` with one line naming the field and, where the
-field is a ``Literal``/enum, the allowed values.
+field is a ``Literal``/enum, the allowed values. Overrides that carry secrets
+reach a submitted job through the env var ``ADBRAY_SET`` (a JSON list of
+``key=value``, set by ``adbray submit``), applied after the command line's.
 """
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+SET_ENV = "ADBRAY_SET"  # JSON list of secret-bearing ``key=value`` overrides (kept out of the job's command line)
 
 
 class ConfigError(ValueError):
@@ -24,6 +29,18 @@ class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LocalRayConfig(StrictModel):
+    """Size of the in-process Ray started when no cluster address is given (ignored on a cluster).
+
+    Every template has this section as ``local_ray``; ``connect()`` applies it only
+    when it starts Ray itself, and preflight never counts it as a task request.
+    """
+
+    cpus: int = Field(4, ge=1)
+    object_store_mb: int = Field(300, ge=75)
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the in-process Ray's processes")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -54,6 +71,20 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             node = nxt
         node[parts[-1]] = value
     return data
+
+
+def env_overrides() -> list[str]:
+    """The overrides in ``$ADBRAY_SET`` (none when unset); a malformed value is a ConfigError."""
+    raw = os.environ.get(SET_ENV)
+    if not raw:
+        return []
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{SET_ENV} must be a JSON list of key=value strings")
+    return items
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -103,5 +134,5 @@ def load_config(
     """Load ``model`` from ``path`` (or ``default_path``) plus ``--set`` overrides."""
     src = path or default_path
     data = read_yaml(src) if src else {}
-    apply_overrides(data, overrides)
+    apply_overrides(data, [*(overrides or ()), *env_overrides()])
     return validate(model, data, source=str(src or "config"))

@@ -1,15 +1,25 @@
 """Run folders, Parquet with overwrite semantics, object-store URIs, MySQL, rejects.
 
 Everything a template writes goes through here so that a re-run replaces its
-outputs instead of duplicating rows.
+outputs instead of duplicating rows: Parquet folders are replaced crash-safely
+(:func:`replace_dir`), MySQL rows are upserted on a key the table must have, and
+table names from config are checked (:func:`checked_table_name`) before they
+reach SQL. An unreadable Parquet file is a one-line :class:`CorruptParquet`
+naming the file.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import math
 import os
+import posixpath
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -83,8 +93,8 @@ def write_table(table: pa.Table, uri: str, name: str = "part-0.parquet") -> str:
 def write_dataset(ds, uri: str) -> str:
     """Execute a Ray Dataset into a Parquet folder, replacing what was there.
 
-    Local folders are written beside the target and swapped in, so a failed
-    write leaves the previous output intact.
+    The new files are written beside the target and swapped in (:func:`replace_dir`),
+    so a failed or interrupted write leaves a complete output behind.
     """
     fs, path = filesystem_for(uri)
     replace_dir(fs, path, lambda tmp: ds.write_parquet(tmp, filesystem=fs))
@@ -92,32 +102,232 @@ def write_dataset(ds, uri: str) -> str:
 
 
 def replace_dir(fs: pafs.FileSystem, path: str, write) -> None:
-    """Call ``write(folder)`` and make that folder's content the new ``path``.
+    """Call ``write(folder)`` on a fresh sibling folder and make its content the new ``path``.
 
-    Locally the write goes to a sibling temp folder that is swapped in only on
-    success; on object stores the prefix is cleared first.
+    Crash-safe: whenever this call dies, a complete output (old or new) survives.
+    Locally the new folder is swapped in with one atomic exchange (Linux
+    ``renameat2``), so ``path`` holds a complete output at every instant; where the
+    filesystem cannot exchange, two renames (old -> ``<path>.old-*``, new -> ``path``)
+    leave ``path`` absent, never partial, for that instant. Object stores have no
+    rename: the new files go under ``<path>.tmp-*``, a ``.ready`` object lists them,
+    then they are moved over ``path`` (a reader during that move may see a mix).
+    Each call first finishes or undoes what a crashed call on the same ``path``
+    left: a ``.ready`` write is moved in, an ``.old-*`` folder is restored when
+    ``path`` is gone, other leftovers are deleted. One writer per ``path`` at a time.
     """
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        Path(tmp).mkdir(parents=True)
+        _replace_local(path, write)
+    else:
+        _replace_store(fs, path, write)
+
+
+def _leftovers(names: Iterable[str], target: str) -> list[str]:
+    """The temp (``.tmp-*``, ``.tmp-*.ready``) and backup (``.old-*``) names of ``target``."""
+    pattern = re.compile(re.escape(target) + r"\.(tmp|old)-[0-9a-f]{8}(\.ready)?")
+    return sorted(n for n in names if pattern.fullmatch(n))
+
+
+def _replace_local(path: str, write) -> None:
+    _recover_local(path)
+    tag = uuid.uuid4().hex[:8]
+    tmp = f"{path}.tmp-{tag}"
+    Path(tmp).mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old output
+    else:
+        old = f"{path}.old-{tag}"
+        os.replace(path, old)
         try:
-            write(tmp)
-            if Path(path).exists():
-                shutil.rmtree(path)
             os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_local(path: str) -> None:
+    parent, name = os.path.split(path)
+    if not os.path.isdir(parent):
         return
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-    fs.create_dir(path)
-    write(path)
+    left = _leftovers(os.listdir(parent), name)
+    olds = [n for n in left if ".old-" in n]
+    if olds and not os.path.lexists(path):  # died between the two renames: the old output is whole
+        keep = max(olds, key=lambda n: os.stat(os.path.join(parent, n)).st_mtime)
+        os.replace(os.path.join(parent, keep), path)
+        left.remove(keep)
+    for n in left:
+        shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def _store_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """Relative names of the files under ``folder`` (none when it does not exist)."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(folder) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _delete_store_dir(fs: pafs.FileSystem, folder: str) -> None:
+    if fs.get_file_info(folder).type != pafs.FileType.NotFound:
+        fs.delete_dir(folder)
+
+
+def _replace_store(fs: pafs.FileSystem, path: str, write) -> None:
+    _recover_store(fs, path)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        _delete_store_dir(fs, tmp)
+        raise
+    names = _store_files(fs, tmp)
+    with fs.open_output_stream(f"{tmp}.ready") as f:  # from here on the new output wins
+        f.write("\n".join(names).encode())
+    _promote(fs, tmp, path, names)
+
+
+def _promote(fs: pafs.FileSystem, tmp: str, path: str, names: list[str]) -> None:
+    """Make ``path`` hold exactly ``names``, moved from ``tmp``; safe to repeat after a crash."""
+    keep = set(names)
+    for name in _store_files(fs, path):
+        if name not in keep:
+            fs.delete_file(f"{path}/{name}")
+    pending = set(_store_files(fs, tmp))
+    for parent in sorted({posixpath.dirname(f"{path}/{n}") for n in names if n in pending}):
+        fs.create_dir(parent)
+    for name in names:
+        if name in pending:
+            fs.move(f"{tmp}/{name}", f"{path}/{name}")
+    _delete_store_dir(fs, tmp)
+    fs.delete_file(f"{tmp}.ready")
+
+
+def _recover_store(fs: pafs.FileSystem, path: str) -> None:
+    parent, name = posixpath.split(path)
+    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    left = _leftovers([i.base_name for i in infos], name)
+    for ready in (n for n in left if n.endswith(".ready")):
+        tmp = f"{parent}/{ready[:-len('.ready')]}"
+        with fs.open_input_stream(f"{parent}/{ready}") as f:
+            names = [n for n in f.read().decode().split("\n") if n]
+        _promote(fs, tmp, path, names)
+    for n in left:
+        if not n.endswith(".ready") and f"{n}.ready" not in left:
+            _delete_store_dir(fs, f"{parent}/{n}")
+
+
+class CorruptParquet(RuntimeError):
+    """A Parquet file that cannot be read (corrupt, truncated, not Parquet); one line naming it."""
+
+
+_FRAGMENT = re.compile(r"Failed to read fragment (\S+) after")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return [path]
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                  and not i.base_name.startswith((".", "_")))
+
+
+def find_corrupt_parquet(uri: str, columns: Sequence[str] | None = None) -> CorruptParquet | None:
+    """The error for the first unreadable Parquet file under ``uri`` (footers first, then the
+    ``columns`` data), or None when every file reads."""
+    fs, path = filesystem_for(uri)
+    scheme = urlparse(str(uri)).scheme if is_remote(uri) else ""
+    files = _parquet_files(fs, path)
+    for read_data in (False, True):
+        for f in files:
+            try:
+                with fs.open_input_file(f) as src:
+                    pf = pq.ParquetFile(src)
+                    if read_data:
+                        names = pf.schema_arrow.names
+                        pf.read(columns=[c for c in columns if c in names] if columns is not None else None)
+            except (pa.ArrowException, OSError) as e:
+                return CorruptParquet(f"cannot read Parquet file {scheme + '://' if scheme else ''}{f}: "
+                                      f"{_first_line(e)}")
+    return None
+
+
+def corrupt_parquet_error(exc: BaseException) -> CorruptParquet | None:
+    """The one-line CorruptParquet behind ``exc``, e.g. a Ray Data read task's multi-line
+    RayTaskError (Ray 2.60's Parquet reader names the file in it); None for anything else."""
+    cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+    if isinstance(cause, CorruptParquet):
+        return cause
+    if isinstance(cause, FileNotFoundError) or not isinstance(cause, (pa.ArrowException, OSError)):
+        return None
+    m = _FRAGMENT.search(str(cause))
+    return CorruptParquet(f"cannot read Parquet file {m.group(1)}: {_first_line(cause)}") if m else None
 
 
 def read_table(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a Parquet file or folder into one Arrow table."""
+    """Read a Parquet file or folder into one Arrow table (an unreadable file: CorruptParquet)."""
     fs, path = filesystem_for(uri)
-    return pq.read_table(path, columns=columns, filesystem=fs)
+    return _naming_corrupt_file(uri, columns, lambda: pq.read_table(path, columns=columns, filesystem=fs))
+
+
+def read_parquet(uri: str, columns: Sequence[str] | None = None, **kwargs):
+    """A lazy Ray Dataset over a Parquet file or folder (local, ``oss://``, ``s3://``).
+
+    A file whose footer cannot be read is a CorruptParquet here; one with corrupt data
+    pages fails when the Dataset executes, and :func:`corrupt_parquet_error` (used by the
+    CLI) turns that task error into the same one line.
+    """
+    import ray
+
+    fs, path = filesystem_for(uri)
+    return _naming_corrupt_file(
+        uri, columns, lambda: ray.data.read_parquet(path, columns=columns, filesystem=fs, **kwargs))
+
+
+def _naming_corrupt_file(uri: str, columns, read):
+    """``read()``; a failed read of a corrupt file becomes a one-line CorruptParquet naming it."""
+    try:
+        return read()
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError):
+        bad = find_corrupt_parquet(uri, columns)
+        if bad is None:
+            raise
+        raise bad from None
 
 
 # ------------------------------------------------------------------- rejects
@@ -188,25 +398,63 @@ def _sql_type(t: pa.DataType, is_key: bool) -> str:
     return "VARCHAR(191)" if is_key else "TEXT"
 
 
+_IDENT = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def checked_table_name(name: str, field: str = "table") -> str:
+    """``name`` when it is a safe MySQL table name (``table`` or ``db.table``, each part
+    ``[A-Za-z0-9_]{1,64}``), else a one-line ValueError naming the config ``field``."""
+    parts = name.split(".") if isinstance(name, str) else []
+    if not 1 <= len(parts) <= 2 or not all(_IDENT.fullmatch(p) for p in parts):
+        raise ValueError(f"{field}: invalid table name {name!r} (letters, digits and _, at most 64, "
+                         f"optionally db.table)")
+    return name
+
+
+def sql_table(name: str, field: str = "table") -> str:
+    """A checked table name quoted for SQL: db.t -> `db`.`t`."""
+    return ".".join(f"`{p}`" for p in checked_table_name(name, field).split("."))
+
+
 def _ident(name: str) -> str:
-    if not name.replace("_", "").isalnum():
-        raise ValueError(f"unsafe SQL identifier {name!r}")
+    if not _IDENT.fullmatch(str(name)):
+        raise ValueError(f"unsafe SQL identifier {name!r} (letters, digits and _, at most 64)")
     return f"`{name}`"
 
 
 def ensure_table(conn, table: str, schema: pa.Schema, key: Sequence[str]) -> None:
-    """Create ``table`` from an Arrow schema with a primary key, if missing."""
+    """Create ``table`` from an Arrow schema with a primary key on ``key``, if missing.
+
+    An existing table must have a PRIMARY or UNIQUE key on exactly the ``key`` columns,
+    else upserts would add rows instead of replacing them: a one-line ValueError.
+    """
+    missing = [k for k in key if k not in schema.names]
+    if not key or missing:
+        raise ValueError(f"upsert key {list(key)} is not among the columns {schema.names}")
     cols = ", ".join(f"{_ident(f.name)} {_sql_type(f.type, f.name in key)}" for f in schema)
     pk = ", ".join(_ident(k) for k in key)
+    db, _, name = table.rpartition(".")
     with conn.cursor() as cur:
-        cur.execute(f"CREATE TABLE IF NOT EXISTS {_ident(table)} ({cols}, PRIMARY KEY ({pk}))")
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {sql_table(table)} ({cols}, PRIMARY KEY ({pk}))")
+        cur.execute("SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS "
+                    "WHERE TABLE_SCHEMA = COALESCE(%s, DATABASE()) AND TABLE_NAME = %s AND NON_UNIQUE = 0",
+                    (db or None, name))
+        unique: dict[str, set] = {}
+        for index, column in cur.fetchall():
+            unique.setdefault(index, set()).add(column.lower())
+    if {k.lower() for k in key} not in unique.values():
+        raise ValueError(f"MySQL table {table} has no PRIMARY or UNIQUE key on ({', '.join(key)}): "
+                         f"upserts would duplicate rows; add that key or drop the table")
 
 
 def upsert_mysql(url: str, table: str, data: pa.Table, key: Sequence[str], batch_rows: int = 1000) -> int:
     """Idempotent write: insert rows, replacing any with the same ``key``.
 
-    The table is created on first use. Returns the number of rows written.
+    The table is created on first use; an existing one must have a PRIMARY or UNIQUE
+    key on ``key`` (checked). NaN and +/-inf floats are written as NULL (MySQL has no
+    such values). Returns the number of rows written.
     """
+    target = sql_table(table)
     conn = mysql_connect(url)
     try:
         ensure_table(conn, table, data.schema, key)
@@ -215,7 +463,7 @@ def upsert_mysql(url: str, table: str, data: pa.Table, key: Sequence[str], batch
         marks = ", ".join(["%s"] * len(names))
         updates = ", ".join(f"{_ident(n)}=VALUES({_ident(n)})" for n in names if n not in key) or \
             f"{_ident(key[0])}={_ident(key[0])}"
-        sql = f"INSERT INTO {_ident(table)} ({cols}) VALUES ({marks}) ON DUPLICATE KEY UPDATE {updates}"
+        sql = f"INSERT INTO {target} ({cols}) VALUES ({marks}) ON DUPLICATE KEY UPDATE {updates}"
         rows = data.to_pylist()
         with conn.cursor() as cur:
             for i in range(0, len(rows), batch_rows):
@@ -227,6 +475,8 @@ def upsert_mysql(url: str, table: str, data: pa.Table, key: Sequence[str], batch
 
 
 def _py(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, (list, dict)):
         import json
 

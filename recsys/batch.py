@@ -12,12 +12,10 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with
-from pipelines.io import mysql_connect, upsert_mysql, write_dataset
-from pipelines.report import summary
+from pipelines.io import checked_table_name, mysql_connect, sql_table, upsert_mysql, write_dataset
+from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import step_command
 from .score import Recommender
 
 KEY = ("user_id", "rank")
@@ -64,38 +62,37 @@ def build(cfg: C.RecsysConfig, out: str):
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.max_actors))
 
 
-def run(cfg: C.RecsysConfig, out: str) -> dict:
-    """Write top-k for every user; returns the summary with users/s."""
+def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
+    """Write top-k for every user (Parquet or MySQL); users/s in the metrics."""
+    out = run.dir
     import ray
 
     b = cfg.batch
+    table = checked_table_name(b.mysql_table, "batch.mysql_table") if b.output == "mysql" else None
     rows = build(cfg, out)
     t0 = time.perf_counter()
     if b.output == "parquet":
         target = write_dataset(rows, f"{out}/recommendations")
         written = ray.data.read_parquet(target).count()
     else:
-        counts = rows.map_batches(MySQLWriter, fn_constructor_kwargs={"url": b.mysql_url, "table": b.mysql_table},
+        counts = rows.map_batches(MySQLWriter, fn_constructor_kwargs={"url": b.mysql_url, "table": table},
                                   batch_size=5000, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
         written = int(sum(r["written"] for r in counts.take_all()))
         conn = mysql_connect(b.mysql_url)
         try:
             with conn.cursor() as cur:
-                cur.execute(f"DELETE FROM `{b.mysql_table}` WHERE `rank` >= %s", (b.k,))
+                cur.execute(f"DELETE FROM {sql_table(table)} WHERE `rank` >= %s", (b.k,))
             conn.commit()
         finally:
             conn.close()
-        target = f"{b.mysql_url.rsplit('@', 1)[-1]}#{b.mysql_table}"
+        target = f"{b.mysql_url.rsplit('@', 1)[-1]}#{table}"
     seconds = time.perf_counter() - t0
     metrics = {"users": cfg.data.num_users, "recommendation_rows": written, "batch_seconds": seconds,
                "batch_users_per_s": cfg.data.num_users / seconds}
-    return summary(C.TEMPLATE, "batch", out, {"recommendations": target}, metrics)
-
-
-main = step_command(
-    run, "models/ranker.pt",
-    "Top-k recommendations for every user (needs a run folder with trained models).")
+    return StepResult({"recommendations": target}, metrics, rows=written)
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("batch")

@@ -6,17 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import StrictModel, load_config
+from pipelines.config import LocalRayConfig, StrictModel, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TEMPLATE = "recsys"
-
-
-class RayConfig(StrictModel):
-    """Used only when no cluster address is given and a local in-process Ray starts."""
-
-    num_cpus: int = Field(4, ge=1)
-    object_store_mb: int = Field(300, ge=75)
 
 
 class DataConfig(StrictModel):
@@ -123,10 +116,11 @@ class ServeConfig(StrictModel):
     ranker_replicas: int = Field(1, ge=1)
     retriever_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
+    request_timeout_s: float = Field(5.0, gt=0, description="per request: a 504 past it (/healthz: a 503)")
 
 
 class RecsysConfig(StrictModel):
-    ray: RayConfig = RayConfig()
+    local_ray: LocalRayConfig = LocalRayConfig()
     data: DataConfig = DataConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     ranker: RankerConfig = RankerConfig()

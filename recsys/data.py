@@ -11,12 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with
 from pipelines.io import upsert_mysql, write_dataset, write_table
-from pipelines.report import summary
+from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import DAY_S, step_command
+from .common import DAY_S
 
 CATEGORY_WORDS = ["shoes", "shirt", "phone", "laptop", "book", "toy", "kitchen", "garden", "beauty",
                   "sports", "music", "game", "camera", "watch", "bag", "sofa", "lamp", "bike", "coffee",
@@ -190,12 +189,12 @@ def build_per_user(stage, d: C.DataConfig):
         batch_size=d.users_per_block, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
 
 
-def run(cfg: C.RecsysConfig, out: str) -> dict:
-    """Generate and write users, items, impressions, clicks and queries; return the summary."""
+def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
+    """Generate and write users, items, impressions, clicks and queries."""
     import ray
     from ray.data.expressions import col
 
-    d = cfg.data
+    out, d = run.dir, cfg.data
     w = make_world(d)
     outputs = {"users": write_table(users_table(d, w), f"{out}/users"),
                "items": write_table(items_table(d, w), f"{out}/items")}
@@ -212,13 +211,12 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
         for name, key in (("users", ["user_id"]), ("items", ["item_id"]),
                           ("impressions", ["impression_id"]), ("queries", ["query_id"])):
             upsert_mysql(d.mysql_url, f"recsys_{name}", read_table(f"{out}/{name}"), key)
-    return summary(C.TEMPLATE, "data", out, outputs,
-                   {"users": d.num_users, "items": d.num_items, "impressions": n_imp, "clicks": n_clicks,
-                    "queries": n_queries, "ctr": n_clicks / max(n_imp, 1)})
-
-
-main = step_command(run, None, "Generate the synthetic recsys data into a run folder.")
+    metrics = {"users": d.num_users, "items": d.num_items, "impressions": n_imp, "clicks": n_clicks,
+               "queries": n_queries, "ctr": n_clicks / max(n_imp, 1)}
+    return StepResult(outputs, metrics, rows=d.num_users + d.num_items + n_imp + n_clicks + n_queries)
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("data")

@@ -13,13 +13,13 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with
 from pipelines.io import read_table, write_table
 from pipelines.metrics import ndcg_at_k, recall_at_k, roc_auc
-from pipelines.report import plot_bars, summary
+from pipelines.report import plot_bars
+from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import slice_bounds, step_command
+from .common import slice_bounds
 from .features import clicked_by_user
 from .ranking import impression_examples, time_slice
 from .score import RankerScorer, Recommender
@@ -62,10 +62,11 @@ class ImpressionScorer:
                 "retrieval": dense[:, 0], "popularity": dense[:, 1]}
 
 
-def run(cfg: C.RecsysConfig, out: str) -> dict:
+def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     """Evaluate the run's models on the test slice; write eval_users, eval_metrics.json and PNGs."""
     import ray
 
+    out = run.dir
     e = cfg.eval
     _, t2, end = slice_bounds(cfg)
     impressions = read_table(f"{out}/impressions")
@@ -96,13 +97,10 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
                       ("auc", "auc_{}")):
         outputs[f"plot_{name}"] = plot_bars(f"{out}/eval_{name}.png", {m: metrics[key.format(m)] for m in METHODS},
                                             ylabel=name, title=f"{name} on the test slice ({len(users)} users)")
-    return summary(C.TEMPLATE, "evaluate", out, outputs, metrics)
-
-
-main = step_command(
-    run, "models/ranker.pt",
-    "Evaluate retrieval, ranker and popularity on the later time slice.")
+    return StepResult(outputs, metrics, rows=per_user.num_rows)
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("evaluate")

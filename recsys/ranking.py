@@ -6,7 +6,8 @@ user active in [t1, t2): the retriever's top candidates with features and labels
 in the window). The ranker learns to re-order those lists (listwise softmax loss) with
 ``FailureConfig(max_failures)``: a worker error restarts the group from the last
 checkpoint; re-running the step with the same inputs resumes the stored run.
-``ranker.fail_after_epoch`` injects a failure after that epoch's checkpoint (tests).
+``ranker.fail_after_epoch`` injects a failure after that epoch's checkpoint (tests);
+``train(hold_after_epoch=...)`` parks the workers there so a test can SIGKILL one.
 """
 from __future__ import annotations
 
@@ -16,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with
 from pipelines.io import read_table, rejects_table, write_table
 from pipelines.metrics import ndcg_at_k, roc_auc
-from pipelines.report import summary
+from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import slice_bounds, step_command
+from .common import slice_bounds
 from .features import (
     PRICE_BUCKETS,
     CandidateExamples,
@@ -55,6 +55,23 @@ def model_kwargs(cfg: C.RecsysConfig, num_items: int) -> dict:
 
 class InjectedFailure(RuntimeError):
     """Raised by the train loop when ``ranker.fail_after_epoch`` asks for it."""
+
+
+def hold_until_killed(pid_dir: str, timeout_s: float = 600.0) -> None:
+    """Testing hook: write this Train worker's pid to ``<pid_dir>/rank-<r>.pid`` and block until a test
+    kills the process (SIGKILL); raise if nobody does within ``timeout_s``."""
+    import os
+
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    path = Path(pid_dir, f"rank-{rank}.pid")
+    path.with_suffix(".tmp").write_text(str(os.getpid()))
+    path.with_suffix(".tmp").rename(path)  # appears whole
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+    raise InjectedFailure(f"worker {os.getpid()} held for a kill that never came ({timeout_s:.0f}s)")
 
 
 def _logits(model, data: dict, idx, dev):
@@ -119,6 +136,8 @@ def train_loop(config: dict) -> None:
         report_epoch(model, opt, epoch, metrics)
         if config.get("fail_after_epoch") == epoch and start == 0:
             raise InjectedFailure(f"injected failure after epoch {epoch} (ranker.fail_after_epoch)")
+        if config.get("hold_after_epoch") == epoch and start == 0:
+            hold_until_killed(config["hold_dir"])
 
 
 def write_snapshots(cfg: C.RecsysConfig, out: str) -> tuple[pa.Table, int]:
@@ -160,8 +179,13 @@ def candidate_examples(users: pa.Table, out: str, snapshot_name: str, candidates
                                              "val_fraction": val_fraction}, 256)
 
 
-def train(cfg: C.RecsysConfig, out: str, impressions: pa.Table, storage_path: str | None = None):
-    """Build examples in [t1, t2), fit the ranker; returns (Train Result, model kwargs, seconds)."""
+def train(cfg: C.RecsysConfig, out: str, impressions: pa.Table, storage_path: str | None = None,
+          hold_after_epoch: tuple[int, str] | None = None):
+    """Build examples in [t1, t2), fit the ranker; returns (Train Result, model kwargs, seconds).
+
+    ``hold_after_epoch=(epoch, pid_dir)`` (tests) makes every worker of the first attempt stop after
+    that epoch's checkpoint, write its pid to ``pid_dir`` and wait to be killed (:func:`hold_until_killed`).
+    """
     from ray.data.expressions import col
 
     k = cfg.ranker
@@ -173,6 +197,8 @@ def train(cfg: C.RecsysConfig, out: str, impressions: pa.Table, storage_path: st
     kwargs = model_kwargs(cfg, read_table(f"{out}/items").num_rows)
     loop_cfg = {"model_kwargs": kwargs, "seed": cfg.data.seed, "lr": k.lr, "weight_decay": k.weight_decay,
                 "epochs": k.epochs, "batch_size": k.batch_size, "fail_after_epoch": k.fail_after_epoch}
+    if hold_after_epoch is not None:
+        loop_cfg.update(hold_after_epoch=hold_after_epoch[0], hold_dir=hold_after_epoch[1])
     stable = k.model_dump(exclude={"fail_after_epoch", "max_failures", "storage_path"})
     name = run_name("ranker", stable, cfg.data.model_dump(), cfg.retrieval.candidates, rows.count(),
                     param_shapes(DeepFM(**kwargs)))
@@ -183,8 +209,9 @@ def train(cfg: C.RecsysConfig, out: str, impressions: pa.Table, storage_path: st
     return result, kwargs, time.perf_counter() - t0
 
 
-def run(cfg: C.RecsysConfig, out: str) -> dict:
-    """Snapshots + ranker training; saves ``models/ranker.pt`` and returns the summary."""
+def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
+    """Snapshots + ranker training; saves ``models/ranker.pt``."""
+    out = run.dir
     impressions, n_rejects = write_snapshots(cfg, out)
     result, kwargs, train_s = train(cfg, out, impressions)
     state = load_state(result.checkpoint)
@@ -194,20 +221,17 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
     uri = save_model(model, kwargs, f"{out}/{MODEL_FILE}", epoch=state["epoch"], version=version,
                      metrics=state["metrics"])
     m = state["metrics"]
-    metrics = {"rows": impressions.num_rows, "ranker_val_auc": m.get("val_auc"),
+    metrics = {"ranker_rows": impressions.num_rows, "model_version": version, "ranker_val_auc": m.get("val_auc"),
                "ranker_val_ndcg10": m.get("val_ndcg10"), "retrieval_val_ndcg10": m.get("val_ndcg10_retrieval"),
                "ranker_epochs": state["epoch"] + 1,
                "ranker_samples_per_s": cfg.ranker.num_workers * m["samples"] / max(m["seconds"], 1e-9),
                "ranker_start_epoch": m.get("start_epoch"), "ranker_train_s": train_s}
     outputs = {"ranker": uri, "rejects": f"{out}/rejects",
                **{f"features_{s}": f"{out}/features/{s}" for s in SNAPSHOTS}}
-    return summary(C.TEMPLATE, "ranking", out, outputs, metrics, rejects=n_rejects, model_version=version)
-
-
-main = step_command(
-    run, "user_embeddings",
-    "Train the DeepFM ranker (needs a run folder with data and retriever embeddings).")
+    return StepResult(outputs, metrics, rows=impressions.num_rows, rejects=n_rejects)
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("ranking")

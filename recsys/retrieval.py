@@ -12,12 +12,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cli import exit_with
 from pipelines.io import read_table, write_dataset
-from pipelines.report import summary
+from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import slice_bounds, step_command
+from .common import slice_bounds
 from .models import TwoTower, in_batch_softmax_loss, load_model, save_model, tokenize
 from .training import (
     batches_per_epoch,
@@ -172,8 +171,9 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 10) -> tuple[np.nd
     return cent, np.argmax(x @ cent.T, axis=1)
 
 
-def run(cfg: C.RecsysConfig, out: str) -> dict:
-    """Train the retriever, embed every item and user, and return the summary."""
+def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
+    """Train the retriever and embed every item and user."""
+    out = run.dir
     import ray
 
     r = cfg.retrieval
@@ -205,13 +205,10 @@ def run(cfg: C.RecsysConfig, out: str) -> dict:
                "user_embeddings": write_dataset(embed(user_ids, model_uri, "user", r), f"{out}/user_embeddings")}
     metrics = {"train_pairs": len(pairs["item_id"]), "retriever_loss": state["metrics"].get("loss"),
                "retriever_epochs": state["epoch"] + 1, "retriever_train_s": train_s}
-    return summary(C.TEMPLATE, "retrieval", out, outputs, metrics)
-
-
-main = step_command(
-    run, "clicks",
-    "Train the two-tower retriever and embed items/users (needs a run folder with data).")
+    return StepResult(outputs, metrics, rows=len(item_ids) + len(user_ids))
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("retrieval")

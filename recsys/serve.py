@@ -7,11 +7,15 @@ Ingress -> ``RetrieverDeployment`` (index + query tower) -> feature lookup
 (in-process or Redis) -> ``RankerDeployment`` (``@serve.batch``: one forward pass
 for many requests) -> items, scores and the model version. Search scores add the query
 relevance (retrieval logit) to the ranker's personal score, so matches stay on top. Unknown users, missing
-users and empty queries fall back to popular items; bad input is a 422.
+users and empty queries fall back to popular items; bad input (ids outside ``[0, 2**63)`` too) is a 422.
+A ranked answer says in ``batch_size`` how many requests the ranker call that scored it held. Each request
+has ``serve.request_timeout_s`` (504); Redis lookups run off the event loop; ``/healthz`` is a 503 when
+the Redis feature store does not answer.
 
 Deploy with ``python -m recsys.serve --run-dir RUN`` or ``serve run recsys/serve_config.yaml``.
 """
 
+import asyncio
 import json
 import sys
 import time
@@ -19,26 +23,30 @@ from typing import Annotated
 
 import click
 import numpy as np
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from redis.exceptions import RedisError
 
 from pipelines.cli import RunFailed, exit_with, template_options
 from pipelines.io import read_table
 from pipelines.report import emit, summary
+from pipelines.template import Run, prepare_run_dir, read_manifest
 
 from . import config as C
-from .common import connect_for, input_dir
+from .common import connect_for
 from .features import FeatureStore, RedisUsers, redis_prefix
 from .score import RankerScorer, Retriever
 
 MAX_K = 100
+INT64_END = 2 ** 63
+Id = Annotated[int, Field(ge=0, lt=INT64_END)]  # user and category ids: int64 in every table
 api = FastAPI(title="recsys")
 
 
 class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    categories: list[int] | None = Field(None, max_length=100)
+    categories: list[Id] | None = Field(None, max_length=100)
     max_price: float | None = Field(None, gt=0)
 
     def as_kwargs(self) -> dict:
@@ -47,7 +55,7 @@ class Filters(BaseModel):
 
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user_id: int | None = Field(None, ge=0)
+    user_id: Id | None = None
     k: int = Field(10, ge=1, le=MAX_K)
     filters: Filters = Filters()
 
@@ -104,10 +112,11 @@ class RankerDeployment:
         return self.scorer.version
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def score(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    async def score(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
+        """Per request: (its scores, how many requests this forward pass held)."""
         sizes = [len(s) for s, _ in requests]
         out = self.scorer(np.concatenate([s for s, _ in requests]), np.concatenate([d for _, d in requests]))
-        return np.split(out, np.cumsum(sizes)[:-1])
+        return [(part, len(requests)) for part in np.split(out, np.cumsum(sizes)[:-1])]
 
 
 @serve.deployment
@@ -117,6 +126,7 @@ class Ingress:
 
     def __init__(self, retriever, ranker, run_dir: str, serve_cfg: dict, version: str, temperature: float):
         s = C.ServeConfig(**serve_cfg)
+        self.timeout_s, self.redis = s.request_timeout_s, s.feature_store == "redis"
         # query relevance on the retriever's logit scale, times serve.search_relevance_weight
         self.relevance_weight = s.search_relevance_weight / temperature
         self.retriever, self.ranker, self.version = retriever, ranker, version
@@ -139,9 +149,19 @@ class Ingress:
         ids, scores = self.popular[ok][:k], self.popular_score[ok][:k]
         return self._response(ids, scores, source="popular", fallback=reason)
 
-    def _response(self, ids, scores, source: str, fallback: str | None = None) -> dict:
+    def _response(self, ids, scores, source: str, fallback: str | None = None,
+                  batch_size: int | None = None) -> dict:
         return {"items": [{"item_id": int(i), "score": float(s)} for i, s in zip(ids, scores)],
-                "model_version": self.version, "source": source, "fallback": fallback}
+                "model_version": self.version, "source": source, "fallback": fallback, "batch_size": batch_size}
+
+    async def _bounded(self, work):
+        """``work`` within ``serve.request_timeout_s``: a 504 past it, a 503 when Redis fails."""
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except TimeoutError:
+            raise HTTPException(504, f"request took over serve.request_timeout_s={self.timeout_s}s") from None
+        except RedisError as e:
+            raise HTTPException(503, f"feature store unavailable: {type(e).__name__}: {e}") from None
 
     async def _rank(self, user_id: int | None, ids: np.ndarray, scores: np.ndarray, k: int,
                     relevance_weight: float = 0.0) -> dict:
@@ -149,10 +169,14 @@ class Ingress:
         if len(ids) == 0:
             return self._response([], [], source="ranker")
         users = np.full(len(ids), -1 if user_id is None else user_id, dtype=np.int64)
-        sparse, dense = self.features.ranker_inputs(users, ids, scores)
-        ranked = await self.ranker.score.remote((sparse, dense)) + relevance_weight * scores
+        if self.redis:  # a blocking client: keep the event loop free
+            sparse, dense = await asyncio.to_thread(self.features.ranker_inputs, users, ids, scores)
+        else:
+            sparse, dense = self.features.ranker_inputs(users, ids, scores)
+        personal, batch_size = await self.ranker.score.remote((sparse, dense))
+        ranked = personal + relevance_weight * scores
         order = np.argsort(-ranked, kind="stable")[:k]
-        return self._response(ids[order], ranked[order], source="ranker")
+        return self._response(ids[order], ranked[order], source="ranker", batch_size=batch_size)
 
     async def recommend(self, req: RecommendRequest) -> dict:
         if req.user_id is None:
@@ -169,32 +193,37 @@ class Ingress:
         return await self._rank(req.user_id, ids, scores, req.k, relevance_weight=self.relevance_weight)
 
     @api.get("/recommend")
-    async def recommend_get(self, user_id: Annotated[int | None, Query(ge=0)] = None,
+    async def recommend_get(self, user_id: Annotated[int | None, Query(ge=0, lt=INT64_END)] = None,
                             k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
-                            category: Annotated[list[int] | None, Query()] = None,
+                            category: Annotated[list[Id] | None, Query(max_length=100)] = None,
                             max_price: Annotated[float | None, Query(gt=0)] = None):
-        return await self.recommend(RecommendRequest(user_id=user_id, k=k,
-                                                     filters=Filters(categories=category, max_price=max_price)))
+        return await self._bounded(self.recommend(RecommendRequest(
+            user_id=user_id, k=k, filters=Filters(categories=category, max_price=max_price))))
 
     @api.post("/recommend")
     async def recommend_post(self, req: RecommendRequest):
-        return await self.recommend(req)
+        return await self._bounded(self.recommend(req))
 
     @api.get("/search")
     async def search_get(self, query: Annotated[str, Query(max_length=200)] = "",
-                         user_id: Annotated[int | None, Query(ge=0)] = None,
+                         user_id: Annotated[int | None, Query(ge=0, lt=INT64_END)] = None,
                          k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
-                         category: Annotated[list[int] | None, Query()] = None,
+                         category: Annotated[list[Id] | None, Query(max_length=100)] = None,
                          max_price: Annotated[float | None, Query(gt=0)] = None):
-        return await self.search(SearchRequest(query=query, user_id=user_id, k=k,
-                                               filters=Filters(categories=category, max_price=max_price)))
+        return await self._bounded(self.search(SearchRequest(
+            query=query, user_id=user_id, k=k, filters=Filters(categories=category, max_price=max_price))))
 
     @api.post("/search")
     async def search_post(self, req: SearchRequest):
-        return await self.search(req)
+        return await self._bounded(self.search(req))
 
     @api.get("/healthz")
     async def healthz(self):
+        if self.redis:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.features.users.client.ping), self.timeout_s)
+            except (RedisError, OSError) as e:  # refused, hung (TimeoutError is an OSError), auth
+                raise HTTPException(503, f"feature store unreachable: {type(e).__name__}: {e}") from None
         return {"ok": True, "model_version": self.version}
 
 
@@ -248,7 +277,10 @@ def main(config, overrides, address, run_dir, block):
     import httpx
 
     cfg = C.load(config, overrides)
-    out = input_dir(run_dir, "models/ranker.pt")
+    if not run_dir:
+        raise click.UsageError("give --run-dir: a run folder with trained models (python -m recsys)")
+    out = prepare_run_dir(C.TEMPLATE, run_dir)
+    Run(out, read_manifest(out)).input("ranker")
     connect_for(cfg, address)
     url = deploy(cfg, out)
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import StrictModel, load_config
+from pipelines.config import LocalRayConfig, StrictModel, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
@@ -103,6 +103,11 @@ class ServeConfig(StrictModel):
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.002, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
+    request_timeout_s: float = Field(5.0, gt=0)  # per request: 504 past it (/healthz: 503)
+    redis_timeout_s: float = Field(2.0, gt=0)    # connect/read timeout of each Redis call
+    memory_max_entries: int = Field(100_000, ge=1)  # memory store: cards and merchants each, LRU
+    max_card_recent: int = Field(1000, ge=1)        # rows a card keeps from its last 7 days (features cap)
+    max_merchant_events: int = Field(10_000, ge=1)  # a merchant's 24 h times and pending labels, each
     fast_serve: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED + HAProxy when this run starts Ray
     smoke_requests: int = Field(200, ge=0)
     block: bool = False
@@ -115,8 +120,13 @@ class RiskConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     score: ScoreConfig = ScoreConfig()
     serve: ServeConfig = ServeConfig()
-    local_cpus: int | None = Field(None, ge=1)  # CPUs of a local in-process Ray (no address given)
-    object_store_mb: int = Field(300, ge=50)
+    local_ray: LocalRayConfig = LocalRayConfig()
+
+    @model_validator(mode="after")
+    def _fast_serve_env(self):
+        if self.serve.fast_serve:  # an in-process Ray's Serve processes must start with these
+            self.local_ray.env = {**FAST_SERVE_ENV, **self.local_ray.env}
+        return self
 
 
 def load(path: str | None = None, overrides=()) -> RiskConfig:

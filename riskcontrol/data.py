@@ -11,18 +11,15 @@ the cluster config can make 100M rows.
 """
 from __future__ import annotations
 
-import click
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.cli import exit_with, template_options
-from pipelines.io import run_dir as make_run_dir
-from pipelines.io import upsert_mysql, write_dataset
-from pipelines.report import emit, summary
+from pipelines.io import read_parquet, upsert_mysql, write_dataset
+from pipelines.template import Run, StepResult
 
-from .config import FAST_SERVE_ENV, DataConfig, RiskConfig, load
-from .features import CATEGORIES, CHANNELS, DAY, HOUR
+from .config import DataConfig, RiskConfig
+from .vocab import CATEGORIES, CHANNELS, DAY, HOUR
 
 TEMPLATE = "riskcontrol"
 ID_STRIDE = 10**10  # transaction ids: shard * ID_STRIDE + row number
@@ -304,34 +301,22 @@ def _redact(url: str) -> str:
 
 
 def read_transactions(path: str):
-    """A lazy Dataset over a (date-partitioned) transactions Parquet folder."""
-    import ray
-
-    return ray.data.read_parquet(path)
-
-
-def connect_for(cfg: RiskConfig, address: str | None) -> None:
-    """Attach to the cluster (or start a small local Ray when no address is given anywhere)."""
-    import os
-
-    from pipelines.connect import connect
-
-    if cfg.serve.fast_serve and not (address or os.environ.get("RAY_ADDRESS")):
-        for key, value in FAST_SERVE_ENV.items():  # our own Ray: its Serve processes inherit these
-            os.environ.setdefault(key, value)
-    connect(address, num_cpus=cfg.local_cpus, object_store_memory=cfg.object_store_mb * 1024 * 1024)
+    """A lazy Dataset over a (date-partitioned) transactions Parquet folder (a corrupt file
+    is a one-line CorruptParquet naming it)."""
+    return read_parquet(path)
 
 
-@click.command()
-@template_options
-def main(config, overrides, address, run_dir):
-    """Generate seeded transactions with injected fraud (python -m riskcontrol.data)."""
-    cfg = load(config, overrides)
-    connect_for(cfg, address)
-    out = run_dir or make_run_dir(TEMPLATE)
-    outputs, rows = write_transactions(cfg.data, out)
-    emit(summary(TEMPLATE, "data", out, outputs, {"transactions": rows}))
+def run(cfg: RiskConfig, run: Run) -> StepResult:
+    """The data step: seeded transactions with injected fraud as ``transactions`` (date-partitioned
+    Parquet in the run folder); with ``data.mysql_url`` also upserted into ``data.mysql_table``."""
+    outputs, rows = write_transactions(cfg.data.model_copy(update={"mysql_url": None}), run.dir)
+    if cfg.data.mysql_url:
+        mysql, _ = write_transactions(cfg.data, run.dir)  # same seed: the same rows
+        outputs["transactions_mysql"] = mysql["transactions"]
+    return StepResult(outputs, {"transactions": rows}, rows=rows)
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("data")

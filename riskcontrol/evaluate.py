@@ -4,17 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import numpy as np
 import pandas as pd
 
 from pipelines import metrics as M
-from pipelines.cli import exit_with, template_options
-from pipelines.io import run_dir as make_run_dir
-from pipelines.report import emit, plot_lines, summary
+from pipelines.report import plot_lines
+from pipelines.template import Run, StepResult
 
-from .config import EvalConfig, load
-from .data import TEMPLATE
+from .config import EvalConfig, RiskConfig
 from .features import FEATURE_COLUMNS
 from .train import LABEL, feature_matrix, load_model, read_features, slice_frame, split_times
 
@@ -88,19 +85,27 @@ def headline(report: dict) -> dict:
     return out
 
 
-@click.command()
-@template_options
-@click.option("--features", "features_path", required=True, help="Features Parquet folder.")
-@click.option("--model", "model_dir", required=True, help="Model folder (model.txt + model.json).")
-def main(config, overrides, address, run_dir, features_path, model_dir):
-    """Evaluate a model on the later time slice (python -m riskcontrol.evaluate)."""
-    cfg = load(config, overrides)
-    out = run_dir or make_run_dir(TEMPLATE)
-    report = evaluate(model_dir, test_slice(features_path, cfg.train), cfg.eval, out)
-    emit(summary(TEMPLATE, "evaluate", out, {"evaluation": f"{out}/evaluation.json",
-                                             "pr_curve": f"{out}/pr_curve.png"},
-                 {"rows": report["test_rows"], **headline(report)}))
+def remember_threshold(model_dir: str, threshold: float) -> None:
+    """Store the alert-budget threshold with the model (batch and online tiers read it)."""
+    path = Path(model_dir) / "model.json"
+    meta = json.loads(path.read_text())
+    meta["alert_threshold"] = float(threshold)
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def run(cfg: RiskConfig, run: Run) -> StepResult:
+    """The evaluate step: the run's ``model`` (and ``model_inprocess``) vs rules on the later time
+    slice of ``features``; saves the alert threshold with the model for scoring."""
+    extra = {"inprocess": run.outputs["model_inprocess"]} if "model_inprocess" in run.outputs else {}
+    model_dir = run.input("model")
+    report = evaluate(model_dir, test_slice(run.input("features"), cfg.train), cfg.eval, run.dir, extra)
+    remember_threshold(model_dir, report["model"]["alert_threshold"])
+    outputs = {"evaluation": run.path("evaluation.json"), "pr_curve": run.path("pr_curve.png"),
+               "calibration": run.path("calibration.png")}
+    return StepResult(outputs, {"test_rows": report["test_rows"], **headline(report)})
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("evaluate")

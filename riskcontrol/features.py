@@ -15,26 +15,20 @@ import json
 import math
 from datetime import datetime, timezone
 
-import click
 import numpy as np
 import pandas as pd
 
-from pipelines.cli import RunFailed, exit_with, template_options
+from pipelines.cli import RunFailed
 from pipelines.io import filesystem_for, rejects_table, write_dataset, write_table
-from pipelines.io import run_dir as make_run_dir
-from pipelines.report import emit, summary
+from pipelines.template import Run, StepResult
 
-HOUR, DAY = 3600.0, 86400.0
+from .vocab import CATEGORIES, CHANNELS, CURRENCIES, DAY, HOUR
+
 WINDOWS = {"1h": HOUR, "24h": DAY, "7d": 7 * DAY}
 KEEP_SECONDS = 7 * DAY
 SMALL_AMOUNT = 5.0
 MAX_DEVICES_KEPT = 64
 RATE_PRIOR, RATE_PRIOR_WEIGHT = 0.02, 20.0
-
-CURRENCIES = ("USD", "EUR", "GBP", "CNY", "JPY")
-CHANNELS = ("pos", "online", "atm")
-CATEGORIES = ("grocery", "restaurant", "fuel", "retail", "electronics", "travel",
-              "entertainment", "health", "digital_goods", "jewelry")
 
 CARD_FEATURES = [
     "card_cnt_1h", "card_cnt_24h", "card_cnt_7d", "card_sum_1h", "card_sum_24h", "card_sum_7d",
@@ -335,20 +329,15 @@ def _count_rows(path: str) -> int:
     return pads.dataset(p, filesystem=fs, format="parquet").count_rows()
 
 
-@click.command()
-@template_options
-@click.option("--input", "input_path", required=True, help="Transactions Parquet folder.")
-def main(config, overrides, address, run_dir, input_path):
-    """Point-in-time features of a transactions Parquet folder (python -m riskcontrol.features)."""
-    from .config import load
-    from .data import TEMPLATE, connect_for, read_transactions
+def run(cfg, run: Run) -> StepResult:
+    """The features step: point-in-time ``features`` and ``rejects`` of the run's ``transactions``."""
+    from .data import read_transactions
 
-    cfg = load(config, overrides)
-    connect_for(cfg, address)
-    out = run_dir or make_run_dir(TEMPLATE)
-    res = run_features(read_transactions(input_path), out, cfg.features)
-    emit(summary(TEMPLATE, "features", out, res["outputs"], {"rows": res["rows"]}, res["rejects"]))
+    res = run_features(read_transactions(run.input("transactions")), run.dir, cfg.features)
+    return StepResult(res["outputs"], {"feature_rows": res["rows"]}, rows=res["rows"], rejects=res["rejects"])
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("features")

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import sys
 
-import click
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.cli import RunFailed, exit_with, template_options
-from pipelines.io import read_mysql, rejects_table, upsert_mysql, write_dataset, write_table
-from pipelines.io import run_dir as make_run_dir
-from pipelines.report import emit, summary
+from pipelines.cli import RunFailed
+from pipelines.io import (
+    checked_table_name,
+    read_mysql,
+    rejects_table,
+    sql_table,
+    upsert_mysql,
+    write_dataset,
+    write_table,
+)
+from pipelines.template import Run, StepResult
 
-from .config import FeatureConfig, ScoreConfig, load
-from .data import TEMPLATE, connect_for, read_transactions
+from .config import FeatureConfig, RiskConfig, ScoreConfig
+from .data import read_transactions
 from .features import build_features
 from .train import feature_matrix, load_model
 
@@ -105,57 +111,71 @@ def _upsert_batch(batch: pa.Table, url: str, table: str) -> pa.Table:
 def input_dataset(cfg: ScoreConfig, default_path: str | None):
     """Transactions to score: a MySQL table, ``score.input``, or the given default folder."""
     if cfg.input_mysql_url:
-        return read_mysql(cfg.input_mysql_url, f"SELECT * FROM `{cfg.input_table}`")
+        return read_mysql(cfg.input_mysql_url, f"SELECT * FROM {sql_table(cfg.input_table, 'score.input_table')}")
     path = cfg.input or default_path
     if not path:
         raise ValueError("score.input: no transactions to score (set score.input or score.input_mysql_url)")
     return read_transactions(path)
 
 
+def _output_table(cfg: ScoreConfig) -> str | None:
+    """The checked ``score.output_table`` when scores also go to MySQL, else None."""
+    return checked_table_name(cfg.output_table, "score.output_table") if cfg.output_mysql_url else None
+
+
 def write_scores(scores, cfg: ScoreConfig, out_dir: str) -> dict:
     """Execute a scores Dataset into ``scores`` (replaced) and the MySQL table (upsert) if configured."""
+    table = _output_table(cfg)
     scores = scores.materialize()
     outputs = {"scores": write_dataset(scores, f"{out_dir}/scores")}
-    if cfg.output_mysql_url:
+    if table:
         scores.map_batches(_upsert_batch, batch_format="pyarrow", batch_size=2000,
-                           fn_kwargs={"url": cfg.output_mysql_url, "table": cfg.output_table}).materialize()
-        outputs["scores_mysql"] = cfg.output_table
+                           fn_kwargs={"url": cfg.output_mysql_url, "table": table}).materialize()
+        outputs["scores_mysql"] = table
     counts = scores.groupby("risk_tier").count().to_pandas()
     by_tier = dict(zip(counts["risk_tier"], counts["count()"].astype(int)))
     return {"outputs": outputs, "rows": scores.count(), "tiers": by_tier}
 
 
-def run_score(transactions, model_dir: str, cfg: ScoreConfig, out_dir: str, fcfg: FeatureConfig) -> dict:
-    """Features + scores of transactions; writes ``scores`` and ``rejects``; outputs and counts."""
+def run_score(transactions, model_dir: str, cfg: ScoreConfig, out_dir: str, fcfg: FeatureConfig,
+              rejects_name: str = "rejects") -> dict:
+    """Features + scores of transactions; writes ``scores`` and ``rejects_name``; outputs and counts."""
+    _output_table(cfg)  # a bad table name fails before any scoring
     scores, rejects = build_scores(transactions.materialize(), model_dir, cfg, fcfg)
     print(f"scoring with model {model_dir}", file=sys.stderr, flush=True)
     res = write_scores(scores, cfg, out_dir)
     bad = rejects.to_pandas() if rejects.count() else pd.DataFrame(columns=["id", "stage", "reason"])
-    res["outputs"]["rejects"] = write_table(rejects_table(bad.to_dict("records")), f"{out_dir}/rejects")
+    res["outputs"][rejects_name] = write_table(rejects_table(bad.to_dict("records")), f"{out_dir}/{rejects_name}")
     res["rejects"] = len(bad)
     total = res["rows"] + len(bad)
     if total and len(bad) / total > fcfg.max_reject_ratio:
         raise RunFailed(f"{len(bad)} of {total} transactions rejected (> features.max_reject_ratio "
-                        f"{fcfg.max_reject_ratio}); see {out_dir}/rejects")
+                        f"{fcfg.max_reject_ratio}); see {out_dir}/{rejects_name}")
     return res
 
 
-@click.command()
-@template_options
-@click.option("--model", "model_dir", default=None, help="Model folder (default: score.model_dir).")
-def main(config, overrides, address, run_dir, model_dir):
-    """Batch-score transactions (python -m riskcontrol.score --set score.input=DIR --model DIR)."""
-    cfg = load(config, overrides)
-    model_dir = model_dir or cfg.score.model_dir
-    if not model_dir:
-        raise ValueError("score.model_dir: no model given (use --model DIR)")
-    load_model(model_dir)  # fail fast, before any cluster work
-    connect_for(cfg, address)
-    out = run_dir or make_run_dir(TEMPLATE)
-    res = run_score(input_dataset(cfg.score, None), model_dir, cfg.score, out, cfg.features)
-    emit(summary(TEMPLATE, "score", out, res["outputs"], {"rows": res["rows"], "tiers": res["tiers"]},
-                 res["rejects"]))
+def run(cfg: RiskConfig, run: Run) -> StepResult:
+    """The score step: ``scores`` with tiers and reasons, by ``score.model_dir`` or the run's ``model``.
+
+    Input: ``score.input`` / ``score.input_mysql_url`` (features computed here, bad rows to
+    ``score_rejects``), else the run's own ``features`` (already validated by the features step).
+    """
+    model_dir = cfg.score.model_dir or run.input("model")
+    load_model(model_dir)  # a missing or broken model fails before any scoring
+    if cfg.score.input or cfg.score.input_mysql_url:
+        res = run_score(input_dataset(cfg.score, None), model_dir, cfg.score, run.dir, cfg.features,
+                        rejects_name="score_rejects")
+    else:
+        import ray
+
+        res = write_scores(score_dataset(ray.data.read_parquet(run.input("features")), model_dir, cfg.score),
+                           cfg.score, run.dir)
+        res["rejects"] = 0
+    return StepResult(res["outputs"], {"scored_rows": res["rows"], "tiers": res["tiers"]}, rows=res["rows"],
+                      rejects=res["rejects"])
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("score")

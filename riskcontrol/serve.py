@@ -1,49 +1,66 @@
 """Online scoring on Ray Serve: FastAPI ingress, ``@serve.batch`` model calls, a per-card feature store.
 
-    POST {prefix}/score    one transaction or a list -> probability, tier, reasons, model version, latency
+    POST {prefix}/score    one transaction or a list -> probability, tier, reasons, model version, latency,
+                           batch_size (how many transactions the model call that scored it held)
     POST {prefix}/labels   matured-label feedback (chargebacks / cleared reviews) for merchant fraud rates
-    GET  {prefix}/healthz
+    GET  {prefix}/healthz  200, or 503 when the feature store does not answer
 
 Features come from the same state machines as the batch path
 (:func:`riskcontrol.features.advance`), kept per card and per merchant in a
-feature store: in-process (default; one replica) or Redis (shared by replicas).
-``serve run riskcontrol/serve_config.yaml`` deploys it without a driver.
+feature store: in-process (default; one replica; least recently used entries
+dropped past ``serve.memory_max_entries``) or Redis (shared by replicas). Each
+update of a card's and merchant's state is atomic: a Redis WATCH/MULTI
+transaction, retried on conflict, so replicas scoring one card at once lose no
+update. Bounds: ``MAX_ITEMS`` per request, ``MAX_TEXT`` characters per string,
+ids in ``[0, 2**63)`` (422 otherwise); ``serve.max_card_recent`` /
+``serve.max_merchant_events`` cap the kept history (the windowed counts
+saturate there, unlike the batch path); ``serve.request_timeout_s`` per request
+(504; a list may be partly applied). ``serve run riskcontrol/serve_config.yaml``
+deploys it without a driver.
 """
 
 import asyncio
+import heapq
 import math
 import time
+from collections import OrderedDict
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import click
 import httpx
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from redis.exceptions import RedisError, WatchError
 
 from pipelines.cli import RunFailed, exit_with, template_options
-from pipelines.io import run_dir as make_run_dir
 from pipelines.report import emit, summary
+from pipelines.template import prepare_run_dir
 
 from .config import ServeConfig, load
 from .features import CURRENCIES, CardState, MerchantState, add_label, advance, to_epoch
+
+MAX_ITEMS = 1000  # transactions or labels in one request
+MAX_TEXT = 128    # characters of a device_id or merchant_category
+MAX_CONFLICTS = 200  # Redis transaction retries of one update before giving up (503)
+Id = Annotated[int, Field(ge=0, lt=2 ** 63)]  # BIGINT ids, as the batch path stores them
 
 
 class Transaction(BaseModel):
     """One card transaction as the payment switch sends it."""
 
     model_config = ConfigDict(extra="forbid")
-    transaction_id: int
+    transaction_id: Id
     event_time: datetime
-    card_id: int
-    merchant_id: int
+    card_id: Id
+    merchant_id: Id
     amount: float = Field(gt=0, allow_inf_nan=False)
     currency: Literal[CURRENCIES]  # type: ignore[valid-type]
-    merchant_category: str = Field(min_length=1)
+    merchant_category: str = Field(min_length=1, max_length=MAX_TEXT)
     channel: Literal["pos", "online", "atm"]
-    device_id: str = Field(min_length=1)
+    device_id: str = Field(min_length=1, max_length=MAX_TEXT)
     lat: float = Field(ge=-90, le=90)
     lon: float = Field(ge=-180, le=180)
 
@@ -52,75 +69,158 @@ class Label(BaseModel):
     """A transaction's fraud label and the time it became known."""
 
     model_config = ConfigDict(extra="forbid")
-    transaction_id: int
-    merchant_id: int
+    transaction_id: Id
+    merchant_id: Id
     label_time: datetime
     is_fraud: Literal[0, 1]
 
 
+Transactions = Annotated[list[Transaction], Field(max_length=MAX_ITEMS)]
+Labels = Annotated[list[Label], Field(max_length=MAX_ITEMS)]
+
+
 # ------------------------------------------------------------ feature stores
+def cap_states(card: CardState | None, merchant: MerchantState, max_card_recent: int,
+               max_merchant_events: int) -> None:
+    """Keep the newest ``max_card_recent`` card rows, the newest ``max_merchant_events`` merchant
+    times and the ``max_merchant_events`` labels that mature first."""
+    if card is not None and len(card.recent) > max_card_recent:
+        card.recent = card.recent[-max_card_recent:]
+    if len(merchant.recent) > max_merchant_events:
+        merchant.recent = merchant.recent[-max_merchant_events:]
+    if len(merchant.pending) > max_merchant_events:
+        merchant.pending = heapq.nsmallest(max_merchant_events, merchant.pending)  # sorted: still a heap
+
+
 class MemoryStore:
-    """Card and merchant states in this process (one replica; lost on restart)."""
+    """Card and merchant states in this process (one replica; lost on restart), at most
+    ``max_entries`` cards and ``max_entries`` merchants (least recently used dropped).
+    Updates are atomic: no ``await`` between read and write."""
 
-    def __init__(self):
-        self.cards: dict = {}
-        self.merchants: dict = {}
+    def __init__(self, max_entries: int = 100_000, max_card_recent: int = 1000,
+                 max_merchant_events: int = 10_000):
+        self.cards: OrderedDict = OrderedDict()
+        self.merchants: OrderedDict = OrderedDict()
+        self.max_entries, self.caps = max_entries, (max_card_recent, max_merchant_events)
 
-    def load(self, card_id, merchant_id) -> tuple[CardState, MerchantState]:
-        return self.cards.get(card_id) or CardState(), self.merchants.get(merchant_id) or MerchantState()
+    @staticmethod
+    def _get(table: OrderedDict, key, new):
+        if key in table:
+            table.move_to_end(key)
+            return table[key]
+        return new()
 
-    def save(self, card_id, card: CardState, merchant_id, merchant: MerchantState) -> None:
-        self.cards[card_id], self.merchants[merchant_id] = card, merchant
+    def _put(self, table: OrderedDict, key, state) -> None:
+        table[key] = state
+        table.move_to_end(key)
+        while len(table) > self.max_entries:
+            table.popitem(last=False)
 
-    def load_merchant(self, merchant_id) -> MerchantState:
-        return self.merchants.get(merchant_id) or MerchantState()
+    def update(self, txn: dict) -> dict:
+        """Features of ``txn``; its card's and merchant's states advanced past it."""
+        card = self._get(self.cards, txn["card_id"], CardState)
+        merchant = self._get(self.merchants, txn["merchant_id"], MerchantState)
+        feats = advance(card, merchant, txn)
+        cap_states(card, merchant, *self.caps)
+        self._put(self.cards, txn["card_id"], card)
+        self._put(self.merchants, txn["merchant_id"], merchant)
+        return feats
 
-    def save_merchant(self, merchant_id, merchant: MerchantState) -> None:
-        self.merchants[merchant_id] = merchant
+    async def advance(self, txn: dict) -> dict:
+        return self.update(txn)
+
+    async def label(self, merchant_id: int, label_time: float, is_fraud: int) -> None:
+        merchant = self._get(self.merchants, merchant_id, MerchantState)
+        add_label(merchant, label_time, is_fraud)
+        cap_states(None, merchant, *self.caps)
+        self._put(self.merchants, merchant_id, merchant)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 class RedisStore:
-    """Card and merchant states in Redis (JSON per key), shared by every replica."""
+    """Card and merchant states in Redis (JSON per key), shared by every replica (``redis.asyncio``:
+    no blocking call on the event loop). Each update is a WATCH/MULTI transaction on the keys it
+    changes, retried when another replica changed them first."""
 
-    def __init__(self, url: str, prefix: str = "riskcontrol"):
-        import redis
+    def __init__(self, url: str, prefix: str = "riskcontrol", timeout_s: float = 2.0,
+                 max_card_recent: int = 1000, max_merchant_events: int = 10_000):
+        import redis.asyncio
 
-        self.r = redis.Redis.from_url(url, socket_timeout=2)
-        self.prefix = prefix
+        self.url, self.prefix, self.timeout_s = url, prefix, timeout_s
+        self.caps = (max_card_recent, max_merchant_events)
+        self.r = redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
-    def _keys(self, card_id, merchant_id):
-        return f"{self.prefix}:card:{card_id}", f"{self.prefix}:merchant:{merchant_id}"
+    def _card_key(self, card_id) -> str:
+        return f"{self.prefix}:card:{card_id}"
 
-    def load(self, card_id, merchant_id) -> tuple[CardState, MerchantState]:
-        card, merchant = self.r.mget(self._keys(card_id, merchant_id))
-        return CardState.from_json(card), MerchantState.from_json(merchant)
+    def _merchant_key(self, merchant_id) -> str:
+        return f"{self.prefix}:merchant:{merchant_id}"
 
-    def save(self, card_id, card: CardState, merchant_id, merchant: MerchantState) -> None:
-        ck, mk = self._keys(card_id, merchant_id)
-        self.r.mset({ck: card.to_json(), mk: merchant.to_json()})
+    async def _transact(self, keys: list[str], change):
+        """``change(*current values) -> (new values, result)`` applied atomically to ``keys``; the result."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            for _ in range(MAX_CONFLICTS):
+                try:
+                    await pipe.watch(*keys)
+                    values, result = change(*await pipe.mget(keys))
+                    pipe.multi()
+                    pipe.mset(dict(zip(keys, values)))
+                    await pipe.execute()
+                    return result
+                except WatchError:  # another replica wrote first: read again
+                    continue
+        raise RedisError(f"{keys[0]}: changed by others {MAX_CONFLICTS} times in a row, update not applied")
 
-    def load_merchant(self, merchant_id) -> MerchantState:
-        return MerchantState.from_json(self.r.get(self._keys(0, merchant_id)[1]))
+    async def advance(self, txn: dict) -> dict:
+        def change(card_raw, merchant_raw):
+            card, merchant = CardState.from_json(card_raw), MerchantState.from_json(merchant_raw)
+            feats = advance(card, merchant, txn)
+            cap_states(card, merchant, *self.caps)
+            return (card.to_json(), merchant.to_json()), feats
 
-    def save_merchant(self, merchant_id, merchant: MerchantState) -> None:
-        self.r.set(self._keys(0, merchant_id)[1], merchant.to_json())
+        return await self._transact([self._card_key(txn["card_id"]), self._merchant_key(txn["merchant_id"])],
+                                    change)
+
+    async def label(self, merchant_id: int, label_time: float, is_fraud: int) -> None:
+        def change(raw):
+            merchant = MerchantState.from_json(raw)
+            add_label(merchant, label_time, is_fraud)
+            cap_states(None, merchant, *self.caps)
+            return (merchant.to_json(),), None
+
+        await self._transact([self._merchant_key(merchant_id)], change)
+
+    async def ping(self) -> None:
+        await self.r.ping()
+
+    async def close(self) -> None:
+        await self.r.aclose()
 
     def clear(self) -> int:
-        keys = list(self.r.scan_iter(match=f"{self.prefix}:*", count=1000))
-        return self.r.delete(*keys) if keys else 0
+        """Delete every key under the prefix (tests, resets); a blocking call, not for the serving path."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=self.timeout_s)
+        keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
+        return client.delete(*keys) if keys else 0
 
 
-def make_store(kind: str = "memory", redis_url: str | None = None, prefix: str = "riskcontrol"):
-    """The feature store named by config (``memory`` or ``redis``)."""
-    return RedisStore(redis_url, prefix) if kind == "redis" else MemoryStore()
+def make_store(cfg: ServeConfig):
+    """The feature store named by ``cfg.store`` (``memory`` or ``redis``), with its bounds."""
+    caps = {"max_card_recent": cfg.max_card_recent, "max_merchant_events": cfg.max_merchant_events}
+    if cfg.store == "redis":
+        return RedisStore(cfg.redis_url, cfg.redis_prefix, cfg.redis_timeout_s, **caps)
+    return MemoryStore(cfg.memory_max_entries, **caps)
 
 
-def score_online(store, txn: dict) -> dict:
-    """Features of one transaction from the store, advancing the card's and merchant's state."""
-    card, merchant = store.load(txn["card_id"], txn["merchant_id"])
-    feats = advance(card, merchant, txn)
-    store.save(txn["card_id"], card, txn["merchant_id"], merchant)
-    return feats
+def score_online(store: MemoryStore, txn: dict) -> dict:
+    """Features of one transaction from an in-process store, advancing the card's and merchant's state."""
+    return store.update(txn)
 
 
 def _clean(value):
@@ -136,39 +236,58 @@ api = FastAPI(title="riskcontrol online scoring")
 class RiskScorer:
     """The online scorer: features from the store, model calls batched across requests."""
 
-    def __init__(self, model_dir: str, store: str = "memory", redis_url: str | None = None,
-                 redis_prefix: str = "riskcontrol", max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002,
+    def __init__(self, model_dir: str, serve_cfg: dict | None = None,
                  high_threshold: float | None = None, medium_threshold: float | None = None):
         from .score import Scorer
 
+        self.cfg = ServeConfig(**(serve_cfg or {}))
         self.scorer = Scorer(model_dir, high_threshold, medium_threshold)
-        self.store = make_store(store, redis_url, redis_prefix)
-        self.predict.set_max_batch_size(max_batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.store = make_store(self.cfg)
+        self.predict.set_max_batch_size(self.cfg.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    async def _bounded(self, work, what: str):
+        """``work`` within ``serve.request_timeout_s`` (504); a store that fails answers 503."""
+        try:
+            return await asyncio.wait_for(work, self.cfg.request_timeout_s)
+        except TimeoutError:  # (before OSError: TimeoutError is one)
+            raise HTTPException(504, f"{what} took over serve.request_timeout_s="
+                                     f"{self.cfg.request_timeout_s}s") from None
+        except (RedisError, OSError) as e:
+            raise HTTPException(503, f"feature store unavailable: {type(e).__name__}: {e}") from None
 
     @api.get("/healthz")
-    def healthz(self) -> dict:
+    async def healthz(self) -> dict:
+        try:
+            await asyncio.wait_for(self.store.ping(), self.cfg.request_timeout_s)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise HTTPException(503, f"feature store unreachable: {type(e).__name__}: {e}") from None
         return {"status": "ok", "model_version": self.scorer.meta["version"]}
 
     @api.post("/labels")
-    def labels(self, body: Label | list[Label]) -> dict:
+    async def labels(self, body: Label | Labels) -> dict:
         items = body if isinstance(body, list) else [body]
-        for label in items:
-            merchant = self.store.load_merchant(label.merchant_id)
-            add_label(merchant, to_epoch(label.label_time), label.is_fraud)
-            self.store.save_merchant(label.merchant_id, merchant)
+
+        async def apply():
+            for label in items:
+                await self.store.label(label.merchant_id, to_epoch(label.label_time), label.is_fraud)
+
+        await self._bounded(apply(), "labels")
         return {"accepted": len(items)}
 
     @api.post("/score")
-    async def score(self, body: Transaction | list[Transaction], features: bool = False):
-        start = time.perf_counter()
+    async def score(self, body: Transaction | Transactions, features: bool = False):
         items = body if isinstance(body, list) else [body]
-        # features first, in request order (each call advances the card's state)
+        out = await self._bounded(self._score(items, features), "scoring")
+        return out if isinstance(body, list) else out[0]
+
+    async def _score(self, items: list[Transaction], features: bool) -> list[dict]:
+        start = time.perf_counter()
         rows = []
-        for t in items:
+        for t in items:  # features first, in request order (each call advances the card's state)
             txn = t.model_dump()
             txn["ts"] = to_epoch(t.event_time)
-            rows.append(score_online(self.store, txn))
+            rows.append(await self.store.advance(txn))
         results = await asyncio.gather(*(self.predict(r) for r in rows))
         latency = (time.perf_counter() - start) * 1000
         out = []
@@ -178,14 +297,14 @@ class RiskScorer:
             if features:
                 r["features"] = {k: _clean(v) for k, v in f.items()}
             out.append(r)
-        return out if isinstance(body, list) else out[0]
+        return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def predict(self, rows: list[dict]) -> list[dict]:
         names = self.scorer.features
         X = np.array([[r[n] for n in names] for r in rows], dtype=np.float64)
         s = self.scorer.score_matrix(X)
-        return [{"probability": float(p), "risk_tier": str(tier), "reasons": reasons}
+        return [{"probability": float(p), "risk_tier": str(tier), "reasons": reasons, "batch_size": len(rows)}
                 for p, tier, reasons in zip(s["probability"], s["risk_tier"], s["reasons"])]
 
 
@@ -198,12 +317,11 @@ def build_app(args: dict):
 
 
 def application(cfg: ServeConfig, model_dir: str):
-    """The bound Serve application for ``cfg`` (replicas, CPUs, batching, store)."""
+    """The bound Serve application for ``cfg`` (replicas, CPUs, batching, store, bounds)."""
     return RiskScorer.options(
         num_replicas=cfg.max_actors, ray_actor_options={"num_cpus": cfg.num_cpus},
         max_ongoing_requests=cfg.max_ongoing_requests,
-    ).bind(model_dir=model_dir, store=cfg.store, redis_url=cfg.redis_url, redis_prefix=cfg.redis_prefix,
-           max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
+    ).bind(model_dir=model_dir, serve_cfg=cfg.model_dump())
 
 
 def deploy(cfg: ServeConfig, model_dir: str) -> str:
@@ -231,9 +349,42 @@ def _iso(value) -> str:
     return pd.Timestamp(value).isoformat()
 
 
+def replay(url: str, payloads: list, rps: float, timeout: float = 30.0, transport=None) -> dict:
+    """POST each payload to ``url`` at ``rps`` (open loop; latency from each scheduled send time) and
+    count the replies that are 200 with a probability: requests, ok, error_rate, p50_ms, p99_ms, errors
+    (the first few reasons)."""
+    from pipelines.serving import percentiles
+
+    async def run():
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as client:
+            start = time.perf_counter()
+
+            async def one(i: int, body) -> tuple[str | None, float]:
+                due = start + i / rps
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                try:
+                    r = await client.post(url, json=body)
+                    good = r.status_code == 200 and "probability" in r.json()
+                    why = None if good else f"{r.status_code}: {r.text[:200]}"
+                except (httpx.HTTPError, ValueError) as e:  # refused, reset, timed out, not JSON
+                    why = f"{type(e).__name__}: {e}"
+                return why, time.perf_counter() - due
+
+            return await asyncio.gather(*(one(i, b) for i, b in enumerate(payloads)))
+
+    results = asyncio.run(run())
+    errors = [why for why, _ in results if why]
+    ok = [took for why, took in results if not why]
+    stats = percentiles(ok)
+    return {"requests": len(results), "ok": len(ok), "error_rate": len(errors) / max(len(results), 1),
+            "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"], "errors": errors[:5]}
+
+
 def smoke_test(cfg, model_dir: str, transactions_path: str) -> dict:
-    """Deploy, replay the first ``serve.smoke_requests`` valid transactions at 50 req/s, delete the app."""
-    from pipelines.serving import load_test
+    """Deploy, replay the first ``serve.smoke_requests`` valid transactions at 50 req/s, delete the app;
+    ``requests`` sent and ``ok`` replies (200 with a probability) are counted, not taken from config."""
+    import sys
 
     from .features import invalid_reasons
     from .train import read_features
@@ -241,15 +392,21 @@ def smoke_test(cfg, model_dir: str, transactions_path: str) -> dict:
     frame = read_features(transactions_path).sort_values(["event_time", "transaction_id"])
     frame = frame[invalid_reasons(frame) == ""].head(cfg.serve.smoke_requests)
     payloads = [transaction_payload(r) for r in frame.to_dict("records")]
+    if not payloads:
+        raise RunFailed(f"online smoke test: no valid transaction in {transactions_path}")
     url = deploy(cfg.serve, model_dir)
     try:
-        first = httpx.post(f"{url}/score", json=payloads[0], timeout=30)
-        if first.status_code != 200 or "probability" not in first.json():
-            raise RunFailed(f"online smoke test: /score answered {first.status_code}: {first.text[:200]}")
-        stats = load_test(f"{url}/score", payloads[1:], rps=50, seconds=(len(payloads) - 1) / 50)
+        first = replay(f"{url}/score", payloads[:1], rps=1)
+        if not first["ok"]:
+            raise RunFailed(f"online smoke test: /score answered {first['errors'][0]}")
+        stats = replay(f"{url}/score", payloads[1:], rps=50)
     finally:
         serve.delete(cfg.serve.app_name)
-    return {"requests": stats["requests"] + 1, "error_rate": stats["error_rate"], "p50_ms": stats["p50_ms"],
+    if stats["errors"]:
+        print(f"online smoke test: {len(payloads) - 1 - stats['ok']} failed, first: {stats['errors'][0]}",
+              file=sys.stderr)
+    requests, ok = 1 + stats["requests"], 1 + stats["ok"]
+    return {"requests": requests, "ok": ok, "error_rate": (requests - ok) / requests, "p50_ms": stats["p50_ms"],
             "p99_ms": stats["p99_ms"]}
 
 
@@ -259,7 +416,7 @@ def smoke_test(cfg, model_dir: str, transactions_path: str) -> dict:
 @click.option("--block/--no-block", default=None, help="Keep serving until Ctrl-C (default: serve.block).")
 def main(config, overrides, address, run_dir, model_dir, block):
     """Deploy the online scorer (python -m riskcontrol.serve --model DIR)."""
-    from .data import TEMPLATE, connect_for
+    from .template import TEMPLATE
     from .train import load_model
 
     cfg = load(config, overrides)
@@ -267,11 +424,11 @@ def main(config, overrides, address, run_dir, model_dir, block):
     if not model_dir:
         raise ValueError("serve.model_dir: no model given (use --model DIR)")
     _, meta = load_model(model_dir)
-    connect_for(cfg, address)
-    out = run_dir or make_run_dir(TEMPLATE)
+    TEMPLATE.connect(cfg, address)
+    out = prepare_run_dir(TEMPLATE.name, run_dir)
     url = deploy(cfg.serve, model_dir)
     health = httpx.get(f"{url}/healthz", timeout=10).json()
-    emit(summary(TEMPLATE, "serve", out, {"url": url}, {"model_version": meta["version"], **health},
+    emit(summary(TEMPLATE.name, "serve", out, {"url": url}, {"model_version": meta["version"], **health},
                  app=cfg.serve.app_name))
     if block if block is not None else cfg.serve.block:
         try:

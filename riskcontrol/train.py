@@ -15,16 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 import pandas as pd
 
-from pipelines.cli import exit_with, template_options
-from pipelines.io import run_dir as make_run_dir
-from pipelines.report import emit, summary
+from pipelines.template import Run, StepResult
 
-from .config import RiskConfig, TrainConfig, load
-from .data import TEMPLATE, connect_for
+from .config import RiskConfig, TrainConfig
 from .features import CATEGORICAL_FEATURES, FEATURE_COLUMNS
 
 LABEL = "is_fraud"
@@ -213,20 +209,19 @@ def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers:
     return train_ray(train_ds, valid_ds, tcfg, pos_weight, model_dir, meta)
 
 
-@click.command()
-@template_options
-@click.option("--features", "features_path", required=True, help="Features Parquet folder.")
-@click.option("--num-workers", type=int, default=None, help="Ray Train workers (0 = in-process).")
-def main(config, overrides, address, run_dir, features_path, num_workers):
-    """Train the fraud model (python -m riskcontrol.train --features DIR)."""
-    cfg = load(config, overrides)
-    connect_for(cfg, address)
-    out = run_dir or make_run_dir(TEMPLATE)
-    meta = run_training(cfg, features_path, out, num_workers)
-    emit(summary(TEMPLATE, "train", out, {"model": f"{out}/model"},
-                 {"rows": meta["train_rows"], "rows_seen": meta["rows_seen"],
-                  "best_iteration": meta["best_iteration"], "num_workers": meta["num_workers"]}))
+def run(cfg: RiskConfig, run: Run) -> StepResult:
+    """The train step: ``model`` from the run's ``features`` (Ray Train, ``train.num_workers``); with
+    ``train.compare_inprocess`` also ``model_inprocess``, the same training in one process."""
+    meta = run_training(cfg, run.input("features"), run.dir, name="model")
+    outputs = {"model": run.path("model")}
+    if cfg.train.compare_inprocess and cfg.train.num_workers > 0:
+        run_training(cfg, run.input("features"), run.dir, num_workers=0, name="model_inprocess")
+        outputs["model_inprocess"] = run.path("model_inprocess")
+    metrics = {k: meta[k] for k in ("rows_seen", "train_rows", "num_workers", "best_iteration")}
+    return StepResult(outputs, metrics)
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    from .template import TEMPLATE
+
+    TEMPLATE.step_alias("train")

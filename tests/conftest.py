@@ -1,8 +1,8 @@
 """Shared fixtures: one session-scoped local cluster started through the local provider.
 
 Tests that need Ray take ``ray_cluster`` (the cluster's state) or ``ray_connected``
-(this pytest process attached as a driver). The cluster: head with 0 CPUs plus
-two 2-CPU workers of group ``cpu``, token auth on, small object stores.
+(this pytest process attached as a driver): aliases of the ``adbray_cluster`` and
+``adbray_ray`` fixtures that adbray's pytest plugin gives every template repo.
 """
 from __future__ import annotations
 
@@ -31,32 +31,16 @@ def service_up(host: str, port: int) -> bool:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    from deploy import local
-    from deploy.spec import load_spec
-
-    spec = load_spec(str(ROOT / "deploy" / "demo_cluster.yaml"), name=f"test-{os.getpid()}")
-    state = local.up(spec, log=lambda *_: None)
-    yield state
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    local.down(state.name, log=lambda *_: None)
+def ray_cluster(adbray_cluster):
+    """The session cluster (adbray's pytest plugin, ``pipelines.testing``): head with 0 CPUs plus
+    two 2-CPU workers of group ``cpu``, token auth on, small object stores."""
+    return adbray_cluster
 
 
 @pytest.fixture(scope="session")
-def ray_connected(ray_cluster):
+def ray_connected(adbray_ray):
     """This process attached to the session cluster as a Ray driver."""
-    import ray
-
-    from pipelines.connect import use_token
-
-    os.environ["RAY_ADDRESS"] = ray_cluster.gcs_address
-    use_token(token_path=ray_cluster.token_path)
-    if not ray.is_initialized():
-        ray.init(address=ray_cluster.gcs_address, log_to_driver=False)
-    yield ray_cluster
+    return adbray_ray
 
 
 def require_service(name: str, host: str, port: int) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import require_service, service_up
 from deploy.local import free_port
+from tests.conftest import require_service, service_up
 
 
 def test_missing_service_skips_outside_ci(monkeypatch):

@@ -35,6 +35,22 @@ def workers(state):
     return [n for n in local.alive_nodes(state) if not n.get("is_head_node")]
 
 
+def wait_for(predicate, timeout: float, what: str):
+    """Poll ``predicate`` until it returns something true; a dashboard that is slow to answer on a loaded
+    machine (an OSError) counts as "not yet", not as a failure. Returns the last value seen."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s (last seen: {last!r})")
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_flood_scales_the_group_to_max_with_a_warning_then_back_to_min(monkeypatch, tmp_path):
     monkeypatch.setattr(local, "AUTOSCALE_IDLE_S", 4.0)
@@ -74,30 +90,34 @@ def test_flood_scales_the_group_to_max_with_a_warning_then_back_to_min(monkeypat
     ]
     try:
         assert [n["resources_total"]["CPU"] for n in workers(state)] == [1]
-        flood = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        flood = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                               check=False)
         err = flood.stderr
         assert flood.returncode == 0, err[-2000:]
         assert "asks 6 CPUs at once" in err and "the rest will queue" in err  # 6 > 3 workers x 1 CPU
-        peak, deadline = 1, time.time() + 90
-        while time.time() < deadline and peak < 3:
-            peak = max(peak, len(workers(state)))
-            time.sleep(1)
-        assert peak == 3, f"the flood should drive the group to max (3), saw {peak}"
+        # the requirement: at max (3 workers) within 90 s of `adbray submit` returning
+        wait_for(lambda: len(workers(state)) == 3, 90, "the flood should drive the group to max (3 workers)")
         # plain HTTP with this cluster's token: this process may already hold another
         # cluster's token (the session driver), which Ray's client would mix in
         job_id = flood.stdout.strip().splitlines()[-1]
-        deadline = time.time() + 120
-        while time.time() < deadline and job_get(state, job_id)["status"] not in TERMINAL:
-            time.sleep(1)
+
+        def ended():
+            status = job_get(state, job_id)["status"]
+            return status if status in TERMINAL else None
+
+        status = wait_for(ended, 300, "the flood job to end")
         logs = job_get(state, job_id, "/logs")["logs"]
-        assert job_get(state, job_id)["status"] == "SUCCEEDED", logs[-2000:]
+        assert status == "SUCCEEDED", logs[-2000:]
         summary = last_json_line(logs)  # Ray may log after the driver's summary line
         assert summary is not None, logs[-2000:]
         assert summary["metrics"]["flood_nodes"] >= 2  # the flood ran on the added workers
-        deadline = time.time() + 120
-        while time.time() < deadline and len(workers(state)) > 1:
-            time.sleep(2)
-        assert len(workers(state)) == 1, "idle workers should be removed back to min"
+        # back to min (exactly 1 worker) once idle (4 s): generous for a loaded machine
+        wait_for(lambda: len(workers(state)) <= 1, 180, "idle workers should be removed back to min")
+        # and it stays at min: never below it, over several autoscaler rounds (1 s each) and idle timeouts
+        for _ in range(10):
+            now = wait_for(lambda: (workers(state),), 30, "the dashboard to list the workers")[0]
+            assert [n["resources_total"]["CPU"] for n in now] == [1], now
+            time.sleep(1)
     finally:
         local.down(state.name, log=lambda *_: None)
     assert local.processes(state) == []

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -26,17 +27,26 @@ DRIVER = textwrap.dedent("""
         c = Counter.options(name="counter", lifetime="detached").remote()
         print("value", ray.get(c.incr.remote()))
     else:
-        c = ray.get_actor("counter")
-        print("value", ray.get(c.incr.remote(), timeout=60))
+        import time
+        deadline = time.monotonic() + float(sys.argv[3])
+        while True:  # a restarted GCS may take a moment to serve its restored actor table
+            try:
+                c = ray.get_actor("counter")
+                break
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        print("value", ray.get(c.incr.remote(), timeout=float(sys.argv[3])))
 """)
 
 
-def _drive(state, mode):
+def _drive(state, mode, wait_s=60):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state.token_path}
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", DRIVER, state.gcs_address, mode], env=env,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, state.gcs_address, mode, str(wait_s)], env=env,
+                          capture_output=True, text=True, timeout=wait_s + 180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -48,11 +58,27 @@ def test_head_restart_keeps_detached_actor(redis_url):
     state = local.up(spec, log=lambda *_: None)
     try:
         assert "value 1" in _drive(state, "create")
+        before = local.alive_nodes(state)
+        old_head = next(n["node_id"] for n in before if n.get("is_head_node"))
+        worker = next(n["node_id"] for n in before if not n.get("is_head_node"))
         head = local.head_processes(state)
         assert any("gcs_server" in " ".join(p.cmdline()) for p in head)
         local.kill_processes(head, grace=3)
-        local.start_head(state)
-        local.wait_for_nodes(state, 2, timeout=120)
-        assert "value 2" in _drive(state, "get")
+        local.start_head(state)  # a worker raylet waits ~60 s for its GCS: this must come back before then
+
+        def recovered():  # a new head node, the same worker node (it reconnected, not re-registered)
+            try:
+                alive = local.alive_nodes(state)
+            except OSError:  # the restarted dashboard is not answering yet
+                return None
+            heads = {n["node_id"] for n in alive if n.get("is_head_node")}
+            others = {n["node_id"] for n in alive if not n.get("is_head_node")}
+            return len(heads) == 1 and old_head not in heads and others == {worker}
+
+        deadline = time.monotonic() + 180
+        while not recovered():
+            assert time.monotonic() < deadline, f"no recovered cluster within 180s: {local.alive_nodes(state)}"
+            time.sleep(0.5)
+        assert "value 2" in _drive(state, "get", wait_s=120)  # the detached actor kept its state
     finally:
         local.down(state.name, log=lambda *_: None)

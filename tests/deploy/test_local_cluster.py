@@ -18,7 +18,9 @@ def test_head_has_no_cpus_and_workers_are_labelled(ray_cluster):
     workers = [n for n in info["nodes"] if not n["head"]]
     assert len(heads) == 1 and heads[0]["resources"].get("CPU", 0) == 0
     assert len(workers) == 2
-    assert all(w["labels"] == {"group": "cpu", "type": "CPU"} and w["resources"]["CPU"] == 2 for w in workers)
+    assert all(w["labels"] == {"group": "cpu", "type": "CPU", "serve-port": w["labels"]["serve-port"]}
+               and w["resources"]["CPU"] == 2 for w in workers)
+    assert len({int(w["labels"]["serve-port"]) for w in workers}) == len(workers)  # a Serve proxy port each
 
 
 def test_ray_nodes_seen_by_a_driver(ray_connected):

@@ -82,3 +82,36 @@ def test_cli_bad_spec_exits_nonzero_with_one_line_before_cluster_work(tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_workers" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("--extra-index-url http://evil.example/simple", "pip options are not accepted"),
+    ("-e git+https://github.com/x/y.git#egg=y", "pip options are not accepted"),
+    ("-r other.txt", "pip options are not accepted"),
+    ("pkg @ https://evil.example/pkg-1.0-py3-none-any.whl", "URL requirements are not accepted"),
+    ("git+https://github.com/x/y.git", "not a requirement specifier"),
+    ("lightgbm >= 4.5 extra words", "not a requirement specifier"),
+])
+def test_requirements_accept_specifiers_only(tmp_path, line, needle):
+    import yaml
+
+    data = yaml.safe_load(GOOD)
+    data["requirements"] = ["numpy>=1.26", line]
+    with pytest.raises(ConfigError) as e:
+        load_spec(str(write(tmp_path, yaml.safe_dump(data))))
+    assert needle in str(e.value) and repr(line) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_requirement_specifiers_pass():
+    reqs = ["lightgbm>=4.5", "torch==2.3.0", "numpy[dev]>=1.26,<3", "scikit-learn~=1.5", "ray[data]"]
+    assert ResourceGroupSpec(name="g", worker_groups=[{"name": "cpu"}], requirements=reqs).requirements == reqs
+
+
+@pytest.mark.parametrize("field", ["name", "group"])
+def test_names_with_a_trailing_newline_are_refused(field):
+    from pydantic import ValidationError
+
+    kw = {"name": "rc\n", "worker_groups": [{"name": "cpu"}]} if field == "name" else \
+        {"name": "rc", "worker_groups": [{"name": "cpu\n"}]}
+    with pytest.raises(ValidationError, match=r"must match \[A-Za-z0-9\]"):
+        ResourceGroupSpec(**kw)

@@ -4,18 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from embodied.__main__ import main
 from embodied.dataset import read_info
+from embodied.template import TEMPLATE
 from embodied.train import load_weights
-from pipelines.cli import run_main
 
 
 def test_end_to_end_cloned_policy_closes_the_gap(ray_connected, tmp_path, capsys):
-    code = run_main(main, ["--run-dir", str(tmp_path)])
+    code = TEMPLATE.main(["--run-dir", str(tmp_path)])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["template"] == "embodied" and out["step"] == "all"
     assert out["steps"] == ["collect", "train", "evaluate"]
+    assert list(out["step_seconds"]) == out["steps"] and out["rows"] == 200 * 50
     m = out["metrics"]
     for key in ("bc_return", "expert_return", "random_return", "bc_success_rate", "episodes", "steps"):
         assert key in m, key
@@ -27,9 +27,12 @@ def test_end_to_end_cloned_policy_closes_the_gap(ray_connected, tmp_path, capsys
     assert m["train_workers"] == 2
 
     assert read_info(out["outputs"]["episodes"])["total_frames"] == 200 * 50
-    weights = load_weights(out["outputs"]["checkpoint"])
+    assert out["outputs"]["policy"] == str(tmp_path / "policy")
+    weights = load_weights(out["outputs"]["policy"])
     assert weights["obs_dim"] == 10 and weights["act_dim"] == 2
     report = json.loads(Path(out["outputs"]["evaluation"]).read_text())
     assert report["policies"]["bc"]["return"] == m["bc_return"] and report["seeds"] == [1_000_000, 1_000_049]
     assert Path(out["outputs"]["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "summary.json").is_file()
+    # the run folder's manifest records every output (what single steps read)
+    assert json.loads((tmp_path / "run.json").read_text())["outputs"] == out["outputs"]

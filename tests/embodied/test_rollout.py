@@ -12,8 +12,8 @@ from embodied import config as config_mod
 from embodied.dataset import read_episodes, read_frames, read_info, vectors
 from embodied.envs import make_env
 from embodied.policies import policy_spec
-from embodied.rollout import Rollout, collect, main
-from pipelines.cli import run_main
+from embodied.rollout import Rollout, collect
+from embodied.template import TEMPLATE
 
 EPISODE_STEPS = 50  # Reacher-v5
 
@@ -23,6 +23,11 @@ def test_policy_actor_batches_across_simulators(ray_connected):
                                  "policy_server.batch_wait_ms=500"])
     rollout = Rollout(cfg, policy_spec("expert", "Reacher-v5"), "batched", record=False)
     try:
+        # wait until every actor is up (a condition, not a sleep): on a loaded box one simulator can start
+        # seconds after the other, and the 500 ms window would then see it alone for reasons unrelated
+        # to batching
+        assert len(set(rollout.simulator_pids())) == cfg.simulator.max_actors == 2
+        rollout.policy_device()  # returns once the policy actor is up
         ended = []
         stats = rollout.run([(k, 7000 + k) for k in range(16)], ended.append)
         server = ray.get(rollout.server.stats.remote())
@@ -37,12 +42,13 @@ def test_policy_actor_batches_across_simulators(ray_connected):
 
 
 def test_rollout_entry_point_local_mode_writes_a_lerobot_dataset(ray_connected, tmp_path, capsys):
-    code = run_main(main, ["--run-dir", str(tmp_path), "--set", "collect.mode=local",
-                           "--set", "collect.episodes=12", "--set", "simulator.envs_per_actor=3"])
+    code = TEMPLATE.main(["collect", "--run-dir", str(tmp_path), "--set", "collect.mode=local",
+                          "--set", "collect.episodes=12", "--set", "simulator.envs_per_actor=3"])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["template"] == "embodied" and out["step"] == "rollout" and out["rejects"] == 0
+    assert out["template"] == "embodied" and out["step"] == "collect" and out["rejects"] == 0
     assert out["metrics"]["episodes"] == 12 and out["metrics"]["steps"] == 12 * EPISODE_STEPS
+    assert out["rows"] == 12 * EPISODE_STEPS and out["steps"] == ["collect"]
     assert out["metrics"]["collect_success_rate"] >= 0.9
     frames = read_frames(out["outputs"]["episodes"])
     assert frames.num_rows == 12 * EPISODE_STEPS

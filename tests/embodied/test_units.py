@@ -146,6 +146,15 @@ def test_bad_config_is_one_line_naming_the_field():
         config_mod.load(None, ["simulator.envs_per_actor=0"])
 
 
+def test_preflight_refuses_a_missing_expert_before_any_ray_work(capsys):
+    from embodied.template import TEMPLATE
+
+    assert TEMPLATE.main(["--set", "env.id=Pusher-v5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no scripted expert" in err[0]
+    assert [s.name for s in TEMPLATE.steps] == ["collect", "train", "evaluate"]
+
+
 @pytest.mark.gpu
 def test_mlp_policy_runs_on_cuda_and_matches_cpu():
     torch = pytest.importorskip("torch")

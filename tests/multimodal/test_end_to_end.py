@@ -1,16 +1,20 @@
 """End to end on the shared session cluster: the generated sample (with broken files) through
-``python -m multimodal``'s ``main``; then a manifest re-run into the same folder."""
+``python -m multimodal`` (``TEMPLATE.main``); then a manifest re-run into the same folder, the
+reject-ratio failure, and a step whose input is missing."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from multimodal.__main__ import main
 from multimodal.config import SampleConfig
 from multimodal.sample import generate
+from multimodal.template import TEMPLATE
 
 BROKEN = {"truncated.jpg": ("images", "decode", "truncated"),
           "not_really.jpg": ("images", "route", "content is text"),
@@ -38,7 +42,7 @@ def first_run(ray_connected, sample, tmp_path_factory):
     buf = io.StringIO()
     capture.setattr(sys, "stdout", buf)
     try:
-        code = main(["--input", sample["root"], "--run-dir", str(run_dir)])
+        code = TEMPLATE.main(["--input", sample["root"], "--run-dir", str(run_dir)])
     finally:
         capture.undo()
     assert code == 0, buf.getvalue()[-2000:]
@@ -47,11 +51,13 @@ def first_run(ray_connected, sample, tmp_path_factory):
 
 def test_summary_contract(first_run, sample):
     s = first_run
-    assert s["template"] == "multimodal" and "steps" in s
+    assert s["template"] == "multimodal" and s["steps"] == ["process"]  # --input given: no sample step
     assert set(s["outputs"]) == {"images", "video", "audio", "text", "rejects"}
     total = sum(len(v) for v in sample["good"].values()) + len(sample["broken"])
     m = s["metrics"]
     assert m["files"] == total and m["rejected_files"] == len(BROKEN) and s["rejects"] >= len(BROKEN)
+    assert isinstance(s["rows"], int) and s["rows"] == sum(m["rows"].values()) > 0  # per modality in metrics
+    assert set(m["rows"]) == {"images", "video", "audio", "text"}
     assert m["files_per_s"] > 0 and set(m["throughput"]) >= {"route", "images", "video", "audio", "text"}
     assert m["duplicates"]["images"]["exact"] == 1 and m["duplicates"]["images"]["near"] == 1
     assert m["duplicates"]["text"]["exact"] == 1 and m["duplicates"]["text"]["near"] >= 1
@@ -95,7 +101,7 @@ def test_manifest_rerun_overwrites(first_run, sample, tmp_path, capsys):
     images = sample["good"]["images"] + [p for p in sample["broken"] if "/images/" in p]
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("path\n" + "\n".join(images) + "\n")
-    code = main(["--manifest", str(manifest), "--run-dir", run_dir, "--set", "modalities=[images]",
+    code = TEMPLATE.main(["--manifest", str(manifest), "--run-dir", run_dir, "--set", "modalities=[images]",
                  "--set", "images.embed.enabled=false"])
     s = last_json(capsys.readouterr().out)
     assert code == 0 and s["metrics"]["files"] == len(images)
@@ -107,6 +113,30 @@ def test_manifest_rerun_overwrites(first_run, sample, tmp_path, capsys):
 
 
 def test_bad_config_is_one_line_error(capsys):
-    assert main(["--set", "images.size=0"]) == 2
+    assert TEMPLATE.main(["--set", "images.size=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "images.size" in err[0]
+
+
+def test_too_many_rejects_fail_in_one_line_after_writing(ray_connected, sample, tmp_path, capsys):
+    images = sample["good"]["images"][:1] + [p for p in sample["broken"] if "/images/" in p]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path\n" + "\n".join(images) + "\n")
+    run_dir = tmp_path / "run"
+    code = TEMPLATE.main(["--manifest", str(manifest), "--run-dir", str(run_dir), "--set", "modalities=[images]",
+                          "--set", "images.embed.enabled=false", "--set", "max_reject_ratio=0.5"])
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()  # Ray Data may log above the error
+    assert code == 1 and [line for line in err if line.startswith("error:")] == err[-1:], err
+    assert err[-1].startswith("error: step process: 3 of 4 files rejected, above max_reject_ratio 0.5"), err
+    assert len(pq.read_table(run_dir / "rejects")) == 3 and pq.read_table(run_dir / "images").num_rows == 1
+    summary = json.loads(out.strip().splitlines()[-1])  # the summary is still printed, with the failure
+    assert summary["rejects"] == 3 and summary["failure"].startswith("step process: 3 of 4")
+
+
+def test_process_without_an_input_or_a_sample_is_one_line_before_ray(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "multimodal", "process", "--run-dir", str(tmp_path / "empty")],
+                          check=False, capture_output=True, text=True, env=env, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and "reads sample" in err[0], err

@@ -5,16 +5,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import run_main
-
 
 @pytest.fixture(scope="session")
 def local_run(ray_connected, tmp_path_factory):
     """The end-to-end run on the local config (~200k transactions), shared by the tests below."""
-    from riskcontrol.__main__ import main
+    from riskcontrol.template import TEMPLATE
 
     out = tmp_path_factory.mktemp("riskcontrol-e2e")
-    rc = run_main(main, ["--run-dir", str(out)])
+    rc = TEMPLATE.main(["--run-dir", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     return out, summary
@@ -28,7 +26,7 @@ def test_summary_contract(local_run):
         assert Path(s["outputs"][name]).exists(), name
     m = s["metrics"]
     assert 190_000 <= m["transactions"] <= 210_000
-    assert m["rows"] + s["rejects"] == m["transactions"]
+    assert m["feature_rows"] + s["rejects"] == m["transactions"]
     assert s["rejects"] > 0  # the generator corrupts a few rows; they must land in rejects, not vanish
     rejects = pq.read_table(s["outputs"]["rejects"]).to_pylist()
     assert len(rejects) == s["rejects"] and all(r["reason"] and r["stage"] == "features" for r in rejects)
@@ -55,7 +53,7 @@ def test_training_was_data_parallel(local_run):
 def test_every_valid_transaction_scored_once(local_run):
     _, s = local_run
     ids = pq.read_table(s["outputs"]["scores"], columns=["transaction_id"]).column(0).to_pylist()
-    assert len(ids) == len(set(ids)) == s["metrics"]["rows"]
+    assert len(ids) == len(set(ids)) == s["metrics"]["scored_rows"] == s["metrics"]["feature_rows"]
     evaluation = json.loads(Path(s["outputs"]["evaluation"]).read_text())
     assert {"model", "rules", "inprocess"} <= set(evaluation)
 
@@ -63,4 +61,4 @@ def test_every_valid_transaction_scored_once(local_run):
 def test_online_smoke(local_run):
     _, s = local_run
     m = s["metrics"]
-    assert m["online_requests"] == 200 and m["online_error_rate"] == 0
+    assert m["online_requests"] == m["online_ok"] == 200 and m["online_error_rate"] == 0  # counted replies

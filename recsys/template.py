@@ -1,0 +1,27 @@
+"""The recsys template's declaration (see :mod:`pipelines.template`)."""
+from pipelines.template import Step, Template
+
+from . import batch, data, evaluate, ranking, retrieval
+from .config import TEMPLATE as NAME
+from .config import load
+
+TEMPLATE = Template(
+    name=NAME, load_config=load, key_metric="ndcg10_ranker",
+    description="Search and recommendation: synthetic interactions -> two-tower retrieval -> DeepFM ranking "
+                "-> evaluation -> batch top-k (online: python -m recsys.serve).",
+    serve_app="recsys.serve:app_builder",
+    steps=[
+        Step("data", data.run, makes=("users", "items", "impressions", "clicks", "queries"),
+             help="generate users, items, impressions, clicks and queries"),
+        Step("retrieval", retrieval.run, needs=("items", "clicks", "queries"),
+             makes=("retriever", "item_embeddings", "user_embeddings"),
+             help="train the two-tower retriever, embed items and users"),
+        Step("ranking", ranking.run, needs=("impressions", "user_embeddings"), makes=("ranker",),
+             help="feature snapshots and the DeepFM ranker"),
+        Step("evaluate", evaluate.run, needs=("ranker",), makes=("eval_users", "eval_metrics"),
+             help="NDCG/Recall/AUC vs popularity and retrieval on the test slice"),
+        Step("batch", batch.run, needs=("ranker",), makes=("recommendations",),
+             help="top-k recommendations for every user (Parquet or MySQL)"),
+    ],
+    test_overrides=["data.num_users=400", "data.num_items=100", "retrieval.epochs=1", "ranker.epochs=1"],
+)
