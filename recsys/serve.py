@@ -34,7 +34,6 @@ from pipelines.report import emit, summary
 from pipelines.template import Run, prepare_run_dir, read_manifest
 
 from . import config as C
-from .common import connect_for
 from .features import FeatureStore, RedisUsers, redis_prefix
 from .score import RankerScorer, Retriever
 
@@ -281,7 +280,9 @@ def main(config, overrides, address, run_dir, block):
         raise click.UsageError("give --run-dir: a run folder with trained models (python -m recsys)")
     out = prepare_run_dir(C.TEMPLATE, run_dir)
     Run(out, read_manifest(out)).input("ranker")
-    connect_for(cfg, address)
+    from .template import TEMPLATE
+
+    TEMPLATE.connect(cfg, address)
     url = deploy(cfg, out)
     t0 = time.perf_counter()
     rec = httpx.get(f"{url}/recommend", params={"user_id": 0, "k": 5}, timeout=30).json()
