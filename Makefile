@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q --timeout=900 tests
+	$(VENV)/bin/pytest -q --timeout=900 --durations=25 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/adbray demo

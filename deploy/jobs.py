@@ -150,7 +150,7 @@ def resolve_target(
 
 SECRET_WORDS = {"password", "passwd", "pwd", "passphrase", "secret", "secrets", "token", "key", "apikey",
                 "credential", "credentials", "dsn"}
-URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*:)([^\s/@]+)(@)")
+URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*:)([^\s/]+)(@)")  # password: up to the last @
 MASK = "***"
 
 
@@ -267,7 +267,7 @@ class Resolved:
     module: str          # python -m <module>
     tdir: Path           # the package folder (configs/, resource_group.yaml)
     root: Path           # the working dir to upload
-    steps: dict | None   # step name -> needs (None: a plain folder, not a registered template)
+    template: object     # the registered pipelines.template.Template (None: a plain package folder)
     external: bool       # registered from outside this repo: the job needs adbray installed
 
 
@@ -277,10 +277,8 @@ def resolve_template(template: str, root: Path | None) -> Resolved:
 
     if template in discover():
         t = load_template(template)
-        cfg = t.load_config(None, [])
         home = project_root(t.root)
-        return Resolved(t.package, t.root, Path(root or home).resolve(),
-                        {s.name: t.needs(s, cfg) for s in t.steps}, home != REPO_ROOT.resolve())
+        return Resolved(t.package, t.root, Path(root or home).resolve(), t, home != REPO_ROOT.resolve())
     root = Path(root or REPO_ROOT).resolve()
     return Resolved(template, template_dir(template, root), root, None, False)
 
@@ -308,12 +306,10 @@ def prepare(
     root, tdir = where.root, where.tdir
     if not (tdir / "__main__.py").is_file() and not (tdir / "__init__.py").is_file():
         raise SubmitError(f"no template {template!r} under {root} (looked for {tdir}/__main__.py)")
-    if where.steps is not None:
-        if step and step not in where.steps:
-            raise SubmitError(f"template {template} has no step {step!r} (steps: {', '.join(where.steps)})")
-        if step and where.steps[step] and not run_dir:
-            raise SubmitError(f"step {step} reads {', '.join(where.steps[step])} from an earlier run: give "
-                              "--run-dir (a storage URI the cluster can read, e.g. oss://bucket/runs/x)")
+    if where.template is not None:
+        names = [s.name for s in where.template.steps]
+        if step and step not in names:
+            raise SubmitError(f"template {template} has no step {step!r} (steps: {', '.join(names)})")
         if root not in tdir.parents:
             raise SubmitError(f"template {template} ({tdir}) is outside the working dir {root}")
     elif step and not ((tdir / f"{step}.py").is_file() or (tdir / step / "__init__.py").is_file()):
@@ -342,6 +338,15 @@ def prepare(
         asks = preflight.resource_asks(data)
     except (ConfigError, ValueError) as e:
         raise SubmitError(redact(e)) from None
+    if where.template is not None and step:  # what the step reads depends on the job's own config
+        try:
+            cfg = where.template.load_config(str(config_path) if config_path else None, list(overrides))
+        except (ConfigError, ValueError) as e:
+            raise SubmitError(redact(e)) from None
+        needs = where.template.needs(where.template.step(step), cfg)
+        if needs and not run_dir:
+            raise SubmitError(f"step {step} reads {', '.join(needs)} from an earlier run: give "
+                              "--run-dir (a storage URI the cluster can read, e.g. oss://bucket/runs/x)")
     findings = (
         preflight.check(asks, spec)
         if spec
@@ -360,7 +365,7 @@ def prepare(
         wd = workdir.check(root, max_upload_mb or workdir.DEFAULT_MAX_UPLOAD_MB, allow_secrets)
     except workdir.WorkdirError as e:
         raise SubmitError(str(e)) from None
-    if where.steps is not None:  # the contract: python -m TEMPLATE [STEP]
+    if where.template is not None:  # the contract: python -m TEMPLATE [STEP]
         parts = ["python", "-m", where.module, *([step] if step else [])]
     else:
         parts = ["python", "-m", f"{template}.{step}" if step else template]

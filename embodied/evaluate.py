@@ -38,8 +38,12 @@ def gap_closed(bc: float, expert: float, random: float) -> float:
     return float("nan") if gap <= 0 else (bc - random) / gap
 
 
-def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str) -> dict:
-    """Roll out bc, expert and random on the held-out seeds; write JSON + PNG; return metrics."""
+def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str, check: bool = True):
+    """Roll out bc, expert and random on the held-out seeds; write JSON + PNG; return metrics.
+
+    A cloned policy below ``evaluate.min_gap_closed`` raises RunFailed (after writing), or with
+    ``check=False`` comes back as ``(metrics, failure)`` for the step to report.
+    """
     e = cfg.evaluate
     env_id = cfg.env.id
     episodes = [(k, e.seed + k) for k in range(e.episodes)]
@@ -62,16 +66,20 @@ def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str) -> dict:
         json.dump(report, f, indent=2)
     plot_bars(f"{run_dir}/evaluation.png", {k: v["return"] for k, v in results.items()},
               ylabel="mean episode return", title=f"{env_id}: held-out seeds ({e.episodes} episodes)")
+    failure = None
     if not metrics["gap_closed"] >= e.min_gap_closed:
-        raise RunFailed(f"cloned policy closes {metrics['gap_closed']:.2f} of the random->expert gap "
-                        f"(evaluate.min_gap_closed {e.min_gap_closed}); see {run_dir}/evaluation.json")
-    return metrics
+        failure = (f"cloned policy closes {metrics['gap_closed']:.2f} of the random->expert gap "
+                   f"(evaluate.min_gap_closed {e.min_gap_closed}); see {run_dir}/evaluation.json")
+    if failure and check:
+        raise RunFailed(failure)
+    return metrics if check else (metrics, failure)
 
 
 def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
     """The evaluate step: the run's ``policy`` vs the expert and random policies on held-out seeds."""
-    metrics = evaluate(cfg, load_weights(run.input("policy")), run.dir)
-    return StepResult({"evaluation": run.path("evaluation.json"), "plot": run.path("evaluation.png")}, metrics)
+    metrics, failure = evaluate(cfg, load_weights(run.input("policy")), run.dir, check=False)
+    return StepResult({"evaluation": run.path("evaluation.json"), "plot": run.path("evaluation.png")}, metrics,
+                      failure=failure)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pipelines.cli import RunFailed
-from pipelines.io import rejects_table, write_table
+from pipelines.io import reject_ratio_failure, rejects_table, write_table
 from pipelines.template import Run, StepResult
 
 from .config import EmbodiedConfig
@@ -143,8 +143,12 @@ class Rollout:
                 ray.kill(actor, no_restart=True)
 
 
-def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None) -> dict:
-    """Roll out the collect policy; write ``episodes`` (LeRobot v3) and ``rejects``; return metrics."""
+def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None, check: bool = True):
+    """Roll out the collect policy; write ``episodes`` (LeRobot v3) and ``rejects``; return metrics.
+
+    Too many rejected episodes raise RunFailed (after writing), or with ``check=False`` come back
+    as ``(metrics, failure)`` for the step to report.
+    """
     env_id, c = cfg.env.id, cfg.collect
     facts = env_facts(env_id)
     policy = policy_spec(c.policy, env_id, seed=c.seed)
@@ -169,17 +173,18 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None) -> dict:
         "collect_steps_per_s": stats["steps_per_s"], "simulator_restarts": stats["restarts"],
         "rerun_episodes": stats["rerun_episodes"],
     }
-    if counts["rejects"] > c.max_reject_ratio * c.episodes:
-        raise RunFailed(f"{counts['rejects']} of {c.episodes} episodes rejected "
-                        f"(max_reject_ratio {c.max_reject_ratio}); see {run_dir}/rejects")
-    return metrics
+    failure = reject_ratio_failure(counts["rejects"], c.episodes, c.max_reject_ratio, "episodes",
+                                   "collect.max_reject_ratio", f"{run_dir}/rejects")
+    if failure and check:
+        raise RunFailed(failure)
+    return metrics if check else (metrics, failure)
 
 
 def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
     """The collect step: ``episodes`` (LeRobot v3, one row per frame) and ``rejects``."""
-    metrics = collect(cfg, run.dir)
+    metrics, failure = collect(cfg, run.dir, check=False)
     return StepResult({"episodes": run.path("episodes"), "rejects": run.path("rejects")}, metrics,
-                      rows=metrics["steps"], rejects=metrics["rejected_episodes"])
+                      rows=metrics["steps"], rejects=metrics["rejected_episodes"], failure=failure)
 
 
 if __name__ == "__main__":

@@ -331,6 +331,14 @@ def _naming_corrupt_file(uri: str, columns, read):
 
 
 # ------------------------------------------------------------------- rejects
+def reject_ratio_failure(rejected: int, total: int, max_ratio: float, what: str, field: str, where: str) -> str | None:
+    """The one-line failure when more than ``max_ratio`` of ``total`` records were rejected, else None
+    (a step returns it as ``StepResult.failure``: outputs and the summary first, then exit 1)."""
+    if total and rejected / total > max_ratio:
+        return f"{rejected} of {total} {what} rejected (> {field} {max_ratio}); see {where}"
+    return None
+
+
 def reject(key: str, stage: str, reason: str, **extra) -> dict:
     """One rejects record: ``id`` (or path), ``stage`` and a one-line ``reason``."""
     reason = str(reason).strip().splitlines()[0] if str(reason).strip() else "unknown error"

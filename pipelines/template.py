@@ -210,7 +210,9 @@ class Template:
         @click.argument("step", required=False, type=click.Choice(["all", *[s.name for s in self.steps]]))
         @template_options
         def main(step, config, overrides, address, run_dir, **flags):
-            overrides = [*overrides, *(f"{self.options[k]}={v}" for k, v in flags.items() if v is not None)]
+            # a flag's value is a plain string (JSON-quoted so that YAML keeps '#', 'yes', '2024' as text)
+            keys = {flag.replace("-", "_"): key for flag, key in self.options.items()}
+            overrides = [*overrides, *(f"{keys[k]}={json.dumps(v)}" for k, v in flags.items() if v is not None)]
             cfg = self.load_config(config, overrides)
             if self.preflight:
                 self.preflight(cfg)
@@ -268,9 +270,15 @@ def read_manifest(run_dir: str) -> dict[str, str]:
     fs, path = filesystem_for(f"{run_dir}/{MANIFEST}")
     try:
         with fs.open_input_stream(path) as f:
-            return dict(json.loads(f.read()).get("outputs", {}))
+            outputs = json.loads(f.read()).get("outputs", {})
     except FileNotFoundError:
         return {}
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, denied, or not a JSON object
+        raise RunFailed(f"cannot read the run folder's manifest {run_dir}/{MANIFEST}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(outputs, dict):
+        raise RunFailed(f"{run_dir}/{MANIFEST}: 'outputs' is not a mapping")
+    return {str(k): str(v) for k, v in outputs.items()}
 
 
 def write_manifest(run: Run) -> None:

@@ -23,5 +23,6 @@ TEMPLATE = Template(
         Step("batch", batch.run, needs=("ranker",), makes=("recommendations",),
              help="top-k recommendations for every user (Parquet or MySQL)"),
     ],
-    test_overrides=["data.num_users=400", "data.num_items=100", "retrieval.epochs=1", "ranker.epochs=1"],
+    test_overrides=["data.num_users=400", "data.num_items=100", "retrieval.epochs=1", "ranker.epochs=1",
+                    "retrieval.num_workers=1", "ranker.num_workers=1"],
 )

@@ -18,8 +18,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from pipelines.cli import RunFailed
-from pipelines.io import filesystem_for, rejects_table, write_dataset, write_table
+from pipelines.io import filesystem_for, reject_ratio_failure, rejects_table, write_dataset, write_table
 from pipelines.template import Run, StepResult
 
 from .vocab import CATEGORIES, CHANNELS, CURRENCIES, DAY, HOUR
@@ -307,19 +306,18 @@ def features_frame(transactions: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------ the step
 def run_features(transactions, out_dir: str, cfg) -> dict:
-    """Compute and write ``features`` and ``rejects`` Parquet folders (``cfg``: FeatureConfig)."""
+    """Compute and write ``features`` and ``rejects`` Parquet folders (``cfg``: FeatureConfig); counts,
+    and ``failure`` (one line) when more than ``max_reject_ratio`` of the rows were rejected."""
     max_reject_ratio = cfg.max_reject_ratio
     features, rejects = build_features(transactions.materialize(), cfg.num_cpus, cfg.blocks)
     write_dataset(features, f"{out_dir}/features")
     bad = rejects.to_pandas() if rejects.count() else pd.DataFrame(columns=["id", "stage", "reason"])
     write_table(rejects_table(bad.to_dict("records")), f"{out_dir}/rejects")
     rows = _count_rows(f"{out_dir}/features")
-    total = rows + len(bad)
-    if total and len(bad) / total > max_reject_ratio:
-        raise RunFailed(f"{len(bad)} of {total} transactions rejected "
-                        f"(> features.max_reject_ratio {max_reject_ratio}); see {out_dir}/rejects")
+    failure = reject_ratio_failure(len(bad), rows + len(bad), max_reject_ratio, "transactions",
+                                   "features.max_reject_ratio", f"{out_dir}/rejects")
     return {"outputs": {"features": f"{out_dir}/features", "rejects": f"{out_dir}/rejects"},
-            "rows": rows, "rejects": len(bad)}
+            "rows": rows, "rejects": len(bad), "failure": failure}
 
 
 def _count_rows(path: str) -> int:
@@ -334,7 +332,8 @@ def run(cfg, run: Run) -> StepResult:
     from .data import read_transactions
 
     res = run_features(read_transactions(run.input("transactions")), run.dir, cfg.features)
-    return StepResult(res["outputs"], {"feature_rows": res["rows"]}, rows=res["rows"], rejects=res["rejects"])
+    return StepResult(res["outputs"], {"feature_rows": res["rows"]}, rows=res["rows"], rejects=res["rejects"],
+                      failure=res["failure"])
 
 
 if __name__ == "__main__":

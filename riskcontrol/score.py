@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.cli import RunFailed
 from pipelines.io import (
     checked_table_name,
     read_mysql,
+    reject_ratio_failure,
     rejects_table,
     sql_table,
     upsert_mysql,
@@ -147,10 +147,8 @@ def run_score(transactions, model_dir: str, cfg: ScoreConfig, out_dir: str, fcfg
     bad = rejects.to_pandas() if rejects.count() else pd.DataFrame(columns=["id", "stage", "reason"])
     res["outputs"][rejects_name] = write_table(rejects_table(bad.to_dict("records")), f"{out_dir}/{rejects_name}")
     res["rejects"] = len(bad)
-    total = res["rows"] + len(bad)
-    if total and len(bad) / total > fcfg.max_reject_ratio:
-        raise RunFailed(f"{len(bad)} of {total} transactions rejected (> features.max_reject_ratio "
-                        f"{fcfg.max_reject_ratio}); see {out_dir}/{rejects_name}")
+    res["failure"] = reject_ratio_failure(len(bad), res["rows"] + len(bad), fcfg.max_reject_ratio, "transactions",
+                                          "features.max_reject_ratio", f"{out_dir}/{rejects_name}")
     return res
 
 
@@ -172,7 +170,7 @@ def run(cfg: RiskConfig, run: Run) -> StepResult:
                            cfg.score, run.dir)
         res["rejects"] = 0
     return StepResult(res["outputs"], {"scored_rows": res["rows"], "tiers": res["tiers"]}, rows=res["rows"],
-                      rejects=res["rejects"])
+                      rejects=res["rejects"], failure=res.get("failure"))
 
 
 if __name__ == "__main__":
