@@ -337,7 +337,14 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
     for line in notes:
         log(f"scaling {line}")
     try:
-        start_head(state)
+        try:
+            start_head(state)
+        except LocalClusterError as e:  # Ray waits a fixed 30 s for the raylet: slow on a loaded box
+            if "timed out during startup" not in str(e):
+                raise
+            log("the head timed out during startup (a loaded machine); retrying once")
+            kill_processes(processes(state))
+            start_head(state)
         if not autoscale:  # with the autoscaler, it launches the min workers itself
             for i, n in enumerate(nodes):
                 start_worker(state, n, i)
