@@ -13,7 +13,9 @@ from __future__ import annotations
 import ray._private.parameter as ray_parameter
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
-from .local import SERVE_PORT_LABEL, free_port, worker_proxy_env
+from pipelines.serving import SERVE_PORT_LABEL
+
+from .local import free_port, worker_proxy_env
 
 
 class LocalFakeProvider(FakeMultiNodeProvider):

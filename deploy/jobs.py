@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipelines.config import SET_ENV, ConfigError, apply_overrides, parse_override, read_yaml
+from pipelines.config import (
+    MASK,
+    SET_ENV,
+    URL_PASSWORD,
+    ConfigError,
+    apply_overrides,
+    parse_override,
+    read_yaml,
+    redact,
+)
 from pipelines.connect import CLIENT_PORT, DASHBOARD_PORT, to_client_address, to_dashboard_url
 
 from . import preflight, workdir
@@ -150,8 +159,6 @@ def resolve_target(
 
 SECRET_WORDS = {"password", "passwd", "pwd", "passphrase", "secret", "secrets", "token", "key", "apikey",
                 "credential", "credentials", "dsn"}
-URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*:)([^\s/]+)(@)")  # password: up to the last @
-MASK = "***"
 
 
 def secret_key(key: str) -> bool:
@@ -181,11 +188,6 @@ def is_secret_override(item: str) -> bool:
         return _secret_value(parse_override(item)[1])
     except ConfigError:
         return False
-
-
-def redact(text: str) -> str:
-    """``text`` with URL passwords masked (``mysql://u:***@host/db``)."""
-    return URL_PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", str(text))
 
 
 def redact_override(item: str) -> str:

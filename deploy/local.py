@@ -36,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipelines.serving import SERVE_PORT_LABEL
+
 from .spec import ResourceGroupSpec
 
 STATE_ROOT = Path(os.environ.get("ADBRAY_STATE", Path.home() / ".adbray"))
@@ -49,7 +51,6 @@ HEAD_OBJECT_STORE = 200 * MB
 REDIS_ADDRESS = os.environ.get("ADBRAY_REDIS_ADDRESS", "127.0.0.1:6379")
 LOCAL_AUTOSCALE_MAX = int(os.environ.get("ADBRAY_LOCAL_AUTOSCALE_MAX", "3"))
 AUTOSCALE_IDLE_S = float(os.environ.get("ADBRAY_LOCAL_IDLE_S", "10"))
-SERVE_PORT_LABEL = "serve-port"  # node label: the port this node's Serve proxy binds (local clusters)
 # what a cluster's processes inherit from the environment that starts it (plus the cluster's own env)
 ENV_ALLOW = {
     "PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "VIRTUAL_ENV",
@@ -238,7 +239,7 @@ def start_head(state: ClusterState) -> None:
 def start_worker(state: ClusterState, node: NodePlan, index: int = 0) -> None:
     """Start one worker raylet; it gets its own temp dir (``<temp_dir>/w<index>``) so that raylets on
     this host never share a runtime-env folder (see ``deploy.fake_provider``), and its own Serve
-    proxy port (see :func:`worker_proxy_port`)."""
+    proxy port (see :func:`worker_proxy_env`)."""
     serve_port = free_port()
     cmd = [
         *_ray_cmd(), "start", f"--address={state.gcs_address}", "--node-ip-address=127.0.0.1",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 SET_ENV = "ADBRAY_SET"  # JSON list of secret-bearing ``key=value`` overrides (kept out of the job's command line)
+
+
+URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*:)([^\s/]+)(@)")  # password: up to the last @
+MASK = "***"
+
+
+def redact(text) -> str:
+    """``text`` with URL passwords masked (``mysql://u:***@host/db``), for anything printed or recorded."""
+    return URL_PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", str(text))
 
 
 class ConfigError(ValueError):

@@ -50,11 +50,11 @@ def serve_base_url() -> str:
     return f"http://{host}:{cfg.port}"
 
 
-SERVE_PORT_LABEL = "serve-port"  # set by deploy.local on worker raylets whose proxy has its own port
+SERVE_PORT_LABEL = "serve-port"  # node label (deploy.local): the port of a worker raylet's own proxy
 
 
-def proxy_urls(node_ids=None) -> dict[str, str]:
-    """``{node_id: base URL}`` of every running Serve HTTP proxy (or of ``node_ids``).
+def proxy_urls() -> dict[str, str]:
+    """``{node_id: base URL}`` of every running Serve HTTP proxy.
 
     A node's proxy listens on the node's address and Serve's HTTP port, or on the
     port in the node's ``serve-port`` label (local clusters give each worker
@@ -69,7 +69,7 @@ def proxy_urls(node_ids=None) -> dict[str, str]:
     urls = {}
     for node in ray.nodes():
         nid = node["NodeID"]
-        if not node.get("Alive") or nid not in proxies or (node_ids is not None and nid not in node_ids):
+        if not node.get("Alive") or nid not in proxies:
             continue
         # a proxy bound to all interfaces is reached at its node's address, else where it is bound
         host = node["NodeManagerAddress"] if cfg.host in ("0.0.0.0", "", "::") else cfg.host

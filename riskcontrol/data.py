@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.config import redact
 from pipelines.io import read_parquet, upsert_mysql, write_dataset
 from pipelines.template import Run, StepResult
 
@@ -276,7 +277,7 @@ def write_transactions(cfg: DataConfig, out_dir: str) -> tuple[dict, int]:
 
         written = sum(ds.map_batches(upsert, batch_format="pyarrow", batch_size=5000,
                                      num_cpus=cfg.num_cpus).to_pandas()["written"])
-        return {"transactions": f"{_redact(cfg.mysql_url)}#{cfg.mysql_table}"}, int(written)
+        return {"transactions": f"{redact(cfg.mysql_url)}#{cfg.mysql_table}"}, int(written)
     path = f"{out_dir}/transactions"
     write_dataset(_ByDate(ds), path)
     return {"transactions": path}, rows
@@ -291,13 +292,6 @@ def nan_to_null(table: pa.Table) -> pa.Table:
             col = table.column(i)
             table = table.set_column(i, field, pc.if_else(pc.is_nan(col), pa.scalar(None, field.type), col))
     return table
-
-
-def _redact(url: str) -> str:
-    from urllib.parse import urlparse
-
-    p = urlparse(url)
-    return url.replace(p.password, "***") if p.password else url
 
 
 def read_transactions(path: str):

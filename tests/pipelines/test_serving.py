@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from deploy.local import SERVE_PORT_LABEL
+from pipelines.serving import SERVE_PORT_LABEL
 
 
 @pytest.fixture
