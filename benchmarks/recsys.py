@@ -86,8 +86,7 @@ def online(cfg, run_dir: str, seconds: float) -> dict:
 @click.option("--seconds", default=10.0, help="Length of the fixed-rate online test.")
 def main(run_dir, seconds):
     """Run the benchmark and print its JSON line last."""
-    import json
-
+    from pipelines.io import join, read_json
     from pipelines.template import prepare_run_dir
     from recsys import config as C
     from recsys.template import TEMPLATE
@@ -95,8 +94,8 @@ def main(run_dir, seconds):
     cfg = C.load()
     TEMPLATE.connect(cfg, None)
     if run_dir:
-        out = str(Path(run_dir).resolve())
-        summary = json.loads((Path(out) / "summary.json").read_text())
+        out = prepare_run_dir(C.TEMPLATE, run_dir)
+        summary = read_json(join(out, "summary.json"))
         summary["metrics"].update(TEMPLATE.run(cfg, out, step="batch")["metrics"])
     else:
         out = prepare_run_dir(C.TEMPLATE, None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import click
 
 from pipelines.config import ConfigError
+from pipelines.io import is_remote
 
 from . import local
 from .spec import load_spec
@@ -49,11 +51,16 @@ def _spec_from(template, spec_file, name):
 @click.option("--autoscale", is_flag=True,
               help="Run Ray's autoscaler (fake multi-node provider): groups scale between min and max "
                    "workers.")
-def cluster_up(template, spec_file, name, as_json, autoscale):
+@click.option("--disks", type=click.Choice(["isolated", "shared"]), default=None,
+              help="isolated (default where the OS allows): each worker raylet sees its own /tmp and runs/, "
+                   "like separate machines; shared: one disk for all.")
+@click.option("--storage/--no-storage", default=True, show_default=True,
+              help="Start the local OSS stand-in (an S3-compatible server on 127.0.0.1) with a bucket.")
+def cluster_up(template, spec_file, name, as_json, autoscale, disks, storage):
     """Start a local cluster for a spec (head with 0 CPUs + scaled workers)."""
     spec = _spec_from(template, spec_file, name)
     try:
-        local.up(spec, log=lambda m: click.echo(m, err=True), autoscale=autoscale)
+        local.up(spec, log=lambda m: click.echo(m, err=True), autoscale=autoscale, disks=disks, storage=storage)
     except local.LocalClusterError as e:
         fail(str(e), 1)
     _print_status(spec.name, as_json)
@@ -79,6 +86,9 @@ def _print_status(name, as_json):
         return
     click.echo(f"{info['name']} ({info['category']}): {'up' if info.get('up') else 'DOWN'}")
     click.echo(f"  dashboard {info['dashboard_url']}   ray {info['ray_address']}   token {info['token_path']}")
+    storage = info.get("storage")
+    click.echo(f"  disks {info.get('disks', 'shared')}" + (f"   storage {storage['uri']} at {storage['endpoint']}"
+                                                          if storage else ""))
     for n in info.get("nodes", []):
         role = "head" if n["head"] else n["labels"].get("group", "?")
         res = ", ".join(f"{k}={v:g}" for k, v in n["resources"].items() if k in ("CPU", "GPU"))
@@ -91,6 +101,19 @@ def _print_status(name, as_json):
 def cluster_status(name, as_json):
     """Nodes, resources, dashboard URL, ray:// URL and token path."""
     _print_status(_pick_name(name), as_json)
+
+
+@cluster.command("env")
+@click.option("--name", default=None)
+def cluster_env(name):
+    """Shell lines that point a driver at the cluster: `eval "$(adbray cluster env)"` (address, token file,
+    disks marker, the storage stand-in's endpoint and keys)."""
+    try:
+        state = local.load_state(_pick_name(name))
+    except local.LocalClusterError as e:
+        fail(str(e), 1)
+    for key, value in state.env().items():
+        click.echo(f"export {key}={shlex.quote(str(value))}")
 
 
 @cluster.command("down")
@@ -121,12 +144,30 @@ def last_json_line(text: str) -> dict | None:
     return None
 
 
+ARTEFACT_SUFFIXES = (".json", ".png", ".html", ".txt")
+
+
+def copy_artefacts(run_dir: str, dest: Path, max_bytes: int = 5_000_000) -> str:
+    """Copy a run folder's small files a person opens (summary, plots, report) to a local folder."""
+    from pipelines.io import list_files, read_bytes
+
+    for uri in list_files(run_dir):
+        rel = uri[len(run_dir.rstrip("/")) + 1:]
+        if rel.endswith(ARTEFACT_SUFFIXES):
+            data = read_bytes(uri)
+            if len(data) <= max_bytes:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                (dest / rel).write_bytes(data)
+    return str(dest)
+
+
 @cli.command()
 @click.option("--template", "only", multiple=True, help="Run only these templates (default: all but examples).")
 @click.option("--small", is_flag=True, help="Each template's tiny test config (its test_overrides).")
 @click.option("--keep", is_flag=True, help="Leave the demo cluster up afterwards.")
 def demo(only, small, keep):
-    """Run every template end to end on its local config, on a local cluster, then print a table."""
+    """Run every template end to end on its local config, on a local cluster (outputs on its OSS stand-in;
+    summaries and plots copied back under runs/), then print a table."""
     from pipelines.template import discover, load_template
 
     found = discover()
@@ -141,6 +182,7 @@ def demo(only, small, keep):
     except local.LocalClusterError as e:
         fail(str(e), 1)
     rows, ok = [], True
+    os.environ.update(state.storage_env())  # to copy the runs' small artefacts back from the stand-in
     try:
         for t in names:
             click.echo(f"== {t}", err=True)
@@ -155,10 +197,13 @@ def demo(only, small, keep):
             ok &= proc.returncode == 0
             metric = template.key_metric
             value = s.get("metrics", {}).get(metric)
+            folder = s.get("run_dir", "-")
+            if is_remote(folder):
+                folder = f"{folder} -> {copy_artefacts(folder, Path('runs') / t / folder.rstrip('/').rsplit('/', 1)[-1])}"
             rows.append([t, "ok" if proc.returncode == 0 else f"FAILED({proc.returncode})",
                          ",".join(s.get("steps", [s.get("step", "?")])), s.get("rows", 0),
                          f"{metric}={value:.3f}" if isinstance(value, (int, float)) else "-",
-                         f"{secs:.0f}", s.get("run_dir", "-")])
+                         f"{secs:.0f}", folder])
     finally:
         if not keep:
             local.down(state.name, log=lambda m: click.echo(m, err=True))
@@ -463,6 +508,7 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
         SET_ENV,
         SubmitError,
         cluster_check,
+        default_run_dir,
         follow,
         prepare,
         redact,
@@ -474,12 +520,22 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
 
     target = None if dry_run and not (address or group_name) else \
         _target(address, group_name, cluster_id, region, endpoint, token_file)
+    no_storage = default_dir = None
     try:
+        if target and not run_dir:
+            try:
+                run_dir = default_dir = default_run_dir(target, template)
+            except SubmitError as e:  # said after the checks below, which need no storage
+                no_storage = e
         spec = (target and target.spec) or (load_spec(spec_file) if spec_file else None)
         plan = prepare(template, step, config, overrides, spec, Path(working_dir) if working_dir else None,
                        max_upload_mb, allow_secrets, pip, run_dir, image_has_adbray)
+        if no_storage:
+            raise no_storage
     except (SubmitError, ConfigError) as e:
         fail(str(e), 2)
+    if default_dir:
+        click.echo(f"outputs go to {run_dir} (the cluster's storage; --run-dir to choose)", err=True)
     for f in plan.findings:
         click.echo(f"preflight {f.level}: {f.message}", err=True)
     click.echo(f"working dir {plan.workdir['root']}: {plan.workdir['files']} files, "

@@ -57,6 +57,8 @@ class Target:
     spec: ResourceGroupSpec | None = None
     group: str | None = None
     warnings: list[str] = field(default_factory=list)
+    storage: str | None = None  # the cluster's storage location (oss://bucket/prefix/), if known
+    disks: str | None = None  # "shared" only for a local cluster started with shared disks
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -141,10 +143,16 @@ def resolve_target(
             token,
             spec,
             group,
+            storage=spec.storage,
         )
     elif address:
         dashboard, cluster = address_pair(address)
         target = Target(dashboard, cluster, token or token_from_env())
+        from . import local
+
+        mine = local.find_by_dashboard(dashboard)  # one of this machine's local clusters
+        if mine:
+            target.storage, target.disks = mine.storage.get("uri"), mine.disks
     else:
         raise SubmitError(
             "give --address http://host:8265 (or ray://host:10001) or --group NAME --cluster-id ID"
@@ -153,6 +161,20 @@ def resolve_target(
     if warning:
         target.warnings.append(warning)
     return target
+
+
+def default_run_dir(target: Target, template: str) -> str | None:
+    """Where a job's outputs go without --run-dir: ``<cluster storage>/runs/<template>/<run id>``, so that
+    they outlive the job; None on a local cluster with shared disks; SubmitError when the cluster has
+    neither (its nodes' disks are gone with the job)."""
+    from pipelines.io import join, new_run_id
+
+    if target.storage:
+        return join(target.storage, "runs", template.rsplit(".", 1)[-1], new_run_id())
+    if target.disks == "shared":
+        return None
+    raise SubmitError("no storage is known for this cluster, and its nodes share no disk: give --run-dir "
+                      "oss://BUCKET/PATH (or add `storage: oss://BUCKET/` to the group's resource_group.yaml)")
 
 
 # -- secrets in --set ---------------------------------------------------------------------------

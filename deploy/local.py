@@ -37,7 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipelines.serving import SERVE_PORT_LABEL
+from pipelines.template import DISKS_MARKER
 
+from . import isolate, objectstore
 from .spec import ResourceGroupSpec
 
 STATE_ROOT = Path(os.environ.get("ADBRAY_STATE", Path.home() / ".adbray"))
@@ -62,6 +64,8 @@ ENV_ALLOW = {
 ENV_ALLOW_PREFIXES = ("RAY_", "ADBRAY_", "PYTHON", "LC_", "OSS_", "AWS_")
 ENV_DENY = {"RAY_AUTH_TOKEN", "RAY_ADDRESS", "ADBRAY_SET"}  # another cluster's token/address; a job's secrets
 CLUSTER_MARKER = "ADBRAY_CLUSTER_DIR"  # in every process of a cluster: its temp dir
+# "isolated" (the default: each worker raylet its own disk, where the OS allows) or "shared"
+DISKS_DEFAULT = os.environ.get("ADBRAY_LOCAL_DISKS", "isolated")
 
 
 class LocalClusterError(RuntimeError):
@@ -98,6 +102,10 @@ class ClusterState:
     pids: list[list] = field(default_factory=list)  # [pid, create_time] of every process started for it
     extra_env: dict = field(default_factory=dict)
     autoscaling_config: str | None = None
+    disks: str = "shared"  # "isolated": each worker raylet in its own mount namespace (deploy.isolate)
+    private_paths: list[str] = field(default_factory=list)  # what an isolated worker gets a fresh tmpfs over
+    shared_paths: list[str] = field(default_factory=list)  # ...and what is bound back under those
+    storage: dict = field(default_factory=dict)  # the OSS stand-in: {"uri", "endpoint", "port"}
 
     @property
     def gcs_address(self) -> str:
@@ -115,9 +123,17 @@ class ClusterState:
         return Path(self.token_path).read_text().strip()
 
     def env(self) -> dict:
-        """Environment for a Ray client of this cluster (driver, CLI, job submit)."""
+        """Environment for a Ray client of this cluster (driver, CLI, job submit): the token, the
+        address, the disks marker and the storage stand-in's endpoint and keys."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
-                "RAY_ADDRESS": self.gcs_address}
+                "RAY_ADDRESS": self.gcs_address, **self.storage_env()}
+
+    def storage_env(self) -> dict:
+        """The disks marker (:data:`DISKS_MARKER`) and, with a stand-in, its OSS variables."""
+        env = {DISKS_MARKER: self.disks}
+        if self.storage:
+            env.update(objectstore.storage_env(self.storage["endpoint"], self.storage["uri"]))
+        return env
 
 
 def state_dir(name: str) -> Path:
@@ -192,6 +208,7 @@ def _start_env(state: ClusterState, ha: bool) -> dict:
     env = {k: v for k, v in os.environ.items()
            if (k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)) and k not in ENV_DENY}
     env.update(state.extra_env)
+    env.update(state.storage_env())
     env[CLUSTER_MARKER] = state.temp_dir
     # job entrypoints say `python ...`: make that this environment's Python even when
     # the venv is not activated (e.g. `.venv/bin/adbray cluster up`, `make test`)
@@ -251,6 +268,8 @@ def start_worker(state: ClusterState, node: NodePlan, index: int = 0) -> None:
         "--disable-usage-stats",
     ]
     env = {**_start_env(state, False), **worker_proxy_env(serve_port)}
+    if state.disks == "isolated":
+        cmd = isolate.command(cmd, state.private_paths, state.shared_paths)
     _run(cmd, env, f"starting worker of group {node.group}")
 
 
@@ -297,12 +316,14 @@ def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str,
 
 
 def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict | None = None,
-       autoscale: bool = False) -> ClusterState:
+       autoscale: bool = False, disks: str | None = None, storage: bool = True) -> ClusterState:
     """Start the spec as a local multi-node cluster; returns its state.
 
     ``env`` is set on every Ray process of the cluster (e.g. Serve's
     ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``). ``autoscale`` runs Ray's autoscaler
     (fake multi-node provider) so groups scale between min and max workers.
+    ``disks`` is ``"isolated"`` (default, see :func:`plan_disks`) or ``"shared"``;
+    ``storage`` starts the OSS stand-in (:mod:`deploy.objectstore`) with a bucket.
     """
     sdir = state_dir(spec.name)
     if (sdir / "state.json").exists():
@@ -334,10 +355,23 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
                  for g, t in cfg["available_node_types"].items() if g != "ray.head.default"
                  for _ in range(t["min_workers"])]
         state.nodes, state.scaling = [asdict(n) for n in nodes], notes
+    state.disks, why = plan_disks(disks or DISKS_DEFAULT, autoscale)
+    if why:
+        log(why)
+    if state.disks == "isolated":
+        state.private_paths, state.shared_paths = private_and_shared_paths(sdir)
+    if storage:
+        port = free_port()
+        state.storage = {"uri": spec.storage or f"oss://{objectstore.bucket_name(spec.name)}/",
+                         "endpoint": f"http://127.0.0.1:{port}", "port": port}
     save_state(state)
     for line in notes:
         log(f"scaling {line}")
     try:
+        if storage:
+            objectstore.start(port, _start_env(state, False), sdir / "objectstore.log")
+            objectstore.create_bucket(state.storage["endpoint"], state.storage["uri"])
+            record_processes(state)
         try:
             start_head(state)
         except LocalClusterError as e:  # Ray waits a fixed 30 s for the raylet: slow on a loaded box
@@ -356,7 +390,39 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
         raise
     log(f"cluster {spec.name} up: {state.dashboard_url} (ray client {state.client_address}), "
         f"token {state.token_path}")
+    log(f"disks: {state.disks}" + (f"; storage {state.storage['uri']} at {state.storage['endpoint']}"
+                                   if state.storage else ""))
     return state
+
+
+def plan_disks(wanted: str, autoscale: bool = False) -> tuple[str, str | None]:
+    """``("isolated" | "shared", why it is shared or None)``: isolation needs private mount
+    namespaces (Linux, root or user namespaces) and raylets this module starts itself."""
+    if wanted not in ("isolated", "shared"):
+        raise LocalClusterError(f"disks must be 'isolated' or 'shared', not {wanted!r}")
+    if wanted == "shared":
+        return "shared", None
+    if autoscale:
+        return "shared", ("disks: shared (workers the autoscaler adds are started by Ray's fake provider, "
+                          "outside a private mount namespace)")
+    problem = isolate.unshare_problem()
+    if problem:
+        return "shared", f"disks: shared, not isolated: {problem}"
+    return "isolated", None
+
+
+def private_and_shared_paths(sdir: Path) -> tuple[list[str], list[str]]:
+    """What an isolated worker sees privately (``/tmp`` and the run-folder root ``$ADBRAY_RUNS`` or
+    ``./runs``) and what stays shared beneath those (this Python's environment, adbray's code, the
+    import path, the cluster's state folder with its token)."""
+    from pipelines.io import is_remote
+
+    runs = os.environ.get("ADBRAY_RUNS", "runs")
+    private = ["/tmp"] + ([] if is_remote(runs) else [str(Path(runs).resolve())])
+    code = Path(__file__).resolve().parent.parent
+    shared = {sys.prefix, sys.base_prefix, str(code), str(Path(sdir).resolve()),
+              *(p for p in sys.path if p and os.path.isdir(p))}
+    return private, sorted(shared)
 
 
 def save_state(state: ClusterState) -> None:
@@ -369,6 +435,18 @@ def load_state(name: str) -> ClusterState:
     if not path.is_file():
         raise LocalClusterError(f"no local cluster named {name!r} (no {path})")
     return ClusterState(**json.loads(path.read_text()))
+
+
+def find_by_dashboard(url: str) -> ClusterState | None:
+    """The local cluster whose dashboard is ``url`` (None when it is not one of this machine's)."""
+    for name in list_clusters():
+        try:
+            state = load_state(name)
+        except (LocalClusterError, OSError, ValueError, TypeError):
+            continue
+        if state.dashboard_url == url.rstrip("/"):
+            return state
+    return None
 
 
 def list_clusters() -> list[str]:
@@ -408,7 +486,10 @@ def status(name: str) -> dict:
     state = load_state(name)
     info = {"name": name, "category": state.category, "dashboard_url": state.dashboard_url,
             "ray_address": state.client_address, "gcs_address": state.gcs_address,
-            "token_path": state.token_path, "scaling": state.scaling, "processes": len(processes(state))}
+            "token_path": state.token_path, "scaling": state.scaling, "processes": len(processes(state)),
+            "disks": state.disks}
+    if state.storage:
+        info["storage"] = {"uri": state.storage["uri"], "endpoint": state.storage["endpoint"]}
     try:
         nodes = alive_nodes(state)
     except OSError as e:

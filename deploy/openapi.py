@@ -41,6 +41,9 @@ def endpoint_for(region: str) -> str:
     return f"adb.{region}.aliyuncs.com"
 
 
+STORAGE_MOUNT_PATH = "/mnt/adbray-storage"  # where the group mounts its storage (StorageMounts.MountPath)
+
+
 def ray_config(spec: ResourceGroupSpec, token: str | None) -> dict:
     """The ``RayConfig`` map (service field names) for a spec."""
     cfg = {
@@ -63,6 +66,8 @@ def ray_config(spec: ResourceGroupSpec, token: str | None) -> dict:
     }
     if spec.requirements:
         cfg["UserDefinedRequirements"] = "\n".join(spec.requirements)
+    if spec.storage:  # the SDK's StorageMounts entry: {StorageId, StorageName, MountPath}
+        cfg["StorageMounts"] = [{"StorageName": spec.storage, "MountPath": STORAGE_MOUNT_PATH}]
     if token:
         cfg["AuthToken"] = token
     return cfg
@@ -374,6 +379,11 @@ def spec_from_ray_config(name: str, rc: dict) -> ResourceGroupSpec:
             if r.strip() and not r.strip().startswith("#")
         ],
     }
+    mounts = rc.get("StorageMounts") or []
+    oss = [m["StorageName"] for m in mounts if isinstance(m, dict) and str(m.get("StorageName", "")).startswith("oss://")] \
+        if isinstance(mounts, list) else []
+    if oss:
+        data["storage"] = oss[0]
     return validate(ResourceGroupSpec, data, source="RayConfig")
 
 

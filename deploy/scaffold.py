@@ -104,6 +104,7 @@ import click
 import pytest
 
 from pipelines.config import ConfigError
+from pipelines.io import read_json
 from {name}.template import TEMPLATE
 
 
@@ -121,10 +122,12 @@ def test_config_loads_and_a_bad_key_is_one_line():
     assert "no_such_section" in str(e.value) and "\\n" not in str(e.value)
 
 
-def test_small_run_end_to_end(adbray_ray, run_template, tmp_path):
+def test_small_run_end_to_end(run_template, adbray_run_dir):
+    """On a local cluster whose workers have their own disks, into a run folder on its OSS stand-in."""
     small = [x for item in TEMPLATE.test_overrides for x in ("--set", item)]
-    code, summary = run_template(TEMPLATE, ["--run-dir", tmp_path / "run", *small])
+    code, summary = run_template(TEMPLATE, ["--run-dir", adbray_run_dir, *small])
     assert code == 0 and summary["template"] == "{name}" and summary["step"] == "all"
+    assert read_json(adbray_run_dir + "/summary.json")["metrics"] == summary["metrics"]
     assert TEMPLATE.key_metric in summary["metrics"]
     assert summary["steps"] and list(summary["step_seconds"]) == summary["steps"]
 '''

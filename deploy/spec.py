@@ -21,6 +21,7 @@ SPECS: dict[str, tuple[int, int]] = {
     "m.2xlarge": (16, 128),
 }
 HEAD_SPECS = tuple(SPECS)
+STORAGE_RE = re.compile(r"oss://[a-z0-9][a-z0-9-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,254}")  # always .fullmatch: "$" lets "\n" through
 SHELL_META = re.compile(r"[;&|`$\\\n\r]")
 MAX_REQUIREMENTS = 200
@@ -118,6 +119,16 @@ class ResourceGroupSpec(StrictModel):
     worker_groups: list[WorkerGroup] = Field(min_length=1)
     requirements: list[str] = Field(default_factory=list)
     auth_token: str | None = None
+    # the group's OSS location (oss://bucket/prefix/), sent as the service's storage mount; where runs
+    # go by default (`adbray submit` without --run-dir). A local cluster's stand-in uses its bucket name.
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and not STORAGE_RE.fullmatch(v):
+            raise ValueError(f"storage must be oss://BUCKET/[PREFIX/] (bucket: 3-63 of a-z, 0-9, -), got {v!r}")
+        return v if v is None or v.endswith("/") else v + "/"
 
     @field_validator("name")
     @classmethod

@@ -9,23 +9,24 @@
 
 Episodes arrive out of order from the simulators; the writer keeps them in
 assignment order, so ``episode_index`` is contiguous from 0 and rejected
-episodes (non-finite physics) go to ``rejects`` instead. A local dataset is
-written beside its final folder and swapped in at the end: it is complete or absent.
+episodes (non-finite physics) go to ``rejects`` instead. The writer runs in the driver
+(which receives the ended episodes); the root is a local path or an ``oss://``/``s3://``
+URI, every file going through :func:`pipelines.io.filesystem_for`. A local dataset is
+written beside its final folder and swapped in at the end: it is complete or absent. An
+object-store dataset (no rename there) replaces the old one in place and is deleted when
+the collect fails.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.io import filesystem_for, reject
+from pipelines.io import filesystem_for, join, read_json, read_table, reject
 
 CODEBASE_VERSION = "v3.0"
 CHUNKS_SIZE = 1000
@@ -82,8 +83,8 @@ class LeRobotWriter:
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.final = final
         self.path = f"{final}.partial-{uuid.uuid4().hex[:8]}" if self.local else final
-        if not self.local and self.fs.get_file_info(final).type != pafs.FileType.NotFound:
-            self.fs.delete_dir(final)
+        if not self.local:
+            self._delete(final)
         self.fs.create_dir(self.path)
         self.waiting: dict[int, dict] = {}
         self.next_id = 0
@@ -185,15 +186,18 @@ class LeRobotWriter:
         self._write_text(json.dumps({k: s.as_json() for k, s in self.stats.items()}, indent=2),
                          "meta/stats.json")
         if self.local:
-            if Path(self.final).exists():
-                shutil.rmtree(self.final)
-            os.replace(self.path, self.final)
+            self._delete(self.final)
+            self.fs.move(self.path, self.final)
         return {"episodes": n, "frames": self.frames, "rejects": len(self.rejects)}
 
     def abort(self) -> None:
-        """Drop a partial local dataset (the previous one, if any, stays)."""
-        if self.local:
-            shutil.rmtree(self.path, ignore_errors=True)
+        """Drop the partial dataset (locally the previous one, if any, stays; an object-store
+        dataset, written in place, is then absent)."""
+        self._delete(self.path)
+
+    def _delete(self, path: str) -> None:
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(path)
 
     def info(self, episodes: int) -> dict:
         f = self.facts
@@ -220,23 +224,19 @@ class LeRobotWriter:
 
 # ------------------------------------------------------------------- reading
 def read_info(root: str) -> dict:
-    """``meta/info.json`` of a dataset."""
-    fs, path = filesystem_for(root)
-    with fs.open_input_stream(f"{path}/meta/info.json") as f:
-        return json.loads(f.read().decode())
+    """``meta/info.json`` of a dataset (local path or object-store URI)."""
+    return read_json(join(root, "meta", "info.json"))
 
 
 def read_frames(root: str, columns=None) -> pa.Table:
     """All frames of a dataset (``data/**.parquet``), ordered by ``index``."""
-    fs, path = filesystem_for(root)
-    table = pq.read_table(f"{path}/data", columns=columns, filesystem=fs)
+    table = read_table(join(root, "data"), columns=columns)
     return table.sort_by("index") if "index" in table.column_names else table
 
 
 def read_episodes(root: str) -> pa.Table:
     """The per-episode metadata table (``meta/episodes/**.parquet``)."""
-    fs, path = filesystem_for(root)
-    return pq.read_table(f"{path}/meta/episodes", filesystem=fs).sort_by("episode_index")
+    return read_table(join(root, "meta", "episodes")).sort_by("episode_index")
 
 
 def vectors(column: pa.ChunkedArray) -> np.ndarray:

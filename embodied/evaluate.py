@@ -4,13 +4,12 @@ The ``evaluate`` step (``python -m embodied evaluate --run-dir DIR``) loads the 
 folder's cloned policy (output ``policy``), rolls it and the expert and random
 policies out on ``evaluate.episodes`` seeds starting at ``evaluate.seed`` (disjoint
 from the collect seeds) and writes ``evaluation.json`` and ``evaluation.png`` into
-the run folder.
+the run folder (local or object storage, through :mod:`pipelines.io`).
 """
 from __future__ import annotations
 
-import json
-
 from pipelines.cli import RunFailed
+from pipelines.io import join, write_json
 from pipelines.report import plot_bars
 from pipelines.template import Run, StepResult
 
@@ -62,14 +61,13 @@ def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str, check: bool = Tru
     metrics["gap_closed"] = gap_closed(metrics["bc_return"], metrics["expert_return"], metrics["random_return"])
     metrics["eval_episodes"] = e.episodes
     report = {"env": env_id, "seeds": [e.seed, e.seed + e.episodes - 1], "policies": results, **metrics}
-    with open(f"{run_dir}/evaluation.json", "w") as f:
-        json.dump(report, f, indent=2)
-    plot_bars(f"{run_dir}/evaluation.png", {k: v["return"] for k, v in results.items()},
+    write_json(join(run_dir, "evaluation.json"), report)
+    plot_bars(join(run_dir, "evaluation.png"), {k: v["return"] for k, v in results.items()},
               ylabel="mean episode return", title=f"{env_id}: held-out seeds ({e.episodes} episodes)")
     failure = None
     if not metrics["gap_closed"] >= e.min_gap_closed:
         failure = (f"cloned policy closes {metrics['gap_closed']:.2f} of the random->expert gap "
-                   f"(evaluate.min_gap_closed {e.min_gap_closed}); see {run_dir}/evaluation.json")
+                   f"(evaluate.min_gap_closed {e.min_gap_closed}); see {join(run_dir, 'evaluation.json')}")
     if failure and check:
         raise RunFailed(failure)
     return metrics if check else (metrics, failure)

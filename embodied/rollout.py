@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pipelines.cli import RunFailed
-from pipelines.io import reject_ratio_failure, rejects_table, write_table
+from pipelines.io import join, reject_ratio_failure, rejects_table, write_table
 from pipelines.template import Run, StepResult
 
 from .config import EmbodiedConfig
@@ -152,7 +152,7 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None, check: bool = T
     env_id, c = cfg.env.id, cfg.collect
     facts = env_facts(env_id)
     policy = policy_spec(c.policy, env_id, seed=c.seed)
-    writer = LeRobotWriter(f"{run_dir}/episodes", env_id, facts, cfg.env.task, expected=c.episodes,
+    writer = LeRobotWriter(join(run_dir, "episodes"), env_id, facts, cfg.env.task, expected=c.episodes,
                            frames_per_file=c.frames_per_file)
     rollout = Rollout(cfg, policy, c.mode)
     try:
@@ -163,7 +163,7 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None, check: bool = T
         raise
     finally:
         rollout.close()
-    write_table(rejects_table(writer.rejects), f"{run_dir}/rejects")
+    write_table(rejects_table(writer.rejects), join(run_dir, "rejects"))
     returns = [e["return"] for e in writer.episodes]
     metrics = {
         "episodes": counts["episodes"], "steps": counts["frames"], "rejected_episodes": counts["rejects"],
@@ -174,7 +174,7 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None, check: bool = T
         "rerun_episodes": stats["rerun_episodes"],
     }
     failure = reject_ratio_failure(counts["rejects"], c.episodes, c.max_reject_ratio, "episodes",
-                                   "collect.max_reject_ratio", f"{run_dir}/rejects")
+                                   "collect.max_reject_ratio", join(run_dir, "rejects"))
     if failure and check:
         raise RunFailed(failure)
     return metrics if check else (metrics, failure)

@@ -5,6 +5,9 @@ folder's LeRobot v3 dataset (output ``episodes``) with ``TorchTrainer``
 (``train.num_workers`` DDP workers, CUDA when a GPU is assigned), checkpoints every
 ``train.checkpoint_every`` epochs into ``<run_dir>/checkpoints``, and keeps the
 final checkpoint as ``<run_dir>/policy`` (output ``policy``, what ``evaluate`` reads).
+The run folder may be local or ``oss://``/``s3://``: Ray Train gets the storage path with
+its filesystem (:func:`pipelines.io.train_storage`), so rank 0's checkpoint (saved in a
+temporary folder on its own node) is uploaded there, and the policy loads from the URI.
 
 The frames are read once on the driver and shared through the object store;
 each worker trains on its own slice (rank::world_size). State-vector datasets
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipelines.io import filesystem_for
+from pipelines.io import exists, filesystem_for, join, read_bytes, train_storage
 from pipelines.template import Run, StepResult
 
 from .config import EmbodiedConfig
@@ -92,11 +95,11 @@ def load_weights(checkpoint_dir: str) -> dict:
     """The policy weights saved in a BC checkpoint folder (local path or object-store URI)."""
     import torch
 
-    fs, path = filesystem_for(checkpoint_dir)
-    if fs.get_file_info(f"{path}/{WEIGHTS_FILE}").type != pafs.FileType.File:
-        raise FileNotFoundError(f"{checkpoint_dir} is not a BC checkpoint (no {WEIGHTS_FILE})")
-    with fs.open_input_file(f"{path}/{WEIGHTS_FILE}") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+    try:
+        data = read_bytes(join(checkpoint_dir, WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{checkpoint_dir} is not a BC checkpoint (no {WEIGHTS_FILE})") from None
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 def keep_checkpoint(checkpoint, dest: str) -> str:
@@ -126,11 +129,12 @@ def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
                    "checkpoint_every": t.checkpoint_every, "seed": t.seed,
                    "low": facts["low"], "high": facts["high"]}
     resources = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
+    storage_path, storage_filesystem = train_storage(join(run_dir, "checkpoints"))
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.num_gpus > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name="bc", storage_path=f"{run_dir}/checkpoints",
+        run_config=RunConfig(name="bc", storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
@@ -144,8 +148,7 @@ def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
 def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
     """The train step: BC on the run's ``episodes``; the final checkpoint becomes output ``policy``."""
     dataset = run.input("episodes")
-    fs, path = filesystem_for(dataset)
-    if fs.get_file_info(f"{path}/meta/info.json").type != pafs.FileType.File:
+    if not exists(join(dataset, "meta", "info.json")):
         raise FileNotFoundError(f"no LeRobot dataset at {dataset} (meta/info.json missing)")
     result = train(cfg, dataset, run.dir)
     return StepResult({"policy": keep_checkpoint(result["checkpoint"], run.path("policy"))}, result["metrics"])

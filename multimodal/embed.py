@@ -1,13 +1,14 @@
 """Embedding stages: one transformers encoder per modality, run in a Ray Data actor pool.
 
 ``model: builtin`` builds a small encoder from a transformers config with a fixed seed, so
-the template runs offline with deterministic (untrained) weights; set ``model`` to a hub id
-or a local path for production (see docs/multimodal.md). On CUDA the encoder runs in
+the template runs offline with deterministic (untrained) weights; set ``model`` to a hub id,
+a local path or an ``oss://``/``s3://`` folder for production (see docs/multimodal.md). On CUDA the encoder runs in
 bf16/fp16 under ``torch.inference_mode``; on CPU the same code runs in fp32.
 """
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 import zlib
 
@@ -76,6 +77,20 @@ def _pool(output, mask=None):
     return hidden[:, 0]
 
 
+def load_pretrained(model: str, tokenizer: bool):
+    """``(model, tokenizer or None)`` from a hub id, a local folder, or an ``oss://``/``s3://``
+    folder (copied through :mod:`pipelines.io` into a temp folder on this node, the actor's,
+    and loaded from there: a folder on the driver's disk is not visible to the workers)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from pipelines.io import download_dir, is_remote
+
+    if is_remote(model):
+        with tempfile.TemporaryDirectory(prefix="mm-model-") as tmp:
+            return load_pretrained(download_dir(model, tmp), tokenizer)
+    return AutoModel.from_pretrained(model), AutoTokenizer.from_pretrained(model) if tokenizer else None
+
+
 class Embedder:
     """``map_batches`` actor: replaces the modality's input column with ``embedding``.
 
@@ -96,13 +111,7 @@ class Embedder:
         if self.cfg.model == "builtin":
             self.model = builtin_model(modality, self.cfg, input_shape)
         else:
-            from transformers import AutoModel
-
-            self.model = AutoModel.from_pretrained(self.cfg.model)
-            if modality == "text":
-                from transformers import AutoTokenizer
-
-                self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
+            self.model, self.tokenizer = load_pretrained(self.cfg.model, modality == "text")
         self.model = self.model.to(self.device, self.dtype).eval()
         self.dim = int(self.model.config.hidden_size)
         if self.dim != self.cfg.dim:

@@ -19,7 +19,6 @@ import re
 import shutil
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.cli import RunFailed
-from pipelines.io import filesystem_for, is_remote, reject, rejects_table, replace_dir, write_table
-from pipelines.template import Run, StepResult
+from pipelines.io import filesystem_for, reject, rejects_table, replace_dir, write_table
+from pipelines.template import Run, StepResult, require_cluster_readable
 
 from . import dedup
 from .audio import AudioDecoder, embed_frames
@@ -355,26 +354,26 @@ def etl(cfg: MultimodalConfig, out_dir: str, input_path: str | None = None) -> d
     return {"outputs": outputs, "metrics": metrics, "rejects": len(rejects)}
 
 
-def local_sample_dir(out_dir: str) -> str:
-    """Where ``python -m multimodal`` writes its generated sample (inside the run folder)."""
-    if is_remote(out_dir):
-        raise ValueError("the generated sample needs a local run folder; pass --input for remote runs")
-    return str(Path(out_dir) / "sample")
-
-
 # ------------------------------------------------------------------ steps
 def input_configured(cfg: MultimodalConfig) -> bool:
     """True when ``source.input`` or ``source.manifest`` says what to process."""
     return bool(cfg.source.input or cfg.source.manifest)
 
 
+def preflight(cfg: MultimodalConfig) -> None:
+    """Before any cluster work: a local ``--input`` folder is refused (one line) when attached to
+    a cluster whose nodes do not share this machine's disk: the decode tasks could not read it."""
+    require_cluster_readable(cfg.source.input, "input", "--input")
+
+
 def generate_sample(cfg: MultimodalConfig, run: Run) -> StepResult:
-    """Step ``sample``: generate the mixed-media sample (with broken files) into ``<run_dir>/sample``."""
+    """Step ``sample``: generate the mixed-media sample (with broken files) into ``<run_dir>/sample``
+    (a local folder or object storage, like the run folder)."""
     import sys
 
     from .sample import generate
 
-    folder = local_sample_dir(run.dir)
+    folder = run.path("sample")
     made = generate(folder, cfg.sample)
     files = sum(len(v) for v in made["good"].values()) + len(made["broken"])
     print(f"generated a mixed-media sample ({files} files) in {folder}", file=sys.stderr)

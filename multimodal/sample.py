@@ -2,17 +2,21 @@
 rotation, RGBA, grayscale, 16-bit, CMYK), short videos with shot changes, speech-like audio,
 text in several encodings, plus broken files (truncated JPEG, text named .jpg, zero-byte
 file, corrupt MP4, WAV whose header lies). ``python -m multimodal`` without ``--input``
-writes it into the run folder and processes it."""
+writes it into the run folder (local or ``oss://``/``s3://``, through :mod:`pipelines.io`) and
+processes it."""
 from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
+import os
+import tempfile
 
 import cv2
 import numpy as np
 import soundfile as sf
 from PIL import Image
+
+from pipelines.io import filesystem_for, is_remote, join, write_bytes
 
 from .config import SampleConfig
 
@@ -59,9 +63,18 @@ def _speech_like(rng: np.random.Generator, seconds: float, rate: int) -> np.ndar
     return (0.3 * voice * envelope + rng.normal(0, 1e-4, len(t))).astype(np.float32)
 
 
-def _video(path: Path, rng: np.random.Generator, seconds: float, fps: int, shots: int) -> None:
+def _video(rng: np.random.Generator, seconds: float, fps: int, shots: int) -> bytes:
+    """An MP4 (OpenCV writes files only: encoded in a temp folder, returned as bytes)."""
+    with tempfile.TemporaryDirectory(prefix="mm-video-") as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        _write_video(path, rng, seconds, fps, shots)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _write_video(path: str, rng: np.random.Generator, seconds: float, fps: int, shots: int) -> None:
     w, h = 96, 64
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
     if not writer.isOpened():
         raise RuntimeError("OpenCV cannot write mp4v video here")
     frames = int(seconds * fps)
@@ -76,26 +89,23 @@ def _video(path: Path, rng: np.random.Generator, seconds: float, fps: int, shots
     writer.release()
 
 
-def generate(out: str | Path, cfg: SampleConfig | None = None) -> dict:
-    """Write the sample into ``out`` and return ``{"good": {modality: [paths]}, "broken":
-    {path: expected_stage}}``."""
+def generate(out: str, cfg: SampleConfig | None = None) -> dict:
+    """Write the sample into ``out`` (a local folder or an ``oss://``/``s3://`` prefix) and return
+    ``{"root": out, "good": {modality: [paths]}, "broken": {path: expected_stage}}``; the paths
+    are written as the listing of ``out`` names them (absolute local paths, or URIs)."""
     cfg = cfg or SampleConfig()
-    out = Path(out).resolve()
+    out = str(out).rstrip("/") if is_remote(str(out)) else filesystem_for(str(out))[1]
     rng = np.random.default_rng(cfg.seed)
-    dirs = {m: out / m for m in ("images", "video", "audio", "text")}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    good: dict[str, list[str]] = {m: [] for m in dirs}
+    good: dict[str, list[str]] = {m: [] for m in ("images", "video", "audio", "text")}
     broken: dict[str, str] = {}
 
-    def put(modality: str, name: str, data: bytes, ok: bool = True, stage: str = "") -> Path:
-        p = dirs[modality] / name
-        p.write_bytes(data)
+    def put(modality: str, name: str, data: bytes, ok: bool = True, stage: str = "") -> str:
+        uri = write_bytes(join(out, modality, name), data)
         if ok:
-            good[modality].append(str(p))
+            good[modality].append(uri)
         else:
-            broken[str(p)] = stage
-        return p
+            broken[uri] = stage
+        return uri
 
     # ---- images
     photos = [_photo(rng, int(rng.integers(120, 220)), int(rng.integers(90, 160))) for _ in range(max(cfg.images, 2))]
@@ -122,9 +132,7 @@ def generate(out: str | Path, cfg: SampleConfig | None = None) -> dict:
         put("images", "blurry.jpg", _jpeg(cv2.GaussianBlur(variants[5], (0, 0), 4)))
     # ---- video
     for i in range(cfg.videos):
-        p = dirs["video"] / f"clip_{i:02d}.mp4"
-        _video(p, rng, seconds=3.0, fps=10, shots=2 if i % 2 == 0 else 1)
-        good["video"].append(str(p))
+        put("video", f"clip_{i:02d}.mp4", _video(rng, seconds=3.0, fps=10, shots=2 if i % 2 == 0 else 1))
     # ---- audio
     formats = [("wav", 22050, 2), ("flac", 16000, 1), ("ogg", 44100, 1)]
     for i in range(cfg.audio):
@@ -163,4 +171,4 @@ def generate(out: str | Path, cfg: SampleConfig | None = None) -> dict:
         sf.write(wav, _speech_like(rng, 1.0, 16000), 16000, format="WAV", subtype="PCM_16")
         lying = bytearray(wav.getvalue()[:2000])  # cut the data, keep the header's sizes
         put("audio", "lying_header.wav", bytes(lying), ok=False, stage="decode")
-    return {"root": str(out), "good": good, "broken": broken}
+    return {"root": out, "good": good, "broken": broken}

@@ -7,11 +7,10 @@ Ray tasks, so a large folder streams through in bounded memory.
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import tempfile
 from contextlib import contextmanager
-from functools import lru_cache
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -34,22 +33,9 @@ ROUTED_SCHEMA = pa.schema([
 
 
 # ------------------------------------------------------------------ file access
-@lru_cache(maxsize=8)
-def _fs(scheme_netloc: str, endpoint: str | None):
-    return filesystem_for(scheme_netloc + "/x", endpoint)[0]
-
-
-def resolve(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a file URI, reusing one filesystem per bucket."""
-    if not is_remote(uri):
-        return pafs.LocalFileSystem(), str(Path(uri).resolve())
-    p = urlparse(uri)
-    return _fs(f"{p.scheme}://{p.netloc}", endpoint), f"{p.netloc}{p.path}"
-
-
 def read_head(uri: str, n: int, endpoint: str | None = None) -> bytes:
     """The first ``n`` bytes of a file."""
-    fs, path = resolve(uri, endpoint)
+    fs, path = filesystem_for(uri, endpoint)
     with fs.open_input_file(path) as f:
         return f.read(n)
 
@@ -63,7 +49,7 @@ def read_bytes(uri: str, endpoint: str | None = None, max_bytes: int | None = No
 
     With ``max_bytes``, a larger file is a FileTooLarge, checked before anything is read.
     """
-    fs, path = resolve(uri, endpoint)
+    fs, path = filesystem_for(uri, endpoint)
     with fs.open_input_file(path) as f:
         if max_bytes is not None and f.size() > max_bytes:
             raise FileTooLarge(f"too_large: {f.size()} bytes, over the {max_bytes}-byte cap")
@@ -72,18 +58,18 @@ def read_bytes(uri: str, endpoint: str | None = None, max_bytes: int | None = No
 
 @contextmanager
 def local_path(uri: str, endpoint: str | None = None):
-    """A local filename for ``uri``: the path itself, or a streamed temp copy of a remote object."""
-    if not is_remote(uri):
-        yield str(Path(uri).resolve())
+    """A local filename for ``uri`` (for decoders that only open files: OpenCV, libsndfile): the
+    path itself, or a streamed copy of a remote object in a temp folder of the calling process,
+    i.e. on the node that decodes it (call this inside the Ray task, never on the driver)."""
+    fs, path = filesystem_for(uri, endpoint)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
         return
-    fs, path = resolve(uri, endpoint)
-    fd, tmp = tempfile.mkstemp(suffix=Path(path).suffix)
-    try:
-        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+    with tempfile.TemporaryDirectory(prefix="mm-src-") as tmp:
+        local = os.path.join(tmp, "data" + posixpath.splitext(path)[1])
+        with open(local, "wb") as out, fs.open_input_stream(path) as src:
             shutil.copyfileobj(src, out, length=4 << 20)
-        yield tmp
-    finally:
-        os.unlink(tmp)
+        yield local
 
 
 # ---------------------------------------------------------------------- listing
@@ -180,7 +166,7 @@ def looks_like_text(head: bytes) -> bool:
 
 def route_one(path: str, size: int, head: bytes) -> dict:
     """One routed record: modality/format, or a ``reason`` when the file is rejected."""
-    ext = Path(urlparse(path).path if is_remote(path) else path).suffix.lower()
+    ext = posixpath.splitext(urlparse(path).path if is_remote(path) else path)[1].lower()
     want = next((m for m, exts in EXTENSIONS.items() if ext in exts), None)
     rec = {"path": path, "size": size, "modality": want, "format": None, "reason": None}
     if want is None:
@@ -219,7 +205,7 @@ class Router:
 
 
 def _size_of(uri: str, endpoint: str | None) -> int:
-    fs, path = resolve(uri, endpoint)
+    fs, path = filesystem_for(uri, endpoint)
     return int(fs.get_file_info(path).size or 0)
 
 

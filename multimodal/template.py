@@ -10,6 +10,7 @@ TEMPLATE = Template(
                 "duplicates and rejects (--input DIR|oss://...|s3://..., or --manifest FILE; "
                 "default: a generated sample).",
     options={"input": "source.input", "manifest": "source.manifest"},
+    preflight=pipeline.preflight,
     steps=[
         Step("sample", pipeline.generate_sample, makes=("sample",),
              when=lambda cfg: not pipeline.input_configured(cfg),

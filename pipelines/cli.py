@@ -12,6 +12,7 @@ last stdout line on success.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -22,8 +23,13 @@ from .io import CorruptParquet, corrupt_parquet_error
 
 
 def template_options(fn):
-    """``--config``, ``--set`` (repeatable), ``--address``, ``--run-dir``."""
-    fn = click.option("--run-dir", default=None, help="Output folder (default runs/<template>/<run_id>).")(fn)
+    """``--config``, ``--set`` (repeatable), ``--address``, ``--run-dir``, ``--shared-mount``."""
+    fn = click.option("--shared-mount", default=None, metavar="DIR", expose_value=False, callback=_declare_mount,
+                      help="A folder mounted at the same path on every node (NAS): local run folders "
+                           "below it are allowed on a cluster.")(fn)
+    fn = click.option("--run-dir", default=None,
+                      help="Output folder: oss://BUCKET/PATH on a cluster (default: the cluster's storage, "
+                           "else runs/<template>/<run_id>).")(fn)
     fn = click.option("--address", default=None,
                       help="Ray address: auto, ray://host:10001 or http://host:8265.")(fn)
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -31,6 +37,13 @@ def template_options(fn):
     fn = click.option("--config", "config", default=None, type=click.Path(),
                       help="Config YAML (default: the template's configs/local.yaml).")(fn)
     return fn
+
+
+def _declare_mount(ctx, param, value):
+    """``--shared-mount DIR`` declares DIR in ``$ADBRAY_SHARED_MOUNT`` (read by
+    :func:`pipelines.template.shared_disk_problem`; jobs of this process inherit it)."""
+    if value:
+        os.environ["ADBRAY_SHARED_MOUNT"] = ":".join(filter(None, [os.environ.get("ADBRAY_SHARED_MOUNT"), value]))
 
 
 class RunFailed(RuntimeError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import math
 import os
 import posixpath
@@ -52,34 +53,140 @@ def run_dir(template: str, run_id: str | None = None, root: str | None = None) -
 
 
 # ------------------------------------------------------------- object stores
+# The AWS SDK inside pyarrow probes the cloud metadata address when it has no keys: never here.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
 def is_remote(uri: str) -> bool:
     return urlparse(str(uri)).scheme in ("oss", "s3")
 
 
-def filesystem_for(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """Return ``(filesystem, path)`` for a local path, ``s3://`` or ``oss://`` URI.
+class StorageError(ValueError):
+    """An object-store URI that cannot be used as configured (one line)."""
 
-    ``oss://`` goes through pyarrow's S3-compatible filesystem; the endpoint comes
-    from ``endpoint`` or ``$OSS_ENDPOINT`` (e.g. ``oss-cn-hangzhou.aliyuncs.com``),
-    credentials from ``$OSS_ACCESS_KEY_ID``/``$OSS_ACCESS_KEY_SECRET`` (or the
-    standard ``ALIBABA_CLOUD_*`` variables).
+
+def _endpoint_url(endpoint: str) -> tuple[str, str]:
+    """``(host[:port], scheme)`` of an endpoint given with or without ``http(s)://``."""
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return parsed.netloc, parsed.scheme
+
+
+def _oss_region(host: str) -> str:
+    """OSS's region from its endpoint (``oss-cn-hangzhou[-internal].aliyuncs.com`` -> ``cn-hangzhou``)."""
+    m = re.match(r"oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com", host)
+    return m.group(1) if m else "us-east-1"
+
+
+def filesystem_for(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path)`` for a local path, ``s3://`` or ``oss://`` URI: the one storage
+    resolver every read and write goes through.
+
+    ``oss://bucket/key`` is OSS through its S3-compatible API: the endpoint comes from ``endpoint``
+    or ``$OSS_ENDPOINT`` (``oss-cn-hangzhou.aliyuncs.com``, or ``http://127.0.0.1:PORT`` for a local
+    cluster's stand-in), keys from ``$OSS_ACCESS_KEY_ID``/``$OSS_ACCESS_KEY_SECRET`` (or
+    ``$ALIBABA_CLOUD_ACCESS_KEY_ID``/``_SECRET``), the region from ``$OSS_REGION`` or the endpoint.
+    Alibaba's endpoints are addressed virtual-host style, custom endpoints path style.
+    ``s3://`` uses ``$AWS_ENDPOINT_URL``/``$AWS_ACCESS_KEY_ID``/``$AWS_SECRET_ACCESS_KEY``/``$AWS_REGION``
+    when set. Keys are always passed explicitly and ``AWS_EC2_METADATA_DISABLED=true`` is set, so
+    the SDK never probes a cloud metadata address.
     """
     parsed = urlparse(str(uri))
+    path = f"{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme == "oss":
         endpoint = endpoint or os.environ.get("OSS_ENDPOINT")
         if not endpoint:
-            raise ValueError("oss:// needs an endpoint: set OSS_ENDPOINT or io.endpoint")
+            raise StorageError(f"{uri}: oss:// needs an endpoint: set OSS_ENDPOINT (e.g. "
+                               "oss-cn-hangzhou-internal.aliyuncs.com)")
         key = os.environ.get("OSS_ACCESS_KEY_ID") or os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID")
         secret = os.environ.get("OSS_ACCESS_KEY_SECRET") or os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
-        fs = pafs.S3FileSystem(
-            endpoint_override=endpoint if "://" in endpoint else f"https://{endpoint}",
-            access_key=key, secret_key=secret, force_virtual_addressing=True,
-        )
-        return fs, f"{parsed.netloc}{parsed.path}"
+        if not (key and secret):
+            raise StorageError(f"{uri}: oss:// needs keys: set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET")
+        host, scheme = _endpoint_url(endpoint)
+        aliyun = host.endswith("aliyuncs.com")
+        return _s3(host, scheme, key, secret, os.environ.get("OSS_REGION") or _oss_region(host), aliyun), path
     if parsed.scheme == "s3":
-        kwargs = {"endpoint_override": endpoint} if endpoint else {}
-        return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}"
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
+        host, scheme = _endpoint_url(endpoint) if endpoint else (None, "https")
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3(host, scheme, key, secret, region, False), path
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+@lru_cache(maxsize=16)
+def _s3(host, scheme, key, secret, region, virtual) -> pafs.S3FileSystem:
+    kwargs = {"endpoint_override": host, "scheme": scheme} if host else {}
+    if key:
+        kwargs.update(access_key=key, secret_key=secret)
+    return pafs.S3FileSystem(region=region, force_virtual_addressing=virtual, **kwargs)
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri/part/...`` for local paths and object-store URIs alike."""
+    return "/".join([str(uri).rstrip("/"), *(str(p).strip("/") for p in parts)])
+
+
+def write_bytes(uri: str, data: bytes) -> str:
+    """Write one file (parent folders created where the filesystem has them)."""
+    fs, path = filesystem_for(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+    return uri
+
+
+def read_bytes(uri: str) -> bytes:
+    """One file's bytes; FileNotFoundError when it does not exist."""
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_json(uri: str, value) -> str:
+    return write_bytes(uri, json.dumps(value, indent=2, default=str).encode())
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file below a folder (URIs in the folder's own scheme), sorted."""
+    fs, path = filesystem_for(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        return []
+    return sorted(join(uri, posixpath.relpath(i.path, path)) for i in infos if i.type == pafs.FileType.File)
+
+
+def upload_dir(local: str, uri: str) -> str:
+    """Copy a local folder's files to ``uri`` (any scheme), replacing files of the same name."""
+    fs, path = filesystem_for(uri)
+    pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    return uri
+
+
+def download_dir(uri: str, local: str) -> str:
+    """Copy the files below ``uri`` into a local folder; returns the local folder."""
+    fs, path = filesystem_for(uri)
+    Path(local).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(Path(local).resolve()), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def train_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` (``None``: local)."""
+    fs, path = filesystem_for(uri)
+    return (path, None) if isinstance(fs, pafs.LocalFileSystem) else (path, fs)
 
 
 # ------------------------------------------------------------------- parquet

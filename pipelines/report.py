@@ -1,12 +1,16 @@
-"""Run summaries (the JSON line every entry point prints last) and PNG plots."""
+"""Run summaries (the JSON line every entry point prints last) and PNG plots, written through
+:mod:`pipelines.io` (local folders and object storage alike)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .io import join, write_bytes
 
 
 def _jsonable(value):
@@ -32,13 +36,13 @@ def summary(template: str, step: str, run_dir: str, outputs: Mapping[str, str] |
 
 
 def write_summary(result: dict, name: str = "summary.json") -> str | None:
-    """Write ``summary.json`` into the run folder (local folders only)."""
+    """Write ``summary.json`` (``<step>_summary.json`` for one step) into the run folder, local or
+    object storage."""
     run_dir = result.get("run_dir", "")
-    if not run_dir or "://" in run_dir:
+    if not run_dir:
         return None
-    path = Path(run_dir) / (f"{result['step']}_{name}" if result.get("step") not in (None, "all") else name)
-    path.write_text(json.dumps(result, indent=2))
-    return str(path)
+    uri = join(run_dir, f"{result['step']}_{name}" if result.get("step") not in (None, "all") else name)
+    return write_bytes(uri, json.dumps(result, indent=2).encode())
 
 
 def emit(result: dict) -> None:
@@ -56,6 +60,15 @@ def _figure():
     return plt
 
 
+def _save(plt, fig, uri: str | Path) -> str:
+    """Write the figure as PNG to ``uri`` (local path or object-store URI)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return write_bytes(str(uri), buf.getvalue())
+
+
 def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                xlabel: str, ylabel: str, title: str, diagonal: bool = False) -> str:
     """One PNG with a line per named (x, y) series."""
@@ -67,10 +80,7 @@ def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
+    return _save(plt, fig, path)
 
 
 def plot_bars(path: str | Path, values: Mapping[str, float], ylabel: str, title: str) -> str:
@@ -79,7 +89,4 @@ def plot_bars(path: str | Path, values: Mapping[str, float], ylabel: str, title:
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     ax.bar(list(values), [float(v) for v in values.values()])
     ax.set(ylabel=ylabel, title=title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
+    return _save(plt, fig, path)

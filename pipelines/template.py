@@ -27,6 +27,7 @@ package installed from a team repo is a template like the built-in ones.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -219,7 +220,7 @@ class Template:
             step = None if step in (None, "all") else step
             if step and self.needs(self.step(step), cfg) and not run_dir:
                 raise click.UsageError(f"step {step} reads an earlier step's outputs: give --run-dir")
-            out = prepare_run_dir(self.name, run_dir)
+            out = prepare_run_dir(self.name, run_dir, address)
             _, chosen = self.plan(cfg, out, step)
             for s in chosen:
                 if s.preflight:
@@ -250,13 +251,59 @@ class Template:
         self.exit([step, *sys.argv[1:]])
 
 
-def prepare_run_dir(template: str, run_dir: str | None) -> str:
-    """The given run folder (created when local) or a new ``runs/<template>/<run_id>``."""
-    from .io import is_remote
-    from .io import run_dir as new_run_dir
+DISKS_MARKER = "ADBRAY_DISKS"  # set by the local provider in its clusters' processes: isolated | shared
+SHARED_MOUNT = "ADBRAY_SHARED_MOUNT"  # folders mounted at the same place on every node (NAS), ':'-separated
+STORAGE = "ADBRAY_STORAGE"  # the cluster's storage location (oss://bucket/): default home of runs
 
+
+def attached(address: str | None = None) -> bool:
+    """Whether this process runs against a Ray cluster (``--address``, ``RAY_ADDRESS``, a job)."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def shared_disk_problem(path: str, address: str | None = None, what: str = "run folder",
+                        flag: str = "--run-dir") -> str | None:
+    """Why a local ``path`` (a run folder, an input, a model) cannot work here, or None.
+
+    A cluster's nodes share no disk (a real group; a local cluster with isolated disks), so a
+    local run folder works only for in-process Ray, a local cluster marked ``ADBRAY_DISKS=shared``,
+    or below a declared shared mount (``--shared-mount`` / ``$ADBRAY_SHARED_MOUNT``, e.g. a NAS
+    mounted at the same path on every node).
+    """
+    from .io import is_remote
+
+    if is_remote(path) or not attached(address) or os.environ.get(DISKS_MARKER) == "shared":
+        return None
+    resolved = Path(path).resolve()
+    mounts = [Path(m).resolve() for m in os.environ.get(SHARED_MOUNT, "").split(":") if m]
+    if any(resolved == m or m in resolved.parents for m in mounts):
+        return None
+    return (f"{what} {path} is on this machine's disk, which the cluster's nodes do not share: "
+            f"give {flag} oss://BUCKET/PATH (or --shared-mount DIR for a folder every node mounts)")
+
+
+def require_cluster_readable(path: str | None, what: str, flag: str, address: str | None = None) -> None:
+    """RunFailed (one line) when a local ``path`` the cluster's nodes will read cannot be read there
+    (:func:`shared_disk_problem`); for template preflights (``--input``, ``--model``)."""
+    problem = path and shared_disk_problem(path, address, what, flag)
+    if problem:
+        raise RunFailed(problem)
+
+
+def prepare_run_dir(template: str, run_dir: str | None, address: str | None = None) -> str:
+    """The run folder: the given one (created when local), else ``<cluster storage>/runs/<template>/<id>``
+    when attached to a cluster that has storage (``$ADBRAY_STORAGE``), else a new local
+    ``runs/<template>/<id>``. RunFailed (one line) for a local folder the cluster cannot see
+    (:func:`shared_disk_problem`); checked before anything is created."""
+    from .io import is_remote, join, new_run_id
+
+    if not run_dir and attached(address) and os.environ.get(STORAGE):
+        run_dir = join(os.environ[STORAGE], "runs", template, new_run_id())
     if not run_dir:
-        return new_run_dir(template)
+        run_dir = os.path.join(os.environ.get("ADBRAY_RUNS", "runs"), template, new_run_id())
+    problem = shared_disk_problem(run_dir, address)
+    if problem:
+        raise RunFailed(problem)
     if is_remote(run_dir):
         return run_dir.rstrip("/")
     Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,11 @@ Any project with adbray installed gets them without a conftest:
 - ``adbray_cluster`` (session): a real local multi-node Ray cluster started through the
   local provider (head with 0 CPUs, two 2-CPU workers, token auth, small object stores),
   stopped at the end of the session;
-- ``adbray_ray`` (session): this pytest process attached to that cluster as a driver;
+  each worker raylet with its own disk where the OS allows (``deploy.isolate``), and the
+  cluster's OSS stand-in (``deploy.objectstore``);
+- ``adbray_ray`` (session): this pytest process attached to that cluster as a driver, with the
+  stand-in's ``OSS_*`` variables and ``ADBRAY_STORAGE``/``ADBRAY_DISKS`` in its environment;
+- ``adbray_run_dir``: a fresh ``oss://<bucket>/tests/<test>-<id>`` run folder on the stand-in;
 - ``run_template``: runs a template's CLI in this process (``run_template(TEMPLATE, args)``)
   and returns ``(exit_code, summary_dict_or_None)``.
 """
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -47,10 +53,32 @@ def adbray_ray(adbray_cluster):
     from pipelines.connect import use_token
 
     os.environ["RAY_ADDRESS"] = adbray_cluster.gcs_address
+    os.environ.update(adbray_cluster.storage_env())
     use_token(token_path=adbray_cluster.token_path)
     if not ray.is_initialized():
         ray.init(address=adbray_cluster.gcs_address, log_to_driver=False)
     yield adbray_cluster
+
+
+def storage_run_dir(name: str) -> str:
+    """A new folder ``<cluster storage>/tests/<name>-<id>`` (after ``adbray_ray``; for fixtures of any scope)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:60]
+    return f"{os.environ['ADBRAY_STORAGE'].rstrip('/')}/tests/{name}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def adbray_run_dir(adbray_ray, request):
+    """A new run folder on the cluster's object storage, named after the test."""
+    return storage_run_dir(request.node.name)
+
+
+def local_run_traces() -> set[str]:
+    """What lies under this machine's run-folder root (``$ADBRAY_RUNS`` or ``./runs``, two levels:
+    ``<template>/<run>``) plus stray ``./oss:``/``./s3:`` folders (a URI taken for a local path).
+    Compare before and after a cluster run: a run into object storage must add nothing here."""
+    root = Path(os.environ.get("ADBRAY_RUNS", "runs"))
+    found = {str(p) for pattern in ("*", "*/*") for p in root.glob(pattern)}
+    return found | {name for name in ("oss:", "s3:") if Path(name).exists()}
 
 
 @pytest.fixture

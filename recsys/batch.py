@@ -12,7 +12,14 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipelines.io import checked_table_name, mysql_connect, sql_table, upsert_mysql, write_dataset
+from pipelines.io import (
+    checked_table_name,
+    mysql_connect,
+    read_parquet,
+    sql_table,
+    upsert_mysql,
+    write_dataset,
+)
 from pipelines.template import Run, StepResult
 
 from . import config as C
@@ -64,16 +71,15 @@ def build(cfg: C.RecsysConfig, out: str):
 
 def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     """Write top-k for every user (Parquet or MySQL); users/s in the metrics."""
-    out = run.dir
     import ray
 
-    b = cfg.batch
+    out, b = run.dir, cfg.batch
     table = checked_table_name(b.mysql_table, "batch.mysql_table") if b.output == "mysql" else None
     rows = build(cfg, out)
     t0 = time.perf_counter()
     if b.output == "parquet":
         target = write_dataset(rows, f"{out}/recommendations")
-        written = ray.data.read_parquet(target).count()
+        written = read_parquet(target).count()
     else:
         counts = rows.map_batches(MySQLWriter, fn_constructor_kwargs={"url": b.mysql_url, "table": table},
                                   batch_size=5000, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))

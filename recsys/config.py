@@ -80,7 +80,8 @@ class RankerConfig(TrainWorkers):
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint")
     fail_after_epoch: int | None = Field(
         None, description="testing: raise in the train loop after this epoch's checkpoint (first attempt)")
-    storage_path: str | None = Field(None, description="Train checkpoints (default <run_dir>/train); shared")
+    storage_path: str | None = Field(
+        None, description="Train checkpoints: a path or oss:// / s3:// URI every node reaches (default <run_dir>/train)")
 
 
 class EvalConfig(StrictModel):

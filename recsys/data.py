@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.io import upsert_mysql, write_dataset, write_table
+from pipelines.io import read_parquet, read_table, upsert_mysql, write_dataset, write_table
 from pipelines.template import Run, StepResult
 
 from . import config as C
@@ -191,7 +191,6 @@ def build_per_user(stage, d: C.DataConfig):
 
 def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     """Generate and write users, items, impressions, clicks and queries."""
-    import ray
     from ray.data.expressions import col
 
     out, d = run.dir, cfg.data
@@ -203,11 +202,9 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     outputs["clicks"] = write_dataset(impressions.filter(expr=col("clicked") == True), f"{out}/clicks")
     outputs["queries"] = write_dataset(build_per_user(QueryGenerator, d), f"{out}/queries")
     n_imp = impressions.count()
-    n_clicks = ray.data.read_parquet(f"{out}/clicks").count()
-    n_queries = ray.data.read_parquet(f"{out}/queries").count()
+    n_clicks = read_parquet(f"{out}/clicks").count()
+    n_queries = read_parquet(f"{out}/queries").count()
     if d.mysql_url:
-        from pipelines.io import read_table
-
         for name, key in (("users", ["user_id"]), ("items", ["item_id"]),
                           ("impressions", ["impression_id"]), ("queries", ["query_id"])):
             upsert_mysql(d.mysql_url, f"recsys_{name}", read_table(f"{out}/{name}"), key)

@@ -8,12 +8,10 @@ Per-user metrics are computed by Ray Data actors; JSON + PNG go to the run folde
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
-from pipelines.io import read_table, write_table
+from pipelines.io import read_table, write_json, write_table
 from pipelines.metrics import ndcg_at_k, recall_at_k, roc_auc
 from pipelines.report import plot_bars
 from pipelines.template import Run, StepResult
@@ -89,10 +87,7 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
         metrics[f"auc_{m}"] = roc_auc(scored["label"], scored[m])
     metrics["ranker_vs_popularity"] = metrics[f"ndcg{e.k}_ranker"] / max(metrics[f"ndcg{e.k}_popularity"], 1e-9)
     outputs = {"eval_users": write_table(per_user, f"{out}/eval_users")}
-    path = f"{out}/eval_metrics.json"
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=2)
-    outputs["eval_metrics"] = path
+    outputs["eval_metrics"] = write_json(f"{out}/eval_metrics.json", metrics)
     for name, key in ((f"ndcg{e.k}", f"ndcg{e.k}_{{}}"), (f"recall{e.recall_k}", f"recall{e.recall_k}_{{}}"),
                       ("auc", "auc_{}")):
         outputs[f"plot_{name}"] = plot_bars(f"{out}/eval_{name}.png", {m: metrics[key.format(m)] for m in METHODS},

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.io import filesystem_for
+from pipelines.io import read_bytes, write_bytes
 
 TOKEN_RE = re.compile(r"[a-z0-9]+")
 
@@ -128,18 +128,13 @@ def save_model(model: nn.Module, kwargs: dict, uri: str, **meta) -> str:
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"kwargs": kwargs, "state": state, **meta}, buf)
-    fs, path = filesystem_for(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(buf.getvalue())
-    return uri
+    return write_bytes(uri, buf.getvalue())
 
 
 def load_model(cls, uri: str, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Load a model saved by :func:`save_model`; returns (model in eval mode, the saved dict)."""
-    fs, path = filesystem_for(uri)
-    with fs.open_input_file(path) as f:
-        blob = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
+    """Load a model saved by :func:`save_model` from a local path or object-store URI (read where this
+    runs: a Ray worker reads the URI itself); returns (model in eval mode, the saved dict)."""
+    blob = torch.load(io.BytesIO(read_bytes(uri)), map_location=map_location, weights_only=False)
     model = cls(**blob["kwargs"])
     model.load_state_dict(blob["state"])
     return model.eval(), blob

@@ -12,12 +12,11 @@ checkpoint; re-running the step with the same inputs resumes the stored run.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.io import read_table, rejects_table, write_table
+from pipelines.io import join, read_table, rejects_table, write_bytes, write_table
 from pipelines.metrics import ndcg_at_k, roc_auc
 from pipelines.template import Run, StepResult
 
@@ -59,15 +58,16 @@ class InjectedFailure(RuntimeError):
 
 def hold_until_killed(pid_dir: str, timeout_s: float = 600.0) -> None:
     """Testing hook: write this Train worker's pid to ``<pid_dir>/rank-<r>.pid`` and block until a test
-    kills the process (SIGKILL); raise if nobody does within ``timeout_s``."""
+    kills the process (SIGKILL); raise if nobody does within ``timeout_s``.
+
+    ``pid_dir`` is a URI the test can read (``oss://...`` on a cluster: a worker's local disk is its own).
+    """
     import os
 
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    path = Path(pid_dir, f"rank-{rank}.pid")
-    path.with_suffix(".tmp").write_text(str(os.getpid()))
-    path.with_suffix(".tmp").rename(path)  # appears whole
+    write_bytes(join(pid_dir, f"rank-{rank}.pid"), str(os.getpid()).encode())  # one PUT: appears whole
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         time.sleep(0.2)
@@ -183,8 +183,11 @@ def train(cfg: C.RecsysConfig, out: str, impressions: pa.Table, storage_path: st
           hold_after_epoch: tuple[int, str] | None = None):
     """Build examples in [t1, t2), fit the ranker; returns (Train Result, model kwargs, seconds).
 
+    ``storage_path`` (a local path or ``oss://``/``s3://`` URI) holds the Train run; default
+    ``ranker.storage_path``, else ``<out>/train``.
     ``hold_after_epoch=(epoch, pid_dir)`` (tests) makes every worker of the first attempt stop after
-    that epoch's checkpoint, write its pid to ``pid_dir`` and wait to be killed (:func:`hold_until_killed`).
+    that epoch's checkpoint, write its pid under the URI ``pid_dir`` and wait to be killed
+    (:func:`hold_until_killed`).
     """
     from ray.data.expressions import col
 
@@ -217,7 +220,7 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     state = load_state(result.checkpoint)
     model = DeepFM(**kwargs)
     model.load_state_dict(state["model"])
-    version = f"{Path(out).name}-e{state['epoch']}"
+    version = f"{out.rstrip('/').rsplit('/', 1)[-1]}-e{state['epoch']}"
     uri = save_model(model, kwargs, f"{out}/{MODEL_FILE}", epoch=state["epoch"], version=version,
                      metrics=state["metrics"])
     m = state["metrics"]

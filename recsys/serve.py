@@ -278,7 +278,7 @@ def main(config, overrides, address, run_dir, block):
     cfg = C.load(config, overrides)
     if not run_dir:
         raise click.UsageError("give --run-dir: a run folder with trained models (python -m recsys)")
-    out = prepare_run_dir(C.TEMPLATE, run_dir)
+    out = prepare_run_dir(C.TEMPLATE, run_dir, address)
     Run(out, read_manifest(out)).input("ranker")
     from .template import TEMPLATE
 

@@ -31,14 +31,20 @@ def param_shapes(model) -> dict:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def fit(loop, loop_config: dict, datasets: dict, workers, storage_path: str, name: str,
+def fit(loop, loop_config: dict, datasets: dict, workers, storage: str, name: str,
         max_failures: int = 0, unsplit: tuple[str, ...] = ()):
     """Run ``loop`` on ``workers.num_workers`` Train workers; returns the Train ``Result``.
 
+    ``storage`` is where Train keeps the run's checkpoints: a local path (in-process Ray or a
+    shared mount) or an ``oss://``/``s3://`` URI, resolved by :func:`pipelines.io.train_storage`.
     Datasets named in ``unsplit`` reach every worker whole (e.g. validation on rank 0).
     """
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from pipelines.io import train_storage
+
+    storage_path, storage_filesystem = train_storage(storage)
 
     per_worker = {"CPU": workers.num_cpus}
     if workers.num_gpus:
@@ -48,7 +54,7 @@ def fit(loop, loop_config: dict, datasets: dict, workers, storage_path: str, nam
         dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k not in unsplit]),
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.num_gpus > 0,
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     return trainer.fit()

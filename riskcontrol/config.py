@@ -58,7 +58,7 @@ class TrainConfig(StrictModel):
     feature_fraction: float = Field(0.9, gt=0, le=1)
     # imbalance: "auto" = sqrt(negatives / positives) on the training slice
     scale_pos_weight: float | Literal["auto"] = "auto"
-    storage_path: str | None = None  # Ray Train storage (shared FS/OSS on a real cluster); default run_dir
+    storage_path: str | None = None  # Ray Train storage (oss:// or a shared mount); default <run_dir>/ray_train
     compare_inprocess: bool = True   # also train in-process on the same data (auprc_inprocess)
 
     @model_validator(mode="after")

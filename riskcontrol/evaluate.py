@@ -1,13 +1,11 @@
 """Evaluation on the later time slice: model vs a rules baseline, JSON plus PR/calibration PNGs."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from pipelines import metrics as M
+from pipelines.io import join, read_json, write_json
 from pipelines.report import plot_lines
 from pipelines.template import Run, StepResult
 
@@ -60,11 +58,11 @@ def evaluate(model_dir: str, test: pd.DataFrame, cfg: EvalConfig, out_dir: str,
         oprob = other.predict(feature_matrix(test, ometa["features"]))
         report[name] = classification_report(y, oprob, cfg)
         curves[name] = _pr(y, oprob)
-    out = Path(out_dir)
-    (out / "evaluation.json").write_text(json.dumps(report, indent=2))
-    plot_lines(out / "pr_curve.png", curves, "recall", "precision", "Precision-recall, later time slice")
+    write_json(join(out_dir, "evaluation.json"), report)
+    plot_lines(join(out_dir, "pr_curve.png"), curves, "recall", "precision",
+               "Precision-recall, later time slice")
     pred, obs = M.calibration_curve(y, prob, bins=10)
-    plot_lines(out / "calibration.png", {"model": (pred, obs)}, "mean predicted probability",
+    plot_lines(join(out_dir, "calibration.png"), {"model": (pred, obs)}, "mean predicted probability",
                "observed fraud rate", "Calibration", diagonal=True)
     return report
 
@@ -87,10 +85,10 @@ def headline(report: dict) -> dict:
 
 def remember_threshold(model_dir: str, threshold: float) -> None:
     """Store the alert-budget threshold with the model (batch and online tiers read it)."""
-    path = Path(model_dir) / "model.json"
-    meta = json.loads(path.read_text())
+    uri = join(model_dir, "model.json")
+    meta = read_json(uri)
     meta["alert_threshold"] = float(threshold)
-    path.write_text(json.dumps(meta, indent=2))
+    write_json(uri, meta)
 
 
 def run(cfg: RiskConfig, run: Run) -> StepResult:

@@ -17,6 +17,7 @@ import pyarrow as pa
 from pipelines.io import (
     checked_table_name,
     read_mysql,
+    read_parquet,
     reject_ratio_failure,
     rejects_table,
     sql_table,
@@ -164,9 +165,7 @@ def run(cfg: RiskConfig, run: Run) -> StepResult:
         res = run_score(input_dataset(cfg.score, None), model_dir, cfg.score, run.dir, cfg.features,
                         rejects_name="score_rejects")
     else:
-        import ray
-
-        res = write_scores(score_dataset(ray.data.read_parquet(run.input("features")), model_dir, cfg.score),
+        res = write_scores(score_dataset(read_parquet(run.input("features")), model_dir, cfg.score),
                            cfg.score, run.dir)
         res["rejects"] = 0
     return StepResult(res["outputs"], {"scored_rows": res["rows"], "tiers": res["tiers"]}, rows=res["rows"],

@@ -412,10 +412,13 @@ def smoke_test(cfg, model_dir: str, transactions_path: str) -> dict:
 
 @click.command()
 @template_options
-@click.option("--model", "model_dir", default=None, help="Model folder (default: serve.model_dir).")
+@click.option("--model", "model_dir", default=None,
+              help="Model folder, local or oss://BUCKET/PATH (default: serve.model_dir).")
 @click.option("--block/--no-block", default=None, help="Keep serving until Ctrl-C (default: serve.block).")
 def main(config, overrides, address, run_dir, model_dir, block):
     """Deploy the online scorer (python -m riskcontrol.serve --model DIR)."""
+    from pipelines.template import require_cluster_readable
+
     from .template import TEMPLATE
     from .train import load_model
 
@@ -423,9 +426,10 @@ def main(config, overrides, address, run_dir, model_dir, block):
     model_dir = model_dir or cfg.serve.model_dir
     if not model_dir:
         raise ValueError("serve.model_dir: no model given (use --model DIR)")
+    require_cluster_readable(model_dir, "--model", "--model", address)  # replicas load it on the cluster's nodes
     _, meta = load_model(model_dir)
     TEMPLATE.connect(cfg, address)
-    out = prepare_run_dir(TEMPLATE.name, run_dir)
+    out = prepare_run_dir(TEMPLATE.name, run_dir, address)
     url = deploy(cfg.serve, model_dir)
     health = httpx.get(f"{url}/healthz", timeout=10).json()
     emit(summary(TEMPLATE.name, "serve", out, {"url": url}, {"model_version": meta["version"], **health},

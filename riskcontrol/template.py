@@ -1,5 +1,5 @@
 """The riskcontrol template's declaration (see :mod:`pipelines.template`)."""
-from pipelines.template import Run, Step, StepResult, Template
+from pipelines.template import Run, Step, StepResult, Template, require_cluster_readable
 
 from . import data, evaluate, features, score, train
 from .config import load
@@ -14,7 +14,9 @@ def online(cfg, run: Run) -> StepResult:
 
 
 def preflight(cfg) -> None:
-    """Before any cluster work: a configured scoring model must load."""
+    """Before any cluster work: a configured scoring model (and input) the cluster can read; the model loads."""
+    require_cluster_readable(cfg.score.model_dir, "score.model_dir", "--model")
+    require_cluster_readable(cfg.score.input, "score.input", "score.input")
     if cfg.score.model_dir:
         train.load_model(cfg.score.model_dir)
 

@@ -9,15 +9,25 @@ training rows the model saw). ``--set train.num_workers=0`` trains in-process.
 """
 from __future__ import annotations
 
-import json
 import os
+import posixpath
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipelines.io import (
+    exists,
+    join,
+    read_bytes,
+    read_json,
+    read_parquet,
+    train_storage,
+    upload_dir,
+    write_bytes,
+    write_json,
+)
 from pipelines.template import Run, StepResult
 
 from .config import RiskConfig, TrainConfig
@@ -92,27 +102,27 @@ def rows_seen(booster) -> int:
     return int(booster.dump_model(num_iteration=1)["tree_info"][0]["tree_structure"]["internal_count"])
 
 
-def save_model(booster, path: str | Path, meta: dict) -> str:
-    """The checkpoint folder: ``model.txt`` plus ``model.json`` (features + metadata)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    booster.save_model(str(path / "model.txt"), num_iteration=booster.best_iteration or None)
+def save_model(booster, uri: str, meta: dict) -> str:
+    """The checkpoint folder (local path or ``oss://``): ``model.txt`` plus ``model.json`` (features +
+    metadata); returns ``uri``."""
     meta = {"features": FEATURE_COLUMNS, "categorical": CATEGORICAL_FEATURES,
             "best_iteration": int(booster.best_iteration or booster.current_iteration()),
             "rows_seen": rows_seen(booster), **meta}
-    (path / "model.json").write_text(json.dumps(meta, indent=2, default=str))
-    return str(path)
+    text = booster.model_to_string(num_iteration=booster.best_iteration or None)
+    write_bytes(join(uri, "model.txt"), text.encode())
+    write_json(join(uri, "model.json"), meta)
+    return uri
 
 
-def load_model(path: str | Path):
-    """(booster, metadata) from a checkpoint folder."""
+def load_model(uri: str):
+    """(booster, metadata) from a checkpoint folder (local path or ``oss://``), read where this runs."""
     import lightgbm as lgb
 
-    path = Path(path)
-    if not (path / "model.txt").is_file():
-        raise FileNotFoundError(f"no model at {path} (expected model.txt and model.json)")
-    meta = json.loads((path / "model.json").read_text())
-    return lgb.Booster(model_file=str(path / "model.txt")), meta
+    uri = str(uri)
+    if not exists(join(uri, "model.txt")):
+        raise FileNotFoundError(f"no model at {uri} (expected model.txt and model.json)")
+    meta = read_json(join(uri, "model.json"))
+    return lgb.Booster(model_str=read_bytes(join(uri, "model.txt")).decode()), meta
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -141,11 +151,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def train_ray(train_ds, valid_ds, cfg: TrainConfig, pos_weight: float, out_dir: str, meta: dict) -> dict:
-    """Fit with ``LightGBMTrainer`` on ``cfg.num_workers`` workers; the model lands in ``out_dir``."""
+    """Fit with ``LightGBMTrainer`` on ``cfg.num_workers`` workers; the model lands in ``out_dir``
+    (local path or ``oss://``). Ray Train's storage: ``train.storage_path``, else ``ray_train`` beside
+    ``out_dir``."""
     import ray.train
     from ray.train.lightgbm import LightGBMTrainer
 
-    storage = cfg.storage_path or str(Path(out_dir).parent / "ray_train")
+    parent = posixpath.dirname(str(out_dir).rstrip("/"))
+    storage, storage_fs = train_storage(cfg.storage_path or join(parent, "ray_train"))
     trainer = LightGBMTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "pos_weight": pos_weight, "meta": meta},
@@ -153,12 +166,13 @@ def train_ray(train_ds, valid_ds, cfg: TrainConfig, pos_weight: float, out_dir: 
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,
                                                resources_per_worker={"CPU": cfg.num_cpus}),
-        run_config=ray.train.RunConfig(name=f"riskcontrol-{Path(out_dir).parent.name}-{int(time.time())}",
-                                       storage_path=storage),
+        run_config=ray.train.RunConfig(name=f"riskcontrol-{posixpath.basename(parent)}-{int(time.time())}",
+                                       storage_path=storage, storage_filesystem=storage_fs),
     )
     result = trainer.fit()
-    result.checkpoint.to_directory(out_dir)
-    return json.loads((Path(out_dir) / "model.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # checkpoint storage -> the model folder
+        upload_dir(result.checkpoint.to_directory(tmp), out_dir)
+    return read_json(join(out_dir, "model.json"))
 
 
 def train_inprocess(train_df: pd.DataFrame, valid_df: pd.DataFrame, cfg: TrainConfig, pos_weight: float,
@@ -167,7 +181,7 @@ def train_inprocess(train_df: pd.DataFrame, valid_df: pd.DataFrame, cfg: TrainCo
     params = lgb_params(cfg, pos_weight, max(1, os.cpu_count() or 1))
     booster = fit_booster(train_df, valid_df, params, cfg)
     save_model(booster, out_dir, {"trainer": "inprocess", "num_workers": 0, **meta})
-    return json.loads((Path(out_dir) / "model.json").read_text())
+    return read_json(join(out_dir, "model.json"))
 
 
 def read_features(path: str, columns=None) -> pd.DataFrame:
@@ -180,8 +194,6 @@ def read_features(path: str, columns=None) -> pd.DataFrame:
 def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers: int | None = None,
                  name: str = "model") -> dict:
     """Time-split the features, train (Ray Train, or in-process with 0 workers); the model's metadata."""
-    import ray
-
     tcfg = cfg.train if num_workers is None else cfg.train.model_copy(update={"num_workers": num_workers})
     cols = ["transaction_id", "event_time", LABEL] + FEATURE_COLUMNS
     model_dir = f"{out_dir}/{name}"
@@ -191,7 +203,7 @@ def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers:
         train_df, valid_df = slice_frame(frame, None, t1), slice_frame(frame, t1, t2)
         labels, n_valid_pos = train_df[LABEL], int(valid_df[LABEL].sum())
     else:
-        ds = ray.data.read_parquet(features_path, columns=cols)
+        ds = read_parquet(features_path, columns=cols)
         t1, t2 = split_times(ds.min("event_time"), ds.max("event_time"), tcfg)
         train_ds = ds.map_batches(slice_frame, fn_kwargs={"start": None, "end": t1},
                                   batch_format="pandas").materialize()

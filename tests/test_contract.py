@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipelines.template import discover, load_template
+from pipelines.testing import local_run_traces
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = sorted(discover())
@@ -59,24 +60,33 @@ def test_a_step_without_its_inputs_fails_in_one_line_before_ray(name, tmp_path):
         assert "Ray" not in proc.stderr
 
 
-def _parquet_rows(run_dir: Path) -> dict[str, int]:
+def _parquet_rows(run_dir: str) -> dict[str, int]:
     """Row counts of every Parquet dataset (a folder holding .parquet files) under ``run_dir``."""
+    from pipelines import io
+
+    folders: dict[str, list[str]] = {}
+    for uri in io.list_files(run_dir):
+        if uri.endswith(".parquet"):  # a LeRobot meta/ also holds JSON
+            folders.setdefault(uri.rsplit("/", 1)[0], []).append(uri)
     rows = {}
-    for folder in sorted({p.parent for p in run_dir.rglob("*.parquet")}):
-        files = sorted(str(p) for p in folder.glob("*.parquet"))  # a LeRobot meta/ also holds JSON
-        rows[str(folder.relative_to(run_dir))] = pads.dataset(files, format="parquet").count_rows()
+    for folder, files in sorted(folders.items()):
+        fs, _ = io.filesystem_for(folder)
+        paths = [io.filesystem_for(f)[1] for f in files]
+        rows[folder[len(run_dir) + 1:]] = pads.dataset(paths, format="parquet", filesystem=fs).count_rows()
     return rows
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_summary_keys_and_step_by_step_equals_all_in_one(name, ray_connected, run_template, tmp_path):
+def test_summary_keys_and_step_by_step_equals_all_in_one(name, run_template, adbray_run_dir):
+    """On the session cluster (each worker its own disk), into run folders on its OSS stand-in."""
     template = load_template(name)
     small = [x for item in template.test_overrides for x in ("--set", item)]
-    whole, by_step = tmp_path / "all", tmp_path / "steps"
+    whole, by_step = f"{adbray_run_dir}/all", f"{adbray_run_dir}/steps"
+    local_before = local_run_traces()
 
     code, s = run_template(template, ["--run-dir", whole, *small])
     assert code == 0 and s, f"{name} all-in-one failed"
-    assert s["template"] == name and s["step"] == "all" and s["run_dir"] == str(whole)
+    assert s["template"] == name and s["step"] == "all" and s["run_dir"] == whole
     assert isinstance(s["rows"], int) and isinstance(s["rejects"], int)
     assert isinstance(s["metrics"], dict) and template.key_metric in s["metrics"], template.key_metric
     assert list(s["step_seconds"]) == s["steps"] and all(isinstance(v, float) for v in s["step_seconds"].values())
@@ -84,6 +94,7 @@ def test_summary_keys_and_step_by_step_equals_all_in_one(name, ray_connected, ru
     for step in template.steps:
         if step.name in s["steps"]:
             assert set(step.makes) <= set(s["outputs"]), (step.name, set(step.makes) - set(s["outputs"]))
+    assert _read_json(f"{whole}/summary.json")["metrics"] == s["metrics"]
 
     rows = 0
     for step in s["steps"]:
@@ -92,14 +103,38 @@ def test_summary_keys_and_step_by_step_equals_all_in_one(name, ray_connected, ru
         rows += one["rows"]
     assert rows == s["rows"]
     assert sorted(_relative(s["outputs"], whole)) == sorted(_relative(_manifest(by_step), by_step))
-    assert _parquet_rows(whole) == _parquet_rows(by_step)
+    parquet = _parquet_rows(whole)
+    assert parquet == _parquet_rows(by_step) and (parquet or name == "squares")
+    # every output is in the object store, none on this machine's disk
+    assert not [v for v in s["outputs"].values() if v.startswith("/")], s["outputs"]
+    assert local_run_traces() == local_before
 
 
-def _relative(outputs: dict, run_dir: Path) -> list[str]:
-    return [f"{k}={v.replace(str(run_dir), '<run>')}" for k, v in outputs.items()]
+@pytest.mark.parametrize("name", NAMES)
+def test_a_local_run_dir_on_a_cluster_fails_in_one_line_before_ray(name, ray_cluster, tmp_path):
+    """Attached to a cluster whose nodes share no disk, a local run folder is refused before any work."""
+    template = load_template(name)
+    env = {**os.environ, **ray_cluster.env(), "ADBRAY_DISKS": "isolated"}
+    env.pop("ADBRAY_SHARED_MOUNT", None)
+    proc = subprocess.run([sys.executable, "-m", template.package, "--run-dir", str(tmp_path / "run")], cwd=ROOT,
+                          env=env, check=False, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: run folder"), proc.stderr
+    assert "--run-dir oss://" in lines[0] and "Ray" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
-def _manifest(run_dir: Path) -> dict:
+def _read_json(uri: str) -> dict:
+    from pipelines import io
+
+    return io.read_json(uri)
+
+
+def _relative(outputs: dict, run_dir: str) -> list[str]:
+    return [f"{k}={v.replace(run_dir, '<run>')}" for k, v in outputs.items()]
+
+
+def _manifest(run_dir: str) -> dict:
     from pipelines.template import read_manifest
 
-    return read_manifest(str(run_dir))
+    return read_manifest(run_dir)

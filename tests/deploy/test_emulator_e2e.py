@@ -16,6 +16,8 @@ import pytest
 
 from deploy import local
 from deploy.emulator import Emulator
+from deploy.spec import load_spec
+from pipelines import io
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "deploy/examples/squares/resource_group.yaml"
@@ -74,7 +76,7 @@ def test_create_wait_gives_addresses_and_the_token_is_the_clusters(emu, group):
     assert again.returncode == 1 and "InvalidDBResourceGroup.Duplicate" in again.stderr
 
 
-def test_submit_succeeds_and_logs_hold_the_summary(emu, group):
+def test_submit_succeeds_and_logs_hold_the_summary(emu, group, monkeypatch):
     proc = adbray(emu, "submit", "deploy.examples.squares", "--config", CONFIG, "--group", "squares")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preflight ok" in proc.stderr and "matches group squares" in proc.stderr
@@ -88,6 +90,13 @@ def test_submit_succeeds_and_logs_hold_the_summary(emu, group):
     assert logs.returncode == 0, logs.stderr
     summary = json.loads([line for line in logs.stdout.splitlines() if line.startswith('{"template"')][-1])
     assert summary["template"] == "squares" and summary["metrics"]["sum_of_squares"] == 63 * 64 * 127 // 6
+    # without --run-dir the outputs go to the group's storage (its spec's `storage:`), printed before upload
+    storage = load_spec(SPEC).storage
+    assert summary["run_dir"].startswith(f"{storage}runs/squares/")
+    assert f"outputs go to {summary['run_dir']} " in proc.stderr
+    for key, value in backing.storage_env().items():  # read it back from the group's stand-in
+        monkeypatch.setenv(key, value)
+    assert io.read_json(io.join(summary["run_dir"], "summary.json"))["metrics"] == summary["metrics"]
     listed = json.loads(adbray(emu, "jobs", "list", "--group", "squares", "--json").stdout)
     assert {"job_id": job_id, "status": "SUCCEEDED"}.items() <= next(
         j for j in listed if j["job_id"] == job_id

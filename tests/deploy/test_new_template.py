@@ -60,3 +60,7 @@ def test_new_from_riskcontrol_runs_its_tests_in_a_fresh_venv_and_joins_the_demo(
               timeout=900)
     row = next(line for line in demo.stdout.splitlines() if line.startswith("teamfraud"))
     assert " ok " in row and "auprc=" in row, demo.stdout
+    # the run went to the demo cluster's OSS stand-in; its summary and plots were copied back under runs/
+    remote, copied = row.split()[-3], tmp_path / row.split()[-1]
+    assert remote.startswith("oss://") and (copied / "summary.json").is_file(), row
+    assert list(copied.glob("**/*.png")), sorted(copied.rglob("*"))

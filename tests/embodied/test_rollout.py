@@ -14,6 +14,7 @@ from embodied.envs import make_env
 from embodied.policies import policy_spec
 from embodied.rollout import Rollout, collect
 from embodied.template import TEMPLATE
+from pipelines.io import join, list_files, read_table
 
 EPISODE_STEPS = 50  # Reacher-v5
 
@@ -41,8 +42,8 @@ def test_policy_actor_batches_across_simulators(ray_connected):
     assert np.mean([e["success"] for e in ended]) >= 0.9
 
 
-def test_rollout_entry_point_local_mode_writes_a_lerobot_dataset(ray_connected, tmp_path, capsys):
-    code = TEMPLATE.main(["collect", "--run-dir", str(tmp_path), "--set", "collect.mode=local",
+def test_rollout_entry_point_local_mode_writes_a_lerobot_dataset(ray_connected, adbray_run_dir, capsys):
+    code = TEMPLATE.main(["collect", "--run-dir", adbray_run_dir, "--set", "collect.mode=local",
                           "--set", "collect.episodes=12", "--set", "simulator.envs_per_actor=3"])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -53,10 +54,12 @@ def test_rollout_entry_point_local_mode_writes_a_lerobot_dataset(ray_connected, 
     frames = read_frames(out["outputs"]["episodes"])
     assert frames.num_rows == 12 * EPISODE_STEPS
     assert read_info(out["outputs"]["episodes"])["total_episodes"] == 12
-    assert (tmp_path / "rejects" / "part-0.parquet").is_file()
+    assert out["outputs"]["rejects"] == join(adbray_run_dir, "rejects")
+    assert list_files(out["outputs"]["rejects"]) == [join(adbray_run_dir, "rejects", "part-0.parquet")]
+    assert read_table(out["outputs"]["rejects"]).num_rows == 0
 
 
-def test_killed_simulator_leaves_no_partial_episode_and_exact_count(ray_connected, tmp_path):
+def test_killed_simulator_leaves_no_partial_episode_and_exact_count(ray_connected, adbray_run_dir):
     episodes = 40
     cfg = config_mod.load(None, [f"collect.episodes={episodes}", "simulator.envs_per_actor=4",
                                  "simulator.steps_per_call=10", "simulator.queue_per_env=1"])
@@ -68,13 +71,13 @@ def test_killed_simulator_leaves_no_partial_episode_and_exact_count(ray_connecte
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    metrics = collect(cfg, str(tmp_path), on_progress=kill_simulator_zero)
+    metrics = collect(cfg, adbray_run_dir, on_progress=kill_simulator_zero)
     assert killed, "the rollout never reported progress"
     assert metrics["simulator_restarts"] == 1
     assert metrics["rerun_episodes"] > 0  # the dead actor held unfinished episodes
     assert metrics["episodes"] == episodes and metrics["steps"] == episodes * EPISODE_STEPS
 
-    root = str(tmp_path / "episodes")
+    root = join(adbray_run_dir, "episodes")
     frames = read_frames(root)
     index = np.asarray(frames["episode_index"])
     assert sorted(set(index.tolist())) == list(range(episodes))  # contiguous, none missing

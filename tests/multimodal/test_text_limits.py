@@ -3,7 +3,6 @@ rejects with reason ``too_large``, never read into memory."""
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from multimodal import sources
@@ -38,19 +37,19 @@ def test_read_bytes_cap():
     assert sources.read_bytes(__file__, max_bytes=1 << 20).startswith(b'"""')
 
 
-def test_ray_too_large_text_is_in_the_rejects_table(tmp_path, ray_connected, capsys):
+def test_ray_too_large_text_is_in_the_rejects_table(adbray_run_dir, capsys):
     from multimodal.template import TEMPLATE
+    from pipelines.io import join, read_table, write_bytes
 
-    src = tmp_path / "in"
-    src.mkdir()
-    (src / "big.txt").write_text("word " * 1000)       # 5000 bytes
-    (src / "ok.txt").write_text("a small document")
-    code = TEMPLATE.main(["--input", str(src), "--run-dir", str(tmp_path / "run"), "--set", "modalities=[text]",
+    src = join(adbray_run_dir, "in")  # on the object store: the decode tasks run on other nodes
+    big = write_bytes(join(src, "big.txt"), b"word " * 1000)  # 5000 bytes
+    ok = write_bytes(join(src, "ok.txt"), b"a small document")
+    code = TEMPLATE.main(["--input", src, "--run-dir", join(adbray_run_dir, "run"), "--set", "modalities=[text]",
                  "--set", "text.max_file_mb=0.004", "--set", "text.embed.enabled=false"])
     out = capsys.readouterr().out
     assert code == 0, out[-2000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    rejects = pq.read_table(summary["outputs"]["rejects"]).to_pylist()
-    assert [(r["path"], r["modality"], r["stage"]) for r in rejects] == [(str(src / "big.txt"), "text", "decode")]
+    rejects = read_table(summary["outputs"]["rejects"]).to_pylist()
+    assert [(r["path"], r["modality"], r["stage"]) for r in rejects] == [(big, "text", "decode")]
     assert rejects[0]["reason"].startswith("too_large")
-    assert pq.read_table(summary["outputs"]["text"]).column("path").to_pylist() == [str(src / "ok.txt")]
+    assert read_table(summary["outputs"]["text"]).column("path").to_pylist() == [ok]

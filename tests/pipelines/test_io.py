@@ -254,6 +254,8 @@ def test_oss_needs_endpoint(monkeypatch):
     with pytest.raises(ValueError, match="OSS_ENDPOINT"):
         io.filesystem_for("oss://bucket/prefix")
     monkeypatch.setenv("OSS_ENDPOINT", "oss-cn-hangzhou.aliyuncs.com")
+    monkeypatch.setenv("OSS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", "secret")
     fs, path = io.filesystem_for("oss://bucket/prefix/x")
     assert path == "bucket/prefix/x" and fs.type_name == "s3"
 
@@ -353,25 +355,27 @@ def test_ray_mysql_read_through_ray_data(mysql_url, ray_connected):
     assert len(rows) == 50 and sum(r["v"] for r in rows) == 2 * sum(range(50))
 
 
-def test_ray_read_parquet_corrupt_footer_names_the_file(tmp_path, ray_connected):
-    d, bad = corrupt_folder(tmp_path, "footer")
+def test_ray_read_parquet_corrupt_footer_names_the_file(tmp_path, adbray_run_dir):
+    d, _ = corrupt_folder(tmp_path, "footer")
+    uri = io.upload_dir(str(d), f"{adbray_run_dir}/data")  # the cluster's workers read object storage
     with pytest.raises(io.CorruptParquet) as err:
-        io.read_parquet(str(d)).take_all()
-    assert "\n" not in str(err.value) and str(bad) in str(err.value)
-    assert io.read_parquet(str(tmp_path / "data" / "good.parquet")).count() == 10
+        io.read_parquet(uri).take_all()
+    assert "\n" not in str(err.value) and f"{uri}/bad.parquet" in str(err.value)
+    assert io.read_parquet(f"{uri}/good.parquet").count() == 10
 
 
-def test_ray_cli_prints_a_corrupt_parquet_task_error_as_one_line(tmp_path, ray_connected, capsys):
+def test_ray_cli_prints_a_corrupt_parquet_task_error_as_one_line(tmp_path, adbray_run_dir, capsys):
     import click
-    import ray
 
     from pipelines.cli import run_main
 
-    d, bad = corrupt_folder(tmp_path, "pages")
+    d, _ = corrupt_folder(tmp_path, "pages")
+    uri = io.upload_dir(str(d), f"{adbray_run_dir}/data")
+    bad = io.filesystem_for(f"{uri}/bad.parquet")[1]  # Ray's reader names the file without its scheme
 
     @click.command()
     def count():
-        ray.data.read_parquet(str(d)).take_all()
+        io.read_parquet(uri).take_all()
 
     assert run_main(count, []) == 1
     err = capsys.readouterr().err.strip().splitlines()  # Ray's own loggers may write above it

@@ -1,15 +1,19 @@
-"""One end-to-end run of configs/local.yaml on the shared cluster, shared by the recsys tests."""
+"""One end-to-end run of configs/local.yaml on the shared cluster (isolated worker disks, outputs on
+the OSS stand-in), shared by the recsys tests."""
 from __future__ import annotations
-
-import json
 
 import pytest
 
+from pipelines.testing import local_run_traces, storage_run_dir
+
 
 @pytest.fixture(scope="session")
-def recsys_run(ray_connected, tmp_path_factory):
+def recsys_run(ray_connected):
+    """``(run folder URI, summary dict, local run-root entries this run added)``."""
+    from pipelines.io import read_json
     from recsys.template import TEMPLATE
 
-    out = tmp_path_factory.mktemp("recsys") / "run"
-    assert TEMPLATE.main(["--run-dir", str(out)]) == 0
-    return out, json.loads((out / "summary.json").read_text())
+    out = storage_run_dir("recsys")
+    before = local_run_traces()
+    assert TEMPLATE.main(["--run-dir", out]) == 0
+    return out, read_json(f"{out}/summary.json"), local_run_traces() - before

@@ -1,20 +1,20 @@
-"""End to end on configs/local.yaml on the shared test cluster: quality bars, batch, resume after a killed worker."""
+"""End to end on configs/local.yaml on the shared test cluster (isolated worker disks, run folder on the OSS
+stand-in): outputs read back from the object store, quality bars, batch, resume after a killed worker."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 
+from pipelines.io import exists, list_files, read_bytes, read_json, read_table
 from pipelines.template import Run, read_manifest
 from recsys import batch, ranking
 from recsys import config as C
+from recsys.models import DeepFM, TwoTower, load_model
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def e2e(recsys_run):
 
 
 def test_end_to_end_meets_quality_bars(e2e):
-    _, s = e2e
+    _, s, _ = e2e
     m = s["metrics"]
     assert s["steps"] == ["data", "retrieval", "ranking", "evaluate", "batch"]
     for key in ("ndcg10_ranker", "ndcg10_retrieval", "ndcg10_popularity", "recall50_retrieval", "auc_ranker"):
@@ -33,17 +33,38 @@ def test_end_to_end_meets_quality_bars(e2e):
     assert m["recall50_retrieval"] > m["recall50_popularity"], m
     assert m["auc_ranker"] > 0.5
     assert s["rejects"] == 0
-    for name in ("users", "items", "impressions", "clicks", "queries", "item_embeddings", "user_embeddings",
-                 "recommendations", "rejects", "eval_users"):
-        assert Path(s["outputs"][name]).is_dir(), name
-    assert Path(s["outputs"]["plot_ndcg10"]).stat().st_size > 0
-    assert json.loads(Path(s["outputs"]["eval_metrics"]).read_text())["ndcg10_ranker"] == m["ndcg10_ranker"]
+    assert read_bytes(s["outputs"]["plot_ndcg10"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_json(s["outputs"]["eval_metrics"])["ndcg10_ranker"] == m["ndcg10_ranker"]
+
+
+def test_end_to_end_outputs_are_in_the_object_store_only(e2e):
+    """Every output is an oss:// URI the driver reads back (the workers' disks are their own), and the
+    driver's local run-folder root gained nothing."""
+    out, s, local_added = e2e
+    m, cfg = s["metrics"], C.load()
+    assert s["run_dir"] == out and out.startswith("oss://")
+    assert exists(f"{out}/summary.json") and exists(f"{out}/run.json")
+    assert all(uri.startswith(out + "/") for uri in s["outputs"].values()), s["outputs"]
+    rows = {"users": cfg.data.num_users, "items": cfg.data.num_items, "impressions": m["impressions"],
+            "clicks": m["clicks"], "queries": m["queries"], "item_embeddings": cfg.data.num_items,
+            "user_embeddings": cfg.data.num_users, "recommendations": cfg.data.num_users * cfg.batch.k,
+            "rejects": 0, "eval_users": m["test_users"]}
+    for name, n in rows.items():
+        assert read_table(s["outputs"][name]).num_rows == n, name
+    for snap in ("ranker", "eval", "serve"):
+        assert read_table(s["outputs"][f"features_{snap}"] + "/users").num_rows == cfg.data.num_users, snap
+    ranker, blob = load_model(DeepFM, s["outputs"]["ranker"])
+    assert isinstance(ranker, DeepFM) and blob["version"] == m["model_version"]
+    retriever, _ = load_model(TwoTower, s["outputs"]["retriever"])
+    assert retriever.item_emb.num_embeddings == cfg.data.num_items
+    assert list_files(f"{out}/train"), "no Train checkpoints in the run folder"
+    assert not local_added, local_added
 
 
 def test_batch_recommendations_cover_every_user_once(e2e):
-    out, s = e2e
+    out, s, _ = e2e
     cfg = C.load()
-    recs = pq.read_table(out / "recommendations").to_pandas()
+    recs = read_table(f"{out}/recommendations").to_pandas()
     assert len(recs) == cfg.data.num_users * cfg.batch.k
     assert recs.groupby("user_id")["rank"].nunique().eq(cfg.batch.k).all()
     assert not recs.duplicated(["user_id", "item_id"]).any()
@@ -55,7 +76,7 @@ def test_batch_recommendations_cover_every_user_once(e2e):
 def test_batch_to_mysql_is_idempotent(e2e, mysql_url):
     from pipelines.io import mysql_connect
 
-    out, _ = e2e
+    out, _, _ = e2e
     table = "recsys_test_recommendations"
     conn = mysql_connect(mysql_url)
     with conn.cursor() as cur:
@@ -64,7 +85,7 @@ def test_batch_to_mysql_is_idempotent(e2e, mysql_url):
     for k in (4, 3, 3):
         cfg = C.load(overrides=["batch.output=mysql", f"batch.mysql_url={mysql_url}", f"batch.mysql_table={table}",
                                 f"batch.k={k}"])
-        result = batch.run(cfg, Run(str(out), read_manifest(str(out))))
+        result = batch.run(cfg, Run(out, read_manifest(out)))
         assert result.metrics["recommendation_rows"] == cfg.data.num_users * k
     conn = mysql_connect(mysql_url)
     with conn.cursor() as cur:
@@ -93,11 +114,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _registered_checkpoint(storage: Path) -> str | None:
+def _pid_files(pids: str, workers: int) -> list[str] | None:
+    """The ``rank-*.pid`` files under ``pids`` once every worker wrote one (sorted by rank)."""
+    files = [f for f in list_files(pids) if f.rsplit("/", 1)[-1].startswith("rank-") and f.endswith(".pid")]
+    return files if len(files) == workers else None
+
+
+def _registered_checkpoint(storage: str) -> str | None:
     """The checkpoint Train's controller has registered (its snapshot in storage), if any."""
-    for snap in storage.glob("*/checkpoint_manager_snapshot.json"):
+    for snap in list_files(storage):
+        if not snap.endswith("/checkpoint_manager_snapshot.json"):
+            continue
         try:
-            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+            latest = read_json(snap).get("latest_checkpoint_result")
         except (OSError, ValueError):  # being written
             continue
         if latest:
@@ -105,27 +134,28 @@ def _registered_checkpoint(storage: Path) -> str | None:
     return None
 
 
-def test_ranker_worker_process_killed_after_first_checkpoint_resumes_to_same_metrics(e2e, tmp_path):
+def test_ranker_worker_process_killed_after_first_checkpoint_resumes_to_same_metrics(e2e, adbray_run_dir):
     """SIGKILL a real Ray Train worker process once the epoch-0 checkpoint is registered: FailureConfig
-    restarts the worker group, which resumes at epoch 1 and finishes with the metrics of a clean run."""
+    restarts the worker group, which resumes at epoch 1 and finishes with the metrics of a clean run.
+    Checkpoints and the parked workers' pids go to the object store (a worker's disk is its own; pids
+    are machine-wide on the local cluster)."""
     from ray.util.state import get_actor, list_actors
 
-    out, s = e2e
+    out, s, _ = e2e
     cfg = C.load(overrides=["ranker.max_failures=1"])
     impressions, _ = ranking.validate_impressions(ranking.read_table(f"{out}/impressions"), cfg.data.num_users,
                                                   cfg.data.num_items)
-    storage, pids = tmp_path / "train", tmp_path / "pids"
-    pids.mkdir()
+    storage, pids = f"{adbray_run_dir}/train", f"{adbray_run_dir}/pids"
     done, seen = threading.Event(), {}
 
     def kill_a_worker_after_the_checkpoint():
         try:
             # every worker of the first attempt parks after epoch 0's report and writes its pid
-            files = _wait_for(lambda: sorted(pids.glob("rank-*.pid")) if len(list(pids.glob("rank-*.pid")))
-                              == cfg.ranker.num_workers else None, 600, "the workers to park after epoch 0", done)
+            files = _wait_for(lambda: _pid_files(pids, cfg.ranker.num_workers), 600,
+                              "the workers to park after epoch 0", done)
             seen["checkpoint"] = _wait_for(lambda: _registered_checkpoint(storage), 120,
                                            "the controller to register the epoch-0 checkpoint", done)
-            victim = int(files[-1].read_text())  # the highest rank: not the one that wrote the checkpoint
+            victim = int(read_bytes(files[-1]))  # the highest rank: not the one that wrote the checkpoint
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                                   detail=True)
             by_pid = {a["pid"]: a["actor_id"] for a in workers}
@@ -139,8 +169,7 @@ def test_ranker_worker_process_killed_after_first_checkpoint_resumes_to_same_met
     killer = threading.Thread(target=kill_a_worker_after_the_checkpoint, daemon=True)
     killer.start()
     try:
-        result, _, _ = ranking.train(cfg, str(out), impressions, storage_path=str(storage),
-                                     hold_after_epoch=(0, str(pids)))
+        result, _, _ = ranking.train(cfg, out, impressions, storage_path=storage, hold_after_epoch=(0, pids))
     finally:
         done.set()
         killer.join(timeout=60)

@@ -15,22 +15,23 @@ import pytest
 from fastapi.testclient import TestClient
 from ray import serve
 
+from pipelines.io import read_table
 from recsys import config as C
 from recsys.serve import Ingress, api, deploy
 
 
 @pytest.fixture(scope="module")
 def app_url(recsys_run):
-    out, _ = recsys_run
+    out, _, _ = recsys_run  # an oss:// run folder: the replicas read the models and features from it
     cfg = C.load()
-    url = deploy(cfg, str(out))
+    url = deploy(cfg, out)
     yield url, cfg, out
     serve.delete(cfg.serve.app_name)
 
 
 def test_recommend_get_and_post_rank_with_the_model(app_url, recsys_run):
     url, cfg, out = app_url
-    _, s = recsys_run
+    _, s, _ = recsys_run
     got = httpx.get(f"{url}/recommend", params={"user_id": 3, "k": 7}, timeout=30).json()
     posted = httpx.post(f"{url}/recommend", json={"user_id": 3, "k": 7}, timeout=30).json()
     assert {**got, "batch_size": None} == {**posted, "batch_size": None}
@@ -40,15 +41,13 @@ def test_recommend_get_and_post_rank_with_the_model(app_url, recsys_run):
     assert scores == sorted(scores, reverse=True)
     from recsys.score import Recommender
 
-    ids, _ = Recommender(str(out), cfg.retrieval).recommend(np.array([3]), 7)
+    ids, _ = Recommender(out, cfg.retrieval).recommend(np.array([3]), 7)
     assert [i["item_id"] for i in got["items"]] == ids[0].tolist()  # same answer as the batch path
 
 
 def test_filters_and_search(app_url):
     url, _, out = app_url
-    import pyarrow.parquet as pq
-
-    items = pq.read_table(out / "items").to_pandas().set_index("item_id")
+    items = read_table(f"{out}/items").to_pandas().set_index("item_id")
     r = httpx.post(f"{url}/recommend", json={"user_id": 5, "k": 10, "filters": {"categories": [2],
                                                                                 "max_price": 80}}).json()
     assert r["items"] and all(items.category[i["item_id"]] == 2 and items.price[i["item_id"]] <= 80
@@ -129,7 +128,7 @@ def ingress(run_dir, retriever=None, **serve_cfg):
     """A TestClient on the ingress app, its class built on ``run_dir`` with a stand-in retriever."""
     cfg = C.load().serve.model_copy(update=serve_cfg)
     cls = Ingress.func_or_class.__mro__[1]  # the user class under Serve's ingress wrapper
-    instance = cls(retriever, None, str(run_dir), cfg.model_dump(), "test-version", 0.1)
+    instance = cls(retriever, None, run_dir, cfg.model_dump(), "test-version", 0.1)
     # serve.ingress resolves each route's `self` as the replica context's servable_object
     context = SimpleNamespace(servable_object=instance)
     with patch("ray.serve.get_replica_context", return_value=context), TestClient(api) as client:
@@ -137,7 +136,7 @@ def ingress(run_dir, retriever=None, **serve_cfg):
 
 
 def test_request_timeout_is_504(recsys_run):
-    out, _ = recsys_run
+    out, _, _ = recsys_run
     slow = SimpleNamespace(for_user=remote(never_answers), for_query=remote(never_answers))
     with ingress(out, slow, request_timeout_s=0.3) as client:
         t0 = time.perf_counter()
@@ -153,7 +152,7 @@ def free_port() -> int:
 
 
 def test_healthz_is_503_when_the_redis_store_is_down(recsys_run):
-    out, _ = recsys_run
+    out, _, _ = recsys_run
     with ingress(out, feature_store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0") as client:
         r = client.get("/healthz")
         assert r.status_code == 503 and "feature store" in r.json()["detail"]
@@ -162,7 +161,7 @@ def test_healthz_is_503_when_the_redis_store_is_down(recsys_run):
 def test_hung_redis_store_answers_within_the_request_timeout(recsys_run):
     """Redis accepts and never answers: /recommend is a 504 and /healthz a 503 after ~request_timeout_s
     (the lookup runs off the event loop, so the timeout can fire)."""
-    out, _ = recsys_run
+    out, _, _ = recsys_run
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen(64)

@@ -1,20 +1,21 @@
 """Shared by the riskcontrol tests: small seeded transactions and an in-process model on them."""
-from pathlib import Path
+import pyarrow as pa
 
+from pipelines.io import join, write_table
 from riskcontrol.config import RiskConfig
 from riskcontrol.data import generate_shard
 from riskcontrol.features import features_frame
 from riskcontrol.train import run_training
 
 
-def small_model(out: Path, **data):
-    """Transactions and features Parquet folders in ``out`` plus ``out/model``; (frame, features)."""
+def small_model(out: str, **data):
+    """Transactions and features Parquet folders under ``out`` (local folder or ``oss://``) plus
+    ``out/model``; (frame, features)."""
+    out = str(out)
     cfg = RiskConfig(data={"shards": 1, **data})
     frame = generate_shard(cfg.data, 0)
-    (out / "transactions").mkdir()
-    frame.drop(columns=["date"]).to_parquet(out / "transactions" / "part-0.parquet")
+    write_table(pa.Table.from_pandas(frame.drop(columns=["date"]), preserve_index=False), join(out, "transactions"))
     feats = features_frame(frame)
-    (out / "features").mkdir()
-    feats.to_parquet(out / "features" / "part-0.parquet")
-    run_training(cfg, str(out / "features"), str(out), num_workers=0)
+    write_table(pa.Table.from_pandas(feats, preserve_index=False), join(out, "features"))
+    run_training(cfg, join(out, "features"), out, num_workers=0)
     return frame, feats

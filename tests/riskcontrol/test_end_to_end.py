@@ -1,39 +1,59 @@
-"""python -m riskcontrol on configs/local.yaml (run once per session) and the quality bars on its summary."""
-import json
-from pathlib import Path
+"""python -m riskcontrol on configs/local.yaml (run once per session, into an oss:// run folder on the
+isolated-disk cluster) and the quality bars on its summary, read back from the object store."""
 
-import pyarrow.parquet as pq
 import pytest
+
+from pipelines.io import exists, join, read_json, read_table
+from pipelines.testing import local_run_traces, storage_run_dir
+
+
+def _rows(uri: str) -> int:
+    return read_table(uri, columns=["transaction_id"]).num_rows
 
 
 @pytest.fixture(scope="session")
-def local_run(ray_connected, tmp_path_factory):
-    """The end-to-end run on the local config (~200k transactions), shared by the tests below."""
+def local_run(ray_connected):
+    """The end-to-end run on the local config (~200k transactions), shared by the tests below:
+    (run folder URI, summary read back from it, local run folders that appeared during the run)."""
     from riskcontrol.template import TEMPLATE
 
-    out = tmp_path_factory.mktemp("riskcontrol-e2e")
-    rc = TEMPLATE.main(["--run-dir", str(out)])
+    out = storage_run_dir("riskcontrol-e2e")
+    before = local_run_traces()
+    rc = TEMPLATE.main(["--run-dir", out])
     assert rc == 0
-    summary = json.loads((out / "summary.json").read_text())
-    return out, summary
+    summary = read_json(join(out, "summary.json"))
+    return out, summary, local_run_traces() - before
 
 
 def test_summary_contract(local_run):
-    out, s = local_run
-    assert s["template"] == "riskcontrol" and s["step"] == "all" and s["run_dir"] == str(out)
+    out, s, _ = local_run
+    assert out.startswith("oss://")
+    assert s["template"] == "riskcontrol" and s["step"] == "all" and s["run_dir"] == out
     assert s["steps"] == ["data", "features", "train", "evaluate", "score", "online"]
-    for name in ("transactions", "features", "rejects", "model", "scores", "evaluation", "pr_curve"):
-        assert Path(s["outputs"][name]).exists(), name
+    for name in ("transactions", "features", "rejects", "model", "scores", "evaluation", "pr_curve",
+                 "calibration"):
+        assert s["outputs"][name].startswith(out + "/") and exists(s["outputs"][name]), name
     m = s["metrics"]
     assert 190_000 <= m["transactions"] <= 210_000
     assert m["feature_rows"] + s["rejects"] == m["transactions"]
     assert s["rejects"] > 0  # the generator corrupts a few rows; they must land in rejects, not vanish
-    rejects = pq.read_table(s["outputs"]["rejects"]).to_pylist()
+    rejects = read_table(s["outputs"]["rejects"]).to_pylist()
     assert len(rejects) == s["rejects"] and all(r["reason"] and r["stage"] == "features" for r in rejects)
 
 
+def test_outputs_are_on_the_object_store_only(local_run):
+    """The Parquet outputs read back from the object store with the summary's row counts; nothing
+    was written under the driver's local run folders."""
+    _, s, new_local = local_run
+    m = s["metrics"]
+    assert _rows(s["outputs"]["transactions"]) == m["transactions"]
+    assert _rows(s["outputs"]["features"]) == m["feature_rows"]
+    assert _rows(s["outputs"]["scores"]) == m["scored_rows"]
+    assert new_local == set(), new_local
+
+
 def test_quality_bars(local_run):
-    _, s = local_run
+    _, s, _ = local_run
     m = s["metrics"]
     assert m["auprc"] >= 0.6, m
     assert m["auprc"] >= m["auprc_rules"] + 0.2, m  # well above the rules baseline
@@ -42,23 +62,27 @@ def test_quality_bars(local_run):
 
 
 def test_training_was_data_parallel(local_run):
-    """Two workers each held part of the rows, and the model saw all of them."""
-    out, s = local_run
-    meta = json.loads((out / "model" / "model.json").read_text())
+    """Two workers each held part of the rows, and the model saw all of them; it loads from the store."""
+    from riskcontrol.train import load_model
+
+    _, s, _ = local_run
+    booster, meta = load_model(s["outputs"]["model"])
+    assert booster.num_trees() == meta["best_iteration"]
     assert meta["num_workers"] == 2 and meta["trainer"] == "ray"
     assert meta["rows_seen"] == meta["train_rows"] == s["metrics"]["train_rows"]
     assert 0 < meta["rows_worker_0"] < meta["train_rows"]
+    assert meta["alert_threshold"] == s["metrics"]["alert_threshold"]  # the evaluate step saved it
 
 
 def test_every_valid_transaction_scored_once(local_run):
-    _, s = local_run
-    ids = pq.read_table(s["outputs"]["scores"], columns=["transaction_id"]).column(0).to_pylist()
+    _, s, _ = local_run
+    ids = read_table(s["outputs"]["scores"], columns=["transaction_id"]).column(0).to_pylist()
     assert len(ids) == len(set(ids)) == s["metrics"]["scored_rows"] == s["metrics"]["feature_rows"]
-    evaluation = json.loads(Path(s["outputs"]["evaluation"]).read_text())
+    evaluation = read_json(s["outputs"]["evaluation"])
     assert {"model", "rules", "inprocess"} <= set(evaluation)
 
 
 def test_online_smoke(local_run):
-    _, s = local_run
+    _, s, _ = local_run
     m = s["metrics"]
     assert m["online_requests"] == m["online_ok"] == 200 and m["online_error_rate"] == 0  # counted replies

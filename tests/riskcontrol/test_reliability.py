@@ -13,9 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 
 from deploy import local
+from pipelines.io import join, read_table
+from pipelines.testing import storage_run_dir
 
 from .riskcontrol_helpers import small_model
 
@@ -79,20 +80,22 @@ def _worker_raylets(state) -> dict:
     return found
 
 
-def test_raylet_killed_mid_scoring_exactly_one_score_per_transaction(tmp_path):
+def test_raylet_killed_mid_scoring_exactly_one_score_per_transaction(tmp_path, monkeypatch):
     from deploy.spec import load_spec
-
-    frame, feats = small_model(tmp_path, **DATA)
-    valid_ids = set(feats.transaction_id)
-    assert len(valid_ids) < len(frame)  # some rows are invalid and must not get a score
 
     spec = load_spec(str(ROOT / "deploy" / "demo_cluster.yaml"), name=f"rc-kill-{os.getpid()}")
     state = local.up(spec, log=lambda *_: None)
     try:
+        for key, value in state.storage_env().items():  # this cluster's object store, for this process too
+            monkeypatch.setenv(key, value)
+        out = storage_run_dir("riskcontrol-kill")
+        frame, feats = small_model(out, **DATA)
+        valid_ids = set(feats.transaction_id)
+        assert len(valid_ids) < len(frame)  # some rows are invalid and must not get a score
         env = {**os.environ, **state.env(), "PYTHONPATH": str(ROOT)}
         env.pop("RAY_AUTH_TOKEN", None)
-        cmd = [sys.executable, "-m", "riskcontrol.score", "--model", str(tmp_path / "model"),
-               "--run-dir", str(tmp_path / "run"), "--set", f"score.input={tmp_path / 'transactions'}",
+        cmd = [sys.executable, "-m", "riskcontrol.score", "--model", join(out, "model"),
+               "--run-dir", join(out, "run"), "--set", f"score.input={join(out, 'transactions')}",
                "--set", "score.batch_size=500", "--set", "features.blocks=8"]
         stderr_path = tmp_path / "score.err"
         with open(stderr_path, "w") as err:
@@ -123,7 +126,7 @@ def test_raylet_killed_mid_scoring_exactly_one_score_per_transaction(tmp_path):
                     proc.kill()
         assert proc.returncode == 0, stderr_path.read_text()[-3000:]
         assert '"step": "score"' in stdout.strip().splitlines()[-1]
-        ids = pq.read_table(tmp_path / "run" / "scores", columns=["transaction_id"]).column(0).to_pylist()
+        ids = read_table(join(out, "run", "scores"), columns=["transaction_id"]).column(0).to_pylist()
         assert len(ids) == len(set(ids)), "duplicate scores"
         assert set(ids) == valid_ids, "lost scores"
         # the GCS marks the node dead after its health checks fail: wait for it, however loaded the box

@@ -1,12 +1,14 @@
 """Batch scoring on the shared cluster: rejects, reason codes, idempotent Parquet and MySQL writes."""
-import pyarrow.parquet as pq
 import pytest
-from .riskcontrol_helpers import small_model
 
+from pipelines.io import join, read_table
+from pipelines.testing import storage_run_dir
 from riskcontrol.config import FeatureConfig, ScoreConfig
 from riskcontrol.data import read_transactions
 from riskcontrol.features import FEATURE_COLUMNS, build_features
 from riskcontrol.score import run_score
+
+from .riskcontrol_helpers import small_model
 
 SMALL = {"rows": 8000, "cards": 150, "merchants": 60, "days": 12, "invalid_rate": 0.002}
 
@@ -27,9 +29,9 @@ def sql(url: str, statement: str):
 
 
 @pytest.fixture(scope="module")
-def small_run(ray_connected, tmp_path_factory):
-    """Small transactions (Parquet) and an in-process model trained on their features."""
-    out = tmp_path_factory.mktemp("riskcontrol-score")
+def small_run(ray_connected):
+    """Small transactions (Parquet) and an in-process model trained on their features, on the object store."""
+    out = storage_run_dir("riskcontrol-score")
     frame, feats = small_model(out, **SMALL)
     return out, frame, feats
 
@@ -37,7 +39,7 @@ def small_run(ray_connected, tmp_path_factory):
 def test_ray_features_equal_plain_features(small_run):
     """The Ray Data path (hash partitions by card, then merchant) computes exactly the plain features."""
     out, frame, feats = small_run
-    ds, rejects = build_features(read_transactions(str(out / "transactions")), blocks=3)
+    ds, rejects = build_features(read_transactions(join(out, "transactions")), blocks=3)
     got = ds.to_pandas().sort_values("transaction_id", ignore_index=True)
     assert list(got.transaction_id) == list(feats.transaction_id)
     for col in FEATURE_COLUMNS:
@@ -51,10 +53,10 @@ def test_score_twice_one_row_per_id_with_reasons(small_run, mysql_url):
     sql(mysql_url, f"DROP TABLE IF EXISTS `{table}`")
     cfg = ScoreConfig(batch_size=1000, max_actors=2, output_mysql_url=mysql_url, output_table=table)
     for _ in range(2):
-        res = run_score(read_transactions(str(out / "transactions")), str(out / "model"), cfg, str(out / "run"),
+        res = run_score(read_transactions(join(out, "transactions")), join(out, "model"), cfg, join(out, "run"),
                         FeatureConfig(blocks=2))
     assert res["rows"] == len(feats) and res["rejects"] == len(frame) - len(feats)
-    scores = pq.read_table(out / "run" / "scores").to_pandas()
+    scores = read_table(join(out, "run", "scores")).to_pandas()
     assert len(scores) == scores.transaction_id.nunique() == len(feats)
     assert scores.probability.between(0, 1).all()
     assert set(scores.risk_tier) <= {"low", "medium", "high"} and (scores.risk_tier == "high").any()
@@ -64,7 +66,7 @@ def test_score_twice_one_row_per_id_with_reasons(small_run, mysql_url):
     # fraud rows get higher scores than the rest
     merged = scores.merge(frame[["transaction_id", "is_fraud"]], on="transaction_id")
     assert merged[merged.is_fraud == 1].probability.mean() > 5 * merged[merged.is_fraud == 0].probability.mean()
-    rejects = pq.read_table(out / "run" / "rejects").to_pandas()
+    rejects = read_table(join(out, "run", "rejects")).to_pandas()
     assert len(rejects) == res["rejects"] and rejects.reason.str.len().gt(0).all()
     total, distinct = sql(mysql_url, f"SELECT COUNT(*), COUNT(DISTINCT transaction_id) FROM `{table}`")
     sql(mysql_url, f"DROP TABLE `{table}`")
@@ -83,15 +85,15 @@ def test_score_reads_transactions_from_mysql(small_run, mysql_url):
     subset = frame.drop(columns=["date"]).head(3000)
     upsert_mysql(mysql_url, table, pa.Table.from_pandas(subset, preserve_index=False), ["transaction_id"])
     cfg = ScoreConfig(input_mysql_url=mysql_url, input_table=table, batch_size=1000)
-    res = run_score(input_dataset(cfg, None), str(out / "model"), cfg, str(out / "run_mysql"),
+    res = run_score(input_dataset(cfg, None), join(out, "model"), cfg, join(out, "run_mysql"),
                     FeatureConfig(blocks=2))
     assert res["rows"] + res["rejects"] == 3000 and res["rejects"] > 0
-    ids = pq.read_table(out / "run_mysql" / "scores", columns=["transaction_id"]).column(0).to_pylist()
+    ids = read_table(join(out, "run_mysql", "scores"), columns=["transaction_id"]).column(0).to_pylist()
     assert len(ids) == len(set(ids)) == res["rows"]
     sql(mysql_url, f"DROP TABLE `{table}`")
 
 
-def test_generator_writes_mysql_idempotently(ray_connected, mysql_url, tmp_path):
+def test_generator_writes_mysql_idempotently(mysql_url, adbray_run_dir):
     from riskcontrol.config import DataConfig
     from riskcontrol.data import write_transactions
 
@@ -100,7 +102,7 @@ def test_generator_writes_mysql_idempotently(ray_connected, mysql_url, tmp_path)
                      mysql_url=mysql_url, mysql_table=table)
     sql(mysql_url, f"DROP TABLE IF EXISTS `{table}`")
     for _ in range(2):
-        outputs, rows = write_transactions(cfg, str(tmp_path))
+        outputs, rows = write_transactions(cfg, adbray_run_dir)
     total, distinct, null_amounts = sql(
         mysql_url, f"SELECT COUNT(*), COUNT(DISTINCT transaction_id), SUM(amount IS NULL) FROM `{table}`")
     sql(mysql_url, f"DROP TABLE `{table}`")

@@ -1,9 +1,9 @@
 """Online scoring on the shared cluster's Serve: replay == offline features, 422s, cold start, replica kill,
 no lost card updates across replicas."""
 import asyncio
+import posixpath
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 from ray import serve
 
+from pipelines.io import join
+from pipelines.testing import storage_run_dir
 from riskcontrol.config import ServeConfig
 from riskcontrol.features import FEATURE_COLUMNS, features_frame, invalid_reasons
 from riskcontrol.serve import MAX_ITEMS, RedisStore, deploy, smoke_test, transaction_payload
@@ -21,10 +23,11 @@ SMALL = {"rows": 6000, "cards": 100, "merchants": 50, "days": 10, "seed": 11}
 
 
 @pytest.fixture(scope="module")
-def model(ray_connected, tmp_path_factory):
-    out = tmp_path_factory.mktemp("riskcontrol-serve")
+def model(ray_connected):
+    """A small in-process model on the object store (replicas load it from there)."""
+    out = storage_run_dir("riskcontrol-serve")
     frame, feats = small_model(out, **SMALL)
-    return str(out / "model"), frame, feats
+    return join(out, "model"), frame, feats
 
 
 @pytest.fixture
@@ -74,7 +77,7 @@ def test_smoke_test_counts_the_ok_replies(model):
     from riskcontrol.config import RiskConfig
 
     stats = smoke_test(RiskConfig(serve={"smoke_requests": 30}), model[0],
-                       str(Path(model[0]).parent / "transactions"))
+                       join(posixpath.dirname(model[0]), "transactions"))
     assert stats["requests"] == stats["ok"] == 30 and stats["error_rate"] == 0, stats
 
 
