@@ -524,18 +524,18 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
     try:
         if target and not run_dir:
             try:
-                run_dir = default_dir = default_run_dir(target, template)
+                default_dir = default_run_dir(target, template)
             except SubmitError as e:  # said after the checks below, which need no storage
                 no_storage = e
         spec = (target and target.spec) or (load_spec(spec_file) if spec_file else None)
         plan = prepare(template, step, config, overrides, spec, Path(working_dir) if working_dir else None,
-                       max_upload_mb, allow_secrets, pip, run_dir, image_has_adbray)
+                       max_upload_mb, allow_secrets, pip, run_dir, image_has_adbray, default_dir)
         if no_storage:
             raise no_storage
     except (SubmitError, ConfigError) as e:
         fail(str(e), 2)
     if default_dir:
-        click.echo(f"outputs go to {run_dir} (the cluster's storage; --run-dir to choose)", err=True)
+        click.echo(f"outputs go to {default_dir} (the cluster's storage; --run-dir to choose)", err=True)
     for f in plan.findings:
         click.echo(f"preflight {f.level}: {f.message}", err=True)
     click.echo(f"working dir {plan.workdir['root']}: {plan.workdir['files']} files, "

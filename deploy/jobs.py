@@ -150,7 +150,7 @@ def resolve_target(
         target = Target(dashboard, cluster, token or token_from_env())
         from . import local
 
-        mine = local.find_by_dashboard(dashboard)  # one of this machine's local clusters
+        mine = local.find_by_address(dashboard, cluster)  # one of this machine's local clusters
         if mine:
             target.storage, target.disks = mine.storage.get("uri"), mine.disks
     else:
@@ -319,12 +319,14 @@ def prepare(
     pip=(),
     run_dir: str | None = None,
     image_has_adbray: bool = False,
+    default_run_dir: str | None = None,
 ) -> Plan:
     """Everything checked before upload; SubmitError (one line) on the first problem.
 
     ``root`` is the working dir to upload (default: the template's project root). A template
     registered from another project gets ``adbray`` in the job's pip requirements unless
-    ``image_has_adbray``.
+    ``image_has_adbray``. ``default_run_dir`` (the cluster's storage) is used when no ``run_dir`` is
+    given, but never for a step that reads an earlier run's outputs.
     """
     where = resolve_template(template, root)
     root, tdir = where.root, where.tdir
@@ -371,6 +373,7 @@ def prepare(
         if needs and not run_dir:
             raise SubmitError(f"step {step} reads {', '.join(needs)} from an earlier run: give "
                               "--run-dir (a storage URI the cluster can read, e.g. oss://bucket/runs/x)")
+    run_dir = run_dir or default_run_dir
     findings = (
         preflight.check(asks, spec)
         if spec

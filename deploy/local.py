@@ -62,7 +62,8 @@ ENV_ALLOW = {
 # Ray's own settings, ours, Python's, locales, and the object-storage endpoint/keys the templates read
 # (pipelines.io: OSS_*; pyarrow's S3 client: AWS_*)
 ENV_ALLOW_PREFIXES = ("RAY_", "ADBRAY_", "PYTHON", "LC_", "OSS_", "AWS_")
-ENV_DENY = {"RAY_AUTH_TOKEN", "RAY_ADDRESS", "ADBRAY_SET"}  # another cluster's token/address; a job's secrets
+# another cluster's token/address/storage markers; a job's secrets
+ENV_DENY = {"RAY_AUTH_TOKEN", "RAY_ADDRESS", "ADBRAY_SET", "ADBRAY_STORAGE", "ADBRAY_DISKS", "ADBRAY_SHARED_MOUNT"}
 CLUSTER_MARKER = "ADBRAY_CLUSTER_DIR"  # in every process of a cluster: its temp dir
 # "isolated" (the default: each worker raylet its own disk, where the OS allows) or "shared"
 DISKS_DEFAULT = os.environ.get("ADBRAY_LOCAL_DISKS", "isolated")
@@ -129,8 +130,10 @@ class ClusterState:
                 "RAY_ADDRESS": self.gcs_address, **self.storage_env()}
 
     def storage_env(self) -> dict:
-        """The disks marker (:data:`DISKS_MARKER`) and, with a stand-in, its OSS variables."""
-        env = {DISKS_MARKER: self.disks}
+        """The disks marker (:data:`DISKS_MARKER`) and, with a stand-in, its OSS variables. An autoscaling
+        cluster's workers share this machine's disk, but it rehearses a group whose nodes do not: its
+        marker says ``isolated``, so local run folders are refused there as on the group."""
+        env = {DISKS_MARKER: "isolated" if self.autoscaling_config else self.disks}
         if self.storage:
             env.update(objectstore.storage_env(self.storage["endpoint"], self.storage["uri"]))
         return env
@@ -369,7 +372,8 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
         log(f"scaling {line}")
     try:
         if storage:
-            objectstore.start(port, _start_env(state, False), sdir / "objectstore.log")
+            state.storage["pid"] = objectstore.start(port, _start_env(state, False), sdir / "objectstore.log").pid
+            save_state(state)
             objectstore.create_bucket(state.storage["endpoint"], state.storage["uri"])
             record_processes(state)
         try:
@@ -378,7 +382,7 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
             if "timed out during startup" not in str(e):
                 raise
             log("the head timed out during startup (a loaded machine); retrying once")
-            kill_processes(processes(state))
+            kill_processes([p for p in processes(state) if p.pid != state.storage.get("pid")])
             start_head(state)
         if not autoscale:  # with the autoscaler, it launches the min workers itself
             for i, n in enumerate(nodes):
@@ -437,14 +441,16 @@ def load_state(name: str) -> ClusterState:
     return ClusterState(**json.loads(path.read_text()))
 
 
-def find_by_dashboard(url: str) -> ClusterState | None:
-    """The local cluster whose dashboard is ``url`` (None when it is not one of this machine's)."""
+def find_by_address(*addresses: str) -> ClusterState | None:
+    """The local cluster whose dashboard or ``ray://`` address is one of ``addresses`` (None when none
+    is one of this machine's clusters)."""
+    wanted = {a.rstrip("/").replace("localhost", "127.0.0.1") for a in addresses if a}
     for name in list_clusters():
         try:
             state = load_state(name)
         except (LocalClusterError, OSError, ValueError, TypeError):
             continue
-        if state.dashboard_url == url.rstrip("/"):
+        if wanted & {state.dashboard_url, state.client_address}:
             return state
     return None
 

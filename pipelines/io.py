@@ -54,7 +54,7 @@ def run_dir(template: str, run_id: str | None = None, root: str | None = None) -
 
 # ------------------------------------------------------------- object stores
 # The AWS SDK inside pyarrow probes the cloud metadata address when it has no keys: never here.
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 
 def is_remote(uri: str) -> bool:
@@ -73,7 +73,7 @@ def _endpoint_url(endpoint: str) -> tuple[str, str]:
 
 def _oss_region(host: str) -> str:
     """OSS's region from its endpoint (``oss-cn-hangzhou[-internal].aliyuncs.com`` -> ``cn-hangzhou``)."""
-    m = re.match(r"oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com", host)
+    m = re.search(r"(?:^|\.)oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com", host)
     return m.group(1) if m else "us-east-1"
 
 

@@ -215,6 +215,8 @@ class Template:
             keys = {flag.replace("-", "_"): key for flag, key in self.options.items()}
             overrides = [*overrides, *(f"{keys[k]}={json.dumps(v)}" for k, v in flags.items() if v is not None)]
             cfg = self.load_config(config, overrides)
+            global _cli_address
+            _cli_address = address
             if self.preflight:
                 self.preflight(cfg)
             step = None if step in (None, "all") else step
@@ -256,9 +258,12 @@ SHARED_MOUNT = "ADBRAY_SHARED_MOUNT"  # folders mounted at the same place on eve
 STORAGE = "ADBRAY_STORAGE"  # the cluster's storage location (oss://bucket/): default home of runs
 
 
+_cli_address: str | None = None  # the running template command's --address (so that preflights see it)
+
+
 def attached(address: str | None = None) -> bool:
     """Whether this process runs against a Ray cluster (``--address``, ``RAY_ADDRESS``, a job)."""
-    return bool(address or os.environ.get("RAY_ADDRESS"))
+    return bool(address or _cli_address or os.environ.get("RAY_ADDRESS"))
 
 
 def shared_disk_problem(path: str, address: str | None = None, what: str = "run folder",

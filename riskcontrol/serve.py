@@ -428,8 +428,8 @@ def main(config, overrides, address, run_dir, model_dir, block):
         raise ValueError("serve.model_dir: no model given (use --model DIR)")
     require_cluster_readable(model_dir, "--model", "--model", address)  # replicas load it on the cluster's nodes
     _, meta = load_model(model_dir)
-    TEMPLATE.connect(cfg, address)
     out = prepare_run_dir(TEMPLATE.name, run_dir, address)
+    TEMPLATE.connect(cfg, address)
     url = deploy(cfg.serve, model_dir)
     health = httpx.get(f"{url}/healthz", timeout=10).json()
     emit(summary(TEMPLATE.name, "serve", out, {"url": url}, {"model_version": meta["version"], **health},

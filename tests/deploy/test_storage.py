@@ -174,3 +174,41 @@ def test_submit_to_a_local_cluster_writes_the_summary_to_its_storage(ray_connect
     summary = io.read_json(io.join(run_dir, "summary.json"))
     assert summary["run_dir"] == run_dir and summary["metrics"]["sum_of_squares"] == 63 * 64 * 127 // 6
     assert f'"run_dir": "{run_dir}"' in proc.stdout  # the job's logs name where its outputs are
+
+
+def test_a_step_that_reads_an_earlier_run_never_gets_the_default_run_dir():
+    with pytest.raises(jobs.SubmitError, match="give --run-dir"):
+        jobs.prepare("riskcontrol", step="train", default_run_dir="oss://team/runs/riskcontrol/new")
+    plan = jobs.prepare("riskcontrol", default_run_dir="oss://team/runs/riskcontrol/new")
+    assert plan.entrypoint.endswith("--run-dir oss://team/runs/riskcontrol/new")
+
+
+def test_region_from_alibabas_oss_and_s3_endpoints():
+    assert io._oss_region("oss-cn-hangzhou-internal.aliyuncs.com") == "cn-hangzhou"
+    assert io._oss_region("s3.oss-cn-beijing.aliyuncs.com") == "cn-beijing"
+    assert io._oss_region("127.0.0.1:9000") == "us-east-1"
+
+
+def test_an_autoscaling_rehearsal_refuses_local_folders_like_its_group(tmp_path):
+    state = local.ClusterState(name="a", category="BASIC", gcs_port=1, dashboard_port=2, client_port=3,
+                               temp_dir="/tmp/x", token_path="/t", disks="shared")
+    assert state.storage_env()["ADBRAY_DISKS"] == "shared"
+    state.autoscaling_config = str(tmp_path / "autoscaling.json")
+    assert state.storage_env()["ADBRAY_DISKS"] == "isolated"
+
+
+def test_a_local_cluster_is_found_by_its_dashboard_or_ray_address(ray_cluster):
+    for address in (ray_cluster.dashboard_url, ray_cluster.client_address,
+                    ray_cluster.dashboard_url.replace("127.0.0.1", "localhost") + "/"):
+        assert local.find_by_address(address).name == ray_cluster.name
+    assert local.find_by_address("http://127.0.0.1:1") is None
+
+
+def test_a_preflight_sees_the_address_flag(tmp_path):
+    """A local --input with --address (no RAY_ADDRESS) is refused before any Ray work."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ADBRAY_DISKS", "ADBRAY_SHARED_MOUNT")}
+    proc = subprocess.run([sys.executable, "-m", "multimodal", "--input", str(tmp_path), "--address", "127.0.0.1:1",
+                           "--run-dir", "oss://bucket/run"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "give --input oss://" in lines[0], proc.stderr
