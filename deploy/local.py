@@ -419,9 +419,9 @@ def private_and_shared_paths(sdir: Path) -> tuple[list[str], list[str]]:
     """What an isolated worker sees privately (``/tmp`` and the run-folder root ``$ADBRAY_RUNS`` or
     ``./runs``) and what stays shared beneath those (this Python's environment, adbray's code, the
     import path, the cluster's state folder with its token)."""
-    from pipelines.io import is_remote
+    from pipelines.io import is_remote, runs_root
 
-    runs = os.environ.get("ADBRAY_RUNS", "runs")
+    runs = runs_root()
     private = ["/tmp"] + ([] if is_remote(runs) else [str(Path(runs).resolve())])
     code = Path(__file__).resolve().parent.parent
     shared = {sys.prefix, sys.base_prefix, str(code), str(Path(sdir).resolve()),

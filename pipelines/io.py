@@ -39,12 +39,17 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
 
 
+def runs_root() -> str:
+    """Where local run folders go: ``$ADBRAY_RUNS`` or ``runs`` (relative to the working directory)."""
+    return os.environ.get("ADBRAY_RUNS", "runs")
+
+
 def run_dir(template: str, run_id: str | None = None, root: str | None = None) -> str:
     """``<root>/<template>/<run_id>`` (root defaults to ``$ADBRAY_RUNS`` or ``runs``).
 
     Local folders are created; object-store URIs are returned as given.
     """
-    root = root or os.environ.get("ADBRAY_RUNS", "runs")
+    root = root or runs_root()
     path = f"{root.rstrip('/')}/{template}/{run_id or new_run_id()}"
     if not is_remote(path):
         path = str(Path(path).resolve())

@@ -300,12 +300,12 @@ def prepare_run_dir(template: str, run_dir: str | None, address: str | None = No
     when attached to a cluster that has storage (``$ADBRAY_STORAGE``), else a new local
     ``runs/<template>/<id>``. RunFailed (one line) for a local folder the cluster cannot see
     (:func:`shared_disk_problem`); checked before anything is created."""
-    from .io import is_remote, join, new_run_id
+    from .io import is_remote, join, new_run_id, runs_root
 
     if not run_dir and attached(address) and os.environ.get(STORAGE):
         run_dir = join(os.environ[STORAGE], "runs", template, new_run_id())
     if not run_dir:
-        run_dir = os.path.join(os.environ.get("ADBRAY_RUNS", "runs"), template, new_run_id())
+        run_dir = os.path.join(runs_root(), template, new_run_id())
     problem = shared_disk_problem(run_dir, address)
     if problem:
         raise RunFailed(problem)

@@ -76,7 +76,9 @@ def local_run_traces() -> set[str]:
     """What lies under this machine's run-folder root (``$ADBRAY_RUNS`` or ``./runs``, two levels:
     ``<template>/<run>``) plus stray ``./oss:``/``./s3:`` folders (a URI taken for a local path).
     Compare before and after a cluster run: a run into object storage must add nothing here."""
-    root = Path(os.environ.get("ADBRAY_RUNS", "runs"))
+    from .io import runs_root
+
+    root = Path(runs_root())
     found = {str(p) for pattern in ("*", "*/*") for p in root.glob(pattern)}
     return found | {name for name in ("oss:", "s3:") if Path(name).exists()}
 

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -18,7 +17,7 @@ from multimodal.config import SampleConfig
 from multimodal.sample import generate
 from multimodal.template import TEMPLATE
 from pipelines.io import exists, join, list_files, read_json, read_table, write_bytes
-from pipelines.testing import storage_run_dir
+from pipelines.testing import local_run_traces, storage_run_dir
 
 BROKEN = {"truncated.jpg": ("images", "decode", "truncated"),
           "not_really.jpg": ("images", "route", "content is text"),
@@ -29,12 +28,6 @@ BROKEN = {"truncated.jpg": ("images", "decode", "truncated"),
 
 def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
-
-
-def local_runs() -> set[str]:
-    """The run folders under the driver's local run-folder root."""
-    root = Path(os.environ.get("ADBRAY_RUNS", "runs"))
-    return {str(p) for p in root.glob("*/*")} if root.is_dir() else set()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def sample(storage):
 @pytest.fixture(scope="module")
 def first_run(sample, storage):
     run_dir = join(storage, "run")
-    before = local_runs()
+    before = local_run_traces()
     capture = pytest.MonkeyPatch()
     import io
 
@@ -62,7 +55,7 @@ def first_run(sample, storage):
     finally:
         capture.undo()
     assert code == 0, buf.getvalue()[-2000:]
-    return {**last_json(buf.getvalue()), "new_local_runs": local_runs() - before}
+    return {**last_json(buf.getvalue()), "new_local_runs": local_run_traces() - before}
 
 
 def test_outputs_are_in_the_object_store_and_nothing_local(first_run, sample):
@@ -162,7 +155,7 @@ def test_too_many_rejects_fail_in_one_line_after_writing(sample, adbray_run_dir,
 
 
 def test_sample_step_writes_into_a_remote_run_folder(adbray_run_dir, capsys):
-    before = local_runs()
+    before = local_run_traces()
     code = TEMPLATE.main(["sample", "--run-dir", adbray_run_dir, *(f"--set=sample.{k}=1" for k in
                                                                     ("images", "videos", "audio", "texts"))])
     s = last_json(capsys.readouterr().out)
@@ -171,7 +164,7 @@ def test_sample_step_writes_into_a_remote_run_folder(adbray_run_dir, capsys):
     assert read_json(join(adbray_run_dir, "run.json"))["outputs"] == {"sample": folder}  # what process reads
     names = {f.rsplit("/", 1)[-1] for f in list_files(folder)}
     assert {"photo_000.jpg", "clip_00.mp4", "speech_00.wav", "note_en.txt", *BROKEN} <= names
-    assert len(names) == s["metrics"]["sample_files"] and local_runs() == before
+    assert len(names) == s["metrics"]["sample_files"] and local_run_traces() == before
 
 
 def test_local_folders_are_refused_before_ray_on_isolated_disks(sample, adbray_run_dir, tmp_path, capsys):
