@@ -529,7 +529,8 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
                 no_storage = e
         spec = (target and target.spec) or (load_spec(spec_file) if spec_file else None)
         plan = prepare(template, step, config, overrides, spec, Path(working_dir) if working_dir else None,
-                       max_upload_mb, allow_secrets, pip, run_dir, image_has_adbray, default_dir)
+                       max_upload_mb, allow_secrets, pip, run_dir, image_has_adbray, default_dir,
+                       job_env=target.job_env if target else None)
         if no_storage:
             raise no_storage
     except (SubmitError, ConfigError) as e:

@@ -59,6 +59,7 @@ class Target:
     warnings: list[str] = field(default_factory=list)
     storage: str | None = None  # the cluster's storage location (oss://bucket/prefix/), if known
     disks: str | None = None  # "shared" only for a local cluster started with shared disks
+    job_env: dict = field(default_factory=dict)  # what its jobs need in their environment (OSS endpoint)
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -144,6 +145,7 @@ def resolve_target(
             spec,
             group,
             storage=spec.storage,
+            job_env=openapi.job_storage_env(region or openapi.DEFAULT_REGION, endpoint),
         )
     elif address:
         dashboard, cluster = address_pair(address)
@@ -320,13 +322,15 @@ def prepare(
     run_dir: str | None = None,
     image_has_adbray: bool = False,
     default_run_dir: str | None = None,
+    job_env: dict | None = None,
 ) -> Plan:
     """Everything checked before upload; SubmitError (one line) on the first problem.
 
     ``root`` is the working dir to upload (default: the template's project root). A template
     registered from another project gets ``adbray`` in the job's pip requirements unless
     ``image_has_adbray``. ``default_run_dir`` (the cluster's storage) is used when no ``run_dir`` is
-    given, but never for a step that reads an earlier run's outputs.
+    given, but never for a step that reads an earlier run's outputs. ``job_env`` (the target's, e.g. its
+    OSS endpoint) goes into the job's environment.
     """
     where = resolve_template(template, root)
     root, tdir = where.root, where.tdir
@@ -405,8 +409,11 @@ def prepare(
         parts += ["--run-dir", run_dir]
     entrypoint = " ".join(shlex.quote(p) for p in parts)
     runtime_env = {"working_dir": str(root), "excludes": wd["excludes"]}
+    env_vars = dict(job_env or {})
     if secret:  # out of the entrypoint (printed, kept in the job table): the template reads ADBRAY_SET
-        runtime_env["env_vars"] = {SET_ENV: json.dumps(list(secret))}
+        env_vars[SET_ENV] = json.dumps(list(secret))
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
     # what the template needs and the target group was not created with comes via the job's runtime_env
     installed = set(spec.requirements) if spec else set()
     missing = [r for r in (template_spec.requirements if template_spec else []) if r not in installed]

@@ -41,6 +41,18 @@ def endpoint_for(region: str) -> str:
     return f"adb.{region}.aliyuncs.com"
 
 
+def job_storage_env(region: str, api_endpoint: str | None) -> dict:
+    """What a job on a group needs to reach the group's OSS storage through ``pipelines.io``: the region's
+    VPC-internal OSS endpoint (S3-compatible) and the region, or ``$ADBRAY_GROUP_OSS_ENDPOINT`` when set.
+    No keys: inside the group they come from the credential chain (``pipelines.io.oss_credentials``).
+    A custom OpenAPI endpoint (the emulator, a private deployment) gets nothing: its nodes carry their own."""
+    if api_endpoint and not urlparse(api_endpoint if "://" in api_endpoint else f"https://{api_endpoint}") \
+            .hostname.endswith(".aliyuncs.com"):
+        return {}
+    oss = os.environ.get("ADBRAY_GROUP_OSS_ENDPOINT") or f"oss-{region}-internal.aliyuncs.com"
+    return {"OSS_ENDPOINT": oss, "OSS_REGION": region}
+
+
 STORAGE_MOUNT_PATH = "/mnt/adbray-storage"  # where the group mounts its storage (StorageMounts.MountPath)
 
 

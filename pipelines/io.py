@@ -102,27 +102,96 @@ def filesystem_for(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSyst
         if not endpoint:
             raise StorageError(f"{uri}: oss:// needs an endpoint: set OSS_ENDPOINT (e.g. "
                                "oss-cn-hangzhou-internal.aliyuncs.com)")
-        key = os.environ.get("OSS_ACCESS_KEY_ID") or os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID")
-        secret = os.environ.get("OSS_ACCESS_KEY_SECRET") or os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
-        if not (key and secret):
-            raise StorageError(f"{uri}: oss:// needs keys: set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET")
+        key, secret, token = oss_credentials(uri)
         host, scheme = _endpoint_url(endpoint)
         aliyun = host.endswith("aliyuncs.com")
-        return _s3(host, scheme, key, secret, os.environ.get("OSS_REGION") or _oss_region(host), aliyun), path
+        region = os.environ.get("OSS_REGION") or _oss_region(host)
+        return _s3(host, scheme, key, secret, token, region, aliyun), path
     if parsed.scheme == "s3":
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
         host, scheme = _endpoint_url(endpoint) if endpoint else (None, "https")
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3(host, scheme, key, secret, region, False), path
+        return _s3(host, scheme, key, secret, os.environ.get("AWS_SESSION_TOKEN"), region, False), path
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
+def oss_credentials(uri: str = "oss://") -> tuple[str, str, str | None]:
+    """``(key id, secret, STS token or None)`` for OSS, first found of:
+
+    1. ``$OSS_ACCESS_KEY_ID``/``$OSS_ACCESS_KEY_SECRET`` (+ ``$OSS_SESSION_TOKEN``), then the same from
+       ``$ALIBABA_CLOUD_ACCESS_KEY_ID``/``_SECRET`` (+ ``$ALIBABA_CLOUD_SECURITY_TOKEN``);
+    2. the Alibaba Cloud credential chain without a metadata probe: RRSA/OIDC
+       (``$ALIBABA_CLOUD_OIDC_TOKEN_FILE`` + role and provider ARNs) and the credentials file
+       (``$ALIBABA_CLOUD_CREDENTIALS_FILE`` or ``~/.alibabacloud/credentials.ini``, profile
+       ``$ALIBABA_CLOUD_PROFILE``; any type the SDK knows: access_key, ram_role_arn, ecs_ram_role, ...);
+    3. the node's ECS RAM role, only when ``$ALIBABA_CLOUD_ECS_METADATA`` names it (the SDK's own opt-in).
+
+    StorageError (one line) when none gives keys.
+    """
+    for key, secret, token in (("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"),
+                               ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+                                "ALIBABA_CLOUD_SECURITY_TOKEN")):
+        if os.environ.get(key) and os.environ.get(secret):
+            return os.environ[key], os.environ[secret], os.environ.get(token) or None
+    providers, tried = _credential_sources(os.environ.get("ALIBABA_CLOUD_CREDENTIALS_FILE"),
+                                           os.environ.get("ALIBABA_CLOUD_PROFILE", "default"),
+                                           os.environ.get("ALIBABA_CLOUD_OIDC_TOKEN_FILE"),
+                                           os.environ.get("ALIBABA_CLOUD_ECS_METADATA"))
+    tried = list(tried)
+    for provider in providers:
+        try:
+            found = provider.get_credentials()  # refreshable sources renew their STS tokens themselves
+        except Exception as e:  # noqa: BLE001 - each source says why it has nothing; the error lists them
+            tried.append(f"{type(provider).__name__}: {_first_line(e)}")
+            continue
+        return found.get_access_key_id(), found.get_access_key_secret(), found.get_security_token() or None
+    raise StorageError(f"{uri}: oss:// needs keys: set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, or give "
+                       "an Alibaba Cloud credentials file, RRSA or ALIBABA_CLOUD_ECS_METADATA"
+                       + (f" ({'; '.join(tried)})" if tried else ""))
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+
+
+@lru_cache(maxsize=4)
+def _credential_sources(profile_file, profile, oidc_token_file, ecs_role) -> tuple[list, tuple[str, ...]]:
+    """(the credential chain's sources that never probe a metadata address unless asked, why others could
+    not be set up). Kept per configuration, so that their cached STS tokens are reused and renewed."""
+    from alibabacloud_credentials.provider import (
+        EcsRamRoleCredentialsProvider,
+        OIDCRoleArnCredentialsProvider,
+        ProfileCredentialsProvider,
+    )
+
+    default_file = Path.home() / ".alibabacloud" / "credentials.ini"
+    wanted = []
+    if oidc_token_file:  # RRSA
+        wanted.append((OIDCRoleArnCredentialsProvider, {
+            "oidc_token_file_path": oidc_token_file, "role_arn": os.environ.get("ALIBABA_CLOUD_ROLE_ARN"),
+            "oidc_provider_arn": os.environ.get("ALIBABA_CLOUD_OIDC_PROVIDER_ARN")}))
+    if profile_file or default_file.is_file():
+        wanted.append((ProfileCredentialsProvider, {"profile_file": profile_file or str(default_file),
+                                                    "profile_name": profile}))
+    if ecs_role:
+        wanted.append((EcsRamRoleCredentialsProvider, {"role_name": ecs_role}))
+    providers, errors = [], []
+    for kind, kwargs in wanted:
+        try:
+            providers.append(kind(**kwargs))
+        except Exception as e:  # noqa: BLE001 - a source set up wrongly is reported, the others still tried
+            errors.append(f"{kind.__name__}: {_first_line(e)}")
+    return providers, tuple(errors)
+
+
 @lru_cache(maxsize=16)
-def _s3(host, scheme, key, secret, region, virtual) -> pafs.S3FileSystem:
+def _s3(host, scheme, key, secret, token, region, virtual) -> pafs.S3FileSystem:
     kwargs = {"endpoint_override": host, "scheme": scheme} if host else {}
     if key:
         kwargs.update(access_key=key, secret_key=secret)
+        if token:
+            kwargs["session_token"] = token
     return pafs.S3FileSystem(region=region, force_virtual_addressing=virtual, **kwargs)
 
 

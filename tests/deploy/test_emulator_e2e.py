@@ -195,3 +195,42 @@ def test_delete_stops_the_cluster(emu, group):
     assert not Path(group["token_path"]).exists()
     gone = adbray(emu, "group", "describe", "squares")
     assert gone.returncode == 1 and "InvalidDBResourceGroup.NotFound" in gone.stderr
+
+
+def test_riskcontrol_jobs_on_its_group_write_to_and_read_from_the_groups_storage(emu, tmp_path, monkeypatch):
+    """The template's own group shape (its requirements, storage and worker type; one worker here) on the
+    emulator. A first job (the data step) writes to the group's storage by default and `adbray jobs logs`
+    shows where; a second job (features) reads it from there: no two jobs share a disk, only the storage.
+    (The whole template on an isolated cluster with an oss:// run folder: tests/riskcontrol, test_contract.)"""
+    from pipelines.template import load_template, read_manifest
+
+    spec_text = (ROOT / "riskcontrol" / "resource_group.yaml").read_text()
+    spec = tmp_path / "resource_group.yaml"
+    spec.write_text(re.sub(r"min_workers: \d+, max_workers: \d+", "min_workers: 1, max_workers: 1", spec_text))
+    created = adbray(emu, "group", "create", str(spec), "--wait", "--json")
+    assert created.returncode == 0, created.stderr
+    small = [x for item in load_template("riskcontrol").test_overrides for x in ("--set", item)]
+    common = ["--config", "riskcontrol/configs/local.yaml", *small, "--group", "riskcontrol"]
+    data = adbray(emu, "submit", "riskcontrol", "--step", "data", *common)
+    assert data.returncode == 0, data.stderr[-3000:]
+    assert "runtime_env pip" not in data.stderr  # the group was created with what the template needs
+    run_dir = re.search(r"^outputs go to (\S+) ", data.stderr, re.MULTILINE).group(1)
+    assert run_dir.startswith(f"{load_spec(str(spec)).storage}runs/riskcontrol/")
+    job_id = re.search(r"submitted job (\S+):", data.stderr).group(1)
+    logs = adbray(emu, "jobs", "logs", job_id, "--group", "riskcontrol")
+    summary = json.loads([line for line in logs.stdout.splitlines() if line.startswith('{"template"')][-1])
+    assert summary["run_dir"] == run_dir and summary["step"] == "data"
+    assert summary["outputs"]["transactions"].startswith(run_dir + "/")
+
+    features = adbray(emu, "submit", "riskcontrol", "--step", "features", *common, "--run-dir", run_dir)
+    assert features.returncode == 0, features.stderr[-3000:]
+    for key, value in emu.groups[(CLUSTER_ID, "riskcontrol")].cluster.storage_env().items():
+        monkeypatch.setenv(key, value)  # read back from the group's stand-in
+    outputs = read_manifest(run_dir)  # the run folder's record of what each step wrote
+    assert outputs["features"].startswith(run_dir + "/") and outputs["transactions"] == summary["outputs"]["transactions"]
+    rows = io.read_table(outputs["transactions"], columns=["transaction_id"]).num_rows
+    assert rows == summary["metrics"]["transactions"] > 0
+    featured = io.read_table(outputs["features"], columns=["transaction_id"]).num_rows
+    assert 0 < featured and featured + io.read_table(outputs["rejects"]).num_rows == rows
+    deleted = adbray(emu, "group", "delete", "riskcontrol", "--wait")
+    assert deleted.returncode == 0, deleted.stderr

@@ -130,6 +130,50 @@ def test_oss_addressing_region_and_keys(monkeypatch):
     assert os.environ["AWS_EC2_METADATA_DISABLED"] == "true"
 
 
+def _no_keys_in_env(monkeypatch):
+    for name in ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN", "ALIBABA_CLOUD_ACCESS_KEY_ID",
+                 "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN", "ALIBABA_CLOUD_CREDENTIALS_FILE",
+                 "ALIBABA_CLOUD_OIDC_TOKEN_FILE", "ALIBABA_CLOUD_ECS_METADATA", "ALIBABA_CLOUD_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent-home")
+
+
+def test_oss_keys_come_from_the_alibaba_credential_chain_without_a_metadata_probe(monkeypatch, tmp_path):
+    _no_keys_in_env(monkeypatch)
+    monkeypatch.setenv("OSS_ENDPOINT", "oss-cn-shanghai-internal.aliyuncs.com")
+    with pytest.raises(io.StorageError, match="OSS_ACCESS_KEY_ID") as err:  # nothing asked the metadata address
+        io.filesystem_for("oss://bucket/x")
+    assert "EcsRamRole" not in str(err.value) and "\n" not in str(err.value)
+    creds = tmp_path / "credentials.ini"
+    creds.write_text("[default]\ntype = access_key\naccess_key_id = file-id\naccess_key_secret = file-secret\n"
+                     "[team]\ntype = access_key\naccess_key_id = team-id\naccess_key_secret = team-secret\n")
+    monkeypatch.setenv("ALIBABA_CLOUD_CREDENTIALS_FILE", str(creds))
+    assert io.oss_credentials() == ("file-id", "file-secret", None)
+    monkeypatch.setenv("ALIBABA_CLOUD_PROFILE", "team")
+    kwargs = io.filesystem_for("oss://bucket/x")[0].__reduce__()[1][0]
+    assert (kwargs["access_key"], kwargs["secret_key"], kwargs["session_token"]) == ("team-id", "team-secret", "")
+    # keys in the environment come first; an STS token travels with them
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "sts-id")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "sts-secret")
+    monkeypatch.setenv("ALIBABA_CLOUD_SECURITY_TOKEN", "sts-token")
+    kwargs = io.filesystem_for("oss://bucket/x")[0].__reduce__()[1][0]
+    assert (kwargs["access_key"], kwargs["session_token"]) == ("sts-id", "sts-token")
+    # a broken source is named in the error, not raised from inside the SDK
+    _no_keys_in_env(monkeypatch)
+    monkeypatch.setenv("ALIBABA_CLOUD_CREDENTIALS_FILE", str(tmp_path / "missing.ini"))
+    with pytest.raises(io.StorageError, match="ProfileCredentialsProvider"):
+        io.oss_credentials("oss://bucket/x")
+
+
+def test_a_job_on_a_real_group_is_told_its_regions_oss_endpoint_and_no_keys():
+    env = openapi.job_storage_env("cn-beijing", None)
+    assert env == {"OSS_ENDPOINT": "oss-cn-beijing-internal.aliyuncs.com", "OSS_REGION": "cn-beijing"}
+    assert openapi.job_storage_env("cn-beijing", "http://127.0.0.1:8080") == {}  # the emulator's nodes know theirs
+    plan = jobs.prepare("riskcontrol", default_run_dir="oss://team/runs/riskcontrol/new", job_env=env)
+    assert plan.runtime_env["env_vars"] == env
+    assert not any("KEY" in k or "SECRET" in k for k in plan.runtime_env["env_vars"])
+
+
 def test_train_storage_gives_ray_train_a_filesystem_for_object_storage(monkeypatch, tmp_path):
     monkeypatch.setenv("OSS_ENDPOINT", "http://127.0.0.1:9000")
     monkeypatch.setenv("OSS_ACCESS_KEY_ID", "id")
