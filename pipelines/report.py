@@ -90,3 +90,50 @@ def plot_bars(path: str | Path, values: Mapping[str, float], ylabel: str, title:
     ax.bar(list(values), [float(v) for v in values.values()])
     ax.set(ylabel=ylabel, title=title)
     return _save(plt, fig, path)
+
+
+def plot_hist(path: str | Path, groups: Mapping[str, Sequence[float]], xlabel: str, title: str,
+              bins: int = 40, log_y: bool = False) -> str:
+    """One PNG of overlaid, density-normalised histograms, one per named group (e.g. scores by label)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    values = [np.asarray(v, dtype=float) for v in groups.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
+    edges = np.histogram_bin_edges(finite if finite.size else [0.0, 1.0], bins=bins)
+    for name, v in zip(groups, values):
+        ax.hist(v[np.isfinite(v)], bins=edges, alpha=0.5, density=True, label=f"{name} ({v.size})")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel="density", title=title)
+    ax.legend(loc="best")
+    return _save(plt, fig, path)
+
+
+def plot_scatter(path: str | Path, points: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                 xlabel: str, ylabel: str, title: str) -> str:
+    """One PNG scatter plot, one colour per named group of (x, y) points (e.g. a 2-D projection)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for name, (x, y) in points.items():
+        ax.scatter(x, y, s=12, alpha=0.7, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if len(points) > 1:
+        ax.legend(loc="best", fontsize="small")
+    return _save(plt, fig, path)
+
+
+def plot_images(path: str | Path, rows: Sequence[Sequence[tuple[str, np.ndarray]]], title: str) -> str:
+    """One PNG grid of small images: ``rows`` of ``(caption, HxW[x3] uint8 array)`` (e.g. duplicate
+    groups, camera frames)."""
+    plt = _figure()
+    ncols = max((len(r) for r in rows), default=1) or 1
+    fig, axes = plt.subplots(max(len(rows), 1), ncols, figsize=(2 * ncols, 2 * max(len(rows), 1)), dpi=100,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, row in enumerate(rows):
+        for j, (caption, image) in enumerate(row):
+            axes[i][j].imshow(image, cmap=None if np.ndim(image) == 3 else "gray")
+            axes[i][j].set_title(str(caption)[:24], fontsize=8)
+    fig.suptitle(title)
+    return _save(plt, fig, path)

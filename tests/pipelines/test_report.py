@@ -19,5 +19,8 @@ def test_summary_contract_and_emit(tmp_path, capsys):
 def test_plots_are_png(tmp_path):
     p = report.plot_lines(tmp_path / "pr.png", {"model": ([0, 1], [1, 0])}, "recall", "precision", "PR")
     b = report.plot_bars(tmp_path / "b.png", {"a": 1, "b": 2}, "x", "bars")
-    for path in (p, b):
+    h = report.plot_hist(tmp_path / "h.png", {"fraud": [0.9, 0.8, float("nan")], "legit": [0.1, 0.2]}, "score", "h")
+    s = report.plot_scatter(tmp_path / "s.png", {"text": ([0, 1], [1, 0]), "image": ([2], [3])}, "x", "y", "s")
+    g = report.plot_images(tmp_path / "g.png", [[("a", np.zeros((8, 8, 3), np.uint8)), ("b", np.ones((8, 8)))]], "g")
+    for path in (p, b, h, s, g):
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
