@@ -6,13 +6,14 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import click
 
 from pipelines.config import ConfigError
-from pipelines.io import is_remote
+from pipelines.io import is_remote, join, write_bytes
 
 from . import local
 from .spec import load_spec
@@ -144,7 +145,7 @@ def last_json_line(text: str) -> dict | None:
     return None
 
 
-ARTEFACT_SUFFIXES = (".json", ".png", ".html", ".txt")
+ARTEFACT_SUFFIXES = (".json", ".png", ".html", ".txt", ".yaml", ".log")
 
 
 def copy_artefacts(run_dir: str, dest: Path, max_bytes: int = 5_000_000) -> str:
@@ -181,7 +182,7 @@ def demo(only, small, keep):
         state = local.up(spec, log=lambda m: click.echo(m, err=True))
     except local.LocalClusterError as e:
         fail(str(e), 1)
-    rows, ok = [], True
+    rows, reports, ok = [], [], True
     os.environ.update(state.storage_env())  # to copy the runs' small artefacts back from the stand-in
     try:
         for t in names:
@@ -190,17 +191,22 @@ def demo(only, small, keep):
             start = time.time()
             env = {**os.environ, **state.env()}
             args = [x for item in template.test_overrides for x in ("--set", item)] if small else []
-            proc = subprocess.run([sys.executable, "-m", template.package, *args], cwd=Path.cwd(), env=env, check=False,
-                                  stdout=subprocess.PIPE, text=True)
+            code, stdout, log = run_quietly([sys.executable, "-m", template.package, *args], env,
+                                            shown=(f"[{template.name}]", "error:", "joined Ray cluster"))
             secs = time.time() - start
-            s = last_json_line(proc.stdout) or {}
-            ok &= proc.returncode == 0
+            s = last_json_line(stdout) or {}
+            ok &= code == 0
             metric = template.key_metric
             value = s.get("metrics", {}).get(metric)
             folder = s.get("run_dir", "-")
+            if folder != "-":
+                write_bytes(join(folder, "driver.log"), log.encode())  # Ray's and the steps' logs, in full
             if is_remote(folder):
                 folder = f"{folder} -> {copy_artefacts(folder, Path('runs') / t / folder.rstrip('/').rsplit('/', 1)[-1])}"
-            rows.append([t, "ok" if proc.returncode == 0 else f"FAILED({proc.returncode})",
+            report = Path(folder.rsplit(" -> ", 1)[-1]) / "index.html"
+            if report.is_file():
+                reports.append(str(report))
+            rows.append([t, "ok" if code == 0 else f"FAILED({code})",
                          ",".join(s.get("steps", [s.get("step", "?")])), s.get("rows", 0),
                          f"{metric}={value:.3f}" if isinstance(value, (int, float)) else "-",
                          f"{secs:.0f}", folder])
@@ -211,8 +217,43 @@ def demo(only, small, keep):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    if reports:
+        click.echo("reports (open in a browser; each run's full log is driver.log beside it):")
+        for path in reports:
+            click.echo(f"  {path}")
     if not ok:
         sys.exit(1)
+
+
+def run_quietly(cmd: list[str], env: dict, shown: tuple[str, ...]) -> tuple[int, str, str]:
+    """Run ``cmd``; echo only the stderr lines that start with one of ``shown`` (progress, errors) and
+    return ``(exit code, stdout, the whole stderr)``: Ray's worker logs go to the run's log, not the screen."""
+    proc = subprocess.Popen(cmd, cwd=Path.cwd(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log: list[str] = []
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    for line in proc.stderr:
+        log.append(line)
+        if line.lstrip().startswith(shown):
+            click.echo(f"  {line.rstrip()}", err=True)
+    code = proc.wait()
+    reader.join()
+    return code, "".join(out), "".join(log)
+
+
+@cli.command()
+@click.argument("run_dir")
+def report(run_dir):
+    """(Re)build RUN_DIR/index.html (a local folder or oss://...) from what the run folder holds."""
+    from pipelines.html_report import ReportError, write_report
+    from pipelines.io import StorageError
+
+    try:
+        click.echo(write_report(run_dir))
+    except (ReportError, StorageError, OSError) as e:
+        fail(str(e).splitlines()[0] if str(e) else repr(e), 1)
 
 
 @cli.command("new")

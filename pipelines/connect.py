@@ -70,16 +70,36 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
         raise ClusterUnreachable(f"Ray cluster at {address} is unreachable ({e.strerror or e})") from None
 
 
-def cluster_resources_line() -> str:
-    """One line describing the connected cluster: nodes, CPUs, GPUs."""
+def dashboard_url() -> str | None:
+    """The dashboard URL of the cluster this process is attached to (driver or Ray client), if it has one."""
+    import ray
+
+    try:
+        if ray.util.client.ray.is_connected():
+            url = ray.util.client.ray._get_dashboard_url()
+        else:
+            node = ray._private.worker._global_node
+            url = node.webui_url if node is not None else None
+    except Exception:  # noqa: BLE001 - a private API of Ray: no URL rather than a failed run
+        url = None
+    return f"http://{url}" if url and "://" not in url else (url or None)
+
+
+def cluster_info() -> dict:
+    """The attached cluster: alive nodes, CPUs, GPUs, dashboard URL (recorded in a run's summary)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     res = ray.cluster_resources()
-    return (
-        f"joined Ray cluster: {len(nodes)} nodes, {res.get('CPU', 0):g} CPUs, "
-        f"{res.get('GPU', 0):g} GPUs"
-    )
+    return {"nodes": len(nodes), "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0),
+            "dashboard": dashboard_url()}
+
+
+def cluster_resources_line() -> str:
+    """One line describing the connected cluster: nodes, CPUs, GPUs, dashboard."""
+    info = cluster_info()
+    return (f"joined Ray cluster: {info['nodes']} nodes, {info['cpus']:g} CPUs, {info['gpus']:g} GPUs"
+            + (f", dashboard {info['dashboard']}" if info["dashboard"] else ""))
 
 
 def use_token(token: str | None = None, token_path: str | None = None) -> None:

@@ -112,6 +112,7 @@ class Template:
     options: dict[str, str] = field(default_factory=dict)  # --flag -> config key, e.g. {"input": "source.input"}
     preflight: Callable[[Any], None] | None = None  # config checks before any cluster work
     test_overrides: list[str] = field(default_factory=list)  # --set items for a tiny run (tests, smoke)
+    quality_bars: dict[str, str] = field(default_factory=dict)  # metric -> bar shown in the report (">= 0.6")
     package: str = ""
 
     def __post_init__(self):
@@ -228,10 +229,22 @@ class Template:
                 if s.preflight:
                     s.preflight(cfg)
             self.connect(cfg, address)
+            from .connect import cluster_info
+            from .html_report import REPORT, write_config, write_report
+            from .io import join
             from .report import emit
 
+            cluster = cluster_info()
+            print(f"[{self.name}] run folder {out}; dashboard {cluster['dashboard'] or 'none'}", file=sys.stderr)
+            write_config(out, cfg)
             result = self.run(cfg, out, step)
+            result.update(cluster=cluster, report=join(out, REPORT))
             emit(result)
+            try:
+                write_report(out, self)
+            except Exception as e:  # noqa: BLE001 - the run's outputs are written; say why the page is not
+                print(f"[{self.name}] report not written: {str(e).splitlines()[0] if str(e) else e!r}",
+                      file=sys.stderr)
             if result.get("failure"):
                 raise RunFailed(result["failure"])
 

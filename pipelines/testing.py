@@ -97,3 +97,46 @@ def run_template(capsys):
             return code, None
 
     return run
+
+
+def chromium_path() -> str:
+    """The system Chromium (Debian's ``chromium`` package; ``.ci/run`` installs it)."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    raise RuntimeError("no Chromium on PATH: apt-get install chromium (as .ci/run does)")
+
+
+def open_in_browser(page_path: str | Path, screenshot: str | Path) -> dict:
+    """Open a local HTML file in headless Chromium (Playwright driving the system browser) and report
+    what a person would see: ``{"errors": console errors and page exceptions, "requests": URLs it
+    fetched beyond file:/data:, "images": [(alt, naturalWidth)], "text": the page's text}``; the full
+    page is saved as a PNG to ``screenshot``."""
+    from playwright.sync_api import sync_playwright
+
+    errors, requests = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else requests.append(r.url))
+            page.goto(Path(page_path).resolve().as_uri(), wait_until="load")
+            images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.naturalWidth])")
+            text = page.inner_text("body")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return {"errors": errors, "requests": requests, "images": [tuple(i) for i in images], "text": text}
+
+
+def blank_image(path: str | Path) -> bool:
+    """Whether a PNG is (nearly) one flat colour, e.g. a screenshot of a page that rendered nothing."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+    return pixels.std() < 2.0 or len(np.unique(pixels)) < 8

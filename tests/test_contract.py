@@ -77,8 +77,9 @@ def _parquet_rows(run_dir: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_summary_keys_and_step_by_step_equals_all_in_one(name, run_template, adbray_run_dir):
-    """On the session cluster (each worker its own disk), into run folders on its OSS stand-in."""
+def test_summary_keys_and_step_by_step_equals_all_in_one(name, run_template, adbray_run_dir, tmp_path):
+    """On the session cluster (each worker its own disk), into run folders on its OSS stand-in. The
+    all-in-one run's report opens in a real browser (headless Chromium) as a person would see it."""
     template = load_template(name)
     small = [x for item in template.test_overrides for x in ("--set", item)]
     whole, by_step = f"{adbray_run_dir}/all", f"{adbray_run_dir}/steps"
@@ -95,6 +96,7 @@ def test_summary_keys_and_step_by_step_equals_all_in_one(name, run_template, adb
         if step.name in s["steps"]:
             assert set(step.makes) <= set(s["outputs"]), (step.name, set(step.makes) - set(s["outputs"]))
     assert _read_json(f"{whole}/summary.json")["metrics"] == s["metrics"]
+    _check_report_in_a_browser(template, s, tmp_path)
 
     rows = 0
     for step in s["steps"]:
@@ -122,6 +124,27 @@ def test_a_local_run_dir_on_a_cluster_fails_in_one_line_before_ray(name, ray_clu
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: run folder"), proc.stderr
     assert "--run-dir oss://" in lines[0] and "Ray" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _check_report_in_a_browser(template, s: dict, tmp_path: Path) -> None:
+    """index.html from the object store, opened in Chromium: no console errors, no network, every plot
+    loaded, the key metric's value and the cluster's dashboard on the page, a screenshot that is not blank."""
+    from pipelines import io
+    from pipelines.html_report import _fmt
+    from pipelines.testing import blank_image, open_in_browser
+
+    assert s["report"] == f"{s['run_dir']}/index.html"
+    page = tmp_path / "index.html"
+    page.write_bytes(io.read_bytes(s["report"]))
+    seen = open_in_browser(page, tmp_path / "report.png")
+    assert seen["errors"] == [] and seen["requests"] == [], seen
+    plots = [n for n, uri in s["outputs"].items() if uri.endswith(".png")]
+    assert sorted(alt for alt, _ in seen["images"]) == sorted(plots), seen["images"]
+    assert all(width > 0 for _, width in seen["images"]), seen["images"]
+    value = _fmt(s["metrics"][template.key_metric])
+    assert f"{template.key_metric} = {value}" in seen["text"], seen["text"][:500]
+    assert s["cluster"]["dashboard"] and s["cluster"]["dashboard"] in seen["text"]
+    assert not blank_image(tmp_path / "report.png")
 
 
 def _read_json(uri: str) -> dict:
