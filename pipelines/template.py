@@ -208,7 +208,8 @@ class Template:
         steps_help = "\n".join(f"  {s.name:<12} {s.help}" for s in self.steps)
 
         @click.command(name=self.name, help=f"{self.description or self.name}\n\nSTEP (default: all):\n\n"
-                       f"\b\n{steps_help}", context_settings={"help_option_names": ["-h", "--help"]})
+                       f"\b\n{steps_help}", epilog=self._config_help(),
+                       context_settings={"help_option_names": ["-h", "--help"]})
         @click.argument("step", required=False, type=click.Choice(["all", *[s.name for s in self.steps]]))
         @template_options
         def main(step, config, overrides, address, run_dir, **flags):
@@ -252,6 +253,27 @@ class Template:
             main = click.option(f"--{flag}", flag.replace("-", "_"), default=None,
                                 help=f"Alias of --set {key}=VALUE.")(main)
         return main
+
+    def _config_help(self) -> str:
+        """The config keys with their values in the default config (for ``--help``; ``--set KEY=VALUE``)."""
+        import yaml
+
+        from .html_report import config_yaml
+
+        try:
+            data = yaml.safe_load(config_yaml(self.load_config(None, [])))
+        except Exception as e:  # noqa: BLE001 - help must show even when the default config is broken
+            return f"(config keys unavailable: {str(e).splitlines()[0] if str(e) else e!r})"
+
+        def flat(value, prefix=""):
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield prefix.rstrip("."), value
+
+        lines = [f"  {key} = {json.dumps(value)}" for key, value in flat(data)]
+        return "CONFIG KEYS (--set KEY=VALUE; values of the default config):\n\n\b\n" + "\n".join(lines)
 
     def main(self, argv: Sequence[str] | None = None) -> int:
         """Run the CLI; errors are one stderr line and a non-zero return code."""

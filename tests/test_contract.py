@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+import yaml
 
+from pipelines.html_report import config_yaml
 from pipelines.template import discover, load_template
 from pipelines.testing import local_run_traces
 
@@ -43,6 +45,9 @@ def test_help_lists_the_steps_and_common_options(name):
         assert option in help_text, option
     for step in template.steps:
         assert step.name in help_text, step.name
+    keys = help_text.split("CONFIG KEYS", 1)[1]  # every config key with its default value
+    for section, value in yaml.safe_load(config_yaml(template.load_config(None, []))).items():
+        assert (f"  {section}." if isinstance(value, dict) and value else f"  {section} = ") in keys, section
     assert (template.root / "configs" / "local.yaml").is_file()
     assert template.resource_group.is_file()
 
