@@ -534,20 +534,40 @@ def submit(
 
 
 def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: float | None = None) -> object:
-    """Print the job's logs as they grow until it ends; returns its JobInfo. Ctrl-C stops the job."""
-    printed, deadline = 0, time.time() + timeout if timeout else None
+    """Stream the job's logs as the driver writes them (Ray's ``tail_job_logs`` websocket) until it ends;
+    returns its JobInfo. Where the stream breaks (a proxy that drops websockets), the rest is polled from
+    where the stream stopped. Ctrl-C stops the job."""
+    import asyncio
+
+    written = [0]
+
+    async def stream():
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+            written[0] += len(chunk)
+
+    deadline = time.time() + timeout if timeout else None
     try:
-        while True:
+        try:
+            asyncio.run(asyncio.wait_for(stream(), timeout))
+        except asyncio.TimeoutError:
+            raise SubmitError(f"job {job_id} still {status_name(client.get_job_info(job_id))} after "
+                              f"{timeout:.0f}s") from None
+        except (RuntimeError, OSError) as e:  # the stream broke: poll the rest
+            print(f"log stream of {job_id} broke ({str(e).splitlines()[0] if str(e) else e!r}): polling",
+                  file=sys.stderr)
+        while True:  # once after a whole stream (anything it missed), every poll_s after a broken one
             info = client.get_job_info(job_id)
             logs = client.get_job_logs(job_id)
-            if len(logs) > printed:
-                out.write(logs[printed:])
+            if len(logs) > written[0]:
+                out.write(logs[written[0]:])
                 out.flush()
-                printed = len(logs)
-            if str(info.status) in TERMINAL or getattr(info.status, "value", None) in TERMINAL:
+                written[0] = len(logs)
+            if status_name(info) in TERMINAL:
                 return info
             if deadline and time.time() > deadline:
-                raise SubmitError(f"job {job_id} still {info.status} after {timeout:.0f}s")
+                raise SubmitError(f"job {job_id} still {status_name(info)} after {timeout:.0f}s")
             time.sleep(poll_s)
     except KeyboardInterrupt:
         print(f"\ninterrupted: stopping job {job_id}", file=sys.stderr)

@@ -3,6 +3,7 @@ local run folders refused on a cluster, and jobs whose outputs land in the clust
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -256,3 +257,30 @@ def test_a_preflight_sees_the_address_flag(tmp_path):
                           check=False, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "give --input oss://" in lines[0], proc.stderr
+
+
+def test_follow_streams_a_jobs_log_instead_of_downloading_it_every_second(ray_cluster):
+    """`adbray submit`/`jobs logs --follow` print the job's log through Ray's tail_job_logs stream: each
+    line once, in order, and the whole log is fetched once at the end (to catch up), not once a second."""
+    import io as textio
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url, headers={"Authorization": f"Bearer {ray_cluster.token()}"})
+    code = "import time\nfor i in range(6):\n    print('line', i, flush=True)\n    time.sleep(0.5)"
+    job = client.submit_job(entrypoint=f"python -c {shlex.quote(code)}")
+    downloads = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def get_job_logs(self, job_id):
+            downloads.append(job_id)
+            return client.get_job_logs(job_id)
+
+    out = textio.StringIO()
+    info = jobs.follow(Counting(), job, out=out, timeout=120)
+    assert jobs.status_name(info) == "SUCCEEDED"
+    assert [line for line in out.getvalue().splitlines() if line.startswith("line ")] == [f"line {i}" for i in range(6)]
+    assert len(downloads) == 1, downloads
