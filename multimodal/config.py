@@ -77,7 +77,7 @@ class AudioConfig(StrictModel):
 
 
 class TextConfig(StrictModel):
-    encodings: list[str] = Field(default_factory=lambda: ["utf-8", "gb18030", "cp1252"])  # after a BOM check
+    encodings: list[str] = Field(default_factory=lambda: ["utf-8", "gb18030", "cp1252"])  # break detection ties
     min_chars: int = Field(1, ge=0)
     max_chars: int = Field(100_000, ge=1)
     max_file_mb: float = Field(10, gt=0)  # files are decoded whole: larger ones are rejects (too_large)

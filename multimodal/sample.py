@@ -148,6 +148,7 @@ def generate(out: str, cfg: SampleConfig | None = None) -> dict:
         ("note_zh.txt", "多模态数据处理：图像、视频、音频和文本。\n分析型数据库 Ray 集群。\n", "gb18030"),
         ("note_fr.txt", "Café crème et pâtisserie à la française, déjà vu.\n", "cp1252"),
         ("note_en_copy.txt", "The quick brown fox jumps over the lazy dog.\nRay Data streams blocks!\n", "utf-8"),
+        ("note_ko.txt", "멀티모달 데이터 처리: 이미지, 비디오, 오디오와 텍스트.\n", "euc_kr"),
     ]
     for name, body, enc in texts[:cfg.texts]:
         put("text", name, body.encode(enc))

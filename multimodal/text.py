@@ -1,5 +1,6 @@
 """Text stage: ``.txt`` (one document per file) and ``.jsonl`` (one record per line);
-encoding detection (BOM, then the configured encodings in order), NFKC normalisation,
+encoding detection (BOM, strict UTF-8, then charset-normalizer with the configured encodings
+breaking ties and as the last resort), NFKC normalisation,
 length and script stats, a content hash and a MinHash signature for deduplication."""
 from __future__ import annotations
 
@@ -41,9 +42,40 @@ def _plausible(text: str, encoding: str) -> bool:
     return not non_ascii or cjk >= 0.8 * len(non_ascii)
 
 
+def detect(data: bytes, preferred: list[str]) -> tuple[str, str] | None:
+    """``(text, encoding)`` detected by charset-normalizer, or None. Among its equally good
+    best guesses, the first of ``preferred`` that fits (and is plausible) wins: short texts
+    often tie (a few Chinese characters are also valid EUC-KR, French also valid cp1250)."""
+    from charset_normalizer import from_bytes
+
+    matches = list(from_bytes(data))
+    if not matches:
+        return None
+    best = matches[0]
+    tied = [m for m in matches if (m.chaos, m.coherence) == (best.chaos, best.coherence)]
+    for enc in preferred:
+        for m in tied:
+            if _codec(enc) in {_codec(c) for c in m.could_be_from_charset}:
+                try:
+                    text = data.decode(enc)
+                except UnicodeDecodeError:
+                    continue
+                if _plausible(text, enc):
+                    return text, enc
+    return str(best), best.encoding
+
+
+def _codec(name: str) -> str:
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return name
+
+
 def decode_text(data: bytes, encodings: list[str]) -> tuple[str, str]:
-    """``(text, encoding)``: a BOM wins, else the first of ``encodings`` that decodes strictly
-    (and plausibly); binary content is a TextError."""
+    """``(text, encoding)``: a BOM wins, else strict UTF-8, else the encoding charset-normalizer
+    detects (ties broken by the order of ``encodings``), else the first of ``encodings`` that
+    decodes strictly (and plausibly); binary content is a TextError."""
     for bom, enc in BOMS:
         if data.startswith(bom):
             try:
@@ -52,6 +84,13 @@ def decode_text(data: bytes, encodings: list[str]) -> tuple[str, str]:
                 raise TextError(f"{enc} BOM but undecodable at byte {e.start}") from None
     if b"\x00" in data[:4096]:
         raise TextError("binary content (NUL bytes) in a text file")
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    found = detect(data, encodings)
+    if found:
+        return found
     for enc in encodings:
         try:
             text = data.decode(enc)
@@ -59,7 +98,7 @@ def decode_text(data: bytes, encodings: list[str]) -> tuple[str, str]:
             continue
         if _plausible(text, enc):
             return text, enc
-    raise TextError(f"undecodable with {', '.join(encodings)}")
+    raise TextError(f"undecodable (not UTF-8, no encoding detected, not {', '.join(encodings)})")
 
 
 def normalize(text: str) -> str:

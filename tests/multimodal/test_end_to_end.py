@@ -38,7 +38,7 @@ def storage(ray_connected):
 
 @pytest.fixture(scope="module")
 def sample(storage):
-    return generate(join(storage, "sample"), SampleConfig(images=6, videos=2, audio=3, texts=4))
+    return generate(join(storage, "sample"), SampleConfig(images=6, videos=2, audio=3, texts=5))
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,11 @@ def test_every_good_file_is_in_its_output(first_run, sample):
     audio = read_table(first_run["outputs"]["audio"]).to_pylist()
     assert all(0 < r["silence_ratio"] < 1 and r["duration_s"] > 1 for r in audio)
     text = read_table(first_run["outputs"]["text"]).to_pylist()
-    encodings = {r["path"].rsplit("/", 1)[-1]: r["encoding"] for r in text}
-    assert encodings["note_zh.txt"] == "gb18030" and encodings["note_fr.txt"] == "cp1252"
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in text}
+    assert by_name["note_zh.txt"]["encoding"] == "gb18030" and by_name["note_fr.txt"]["encoding"] == "cp1252"
+    assert (by_name["note_ko.txt"]["encoding"], by_name["note_ko.txt"]["script"]) == ("cp949", "hangul")  # EUC-KR
+    assert by_name["note_ko.txt"]["text"].startswith("멀티모달 데이터 처리")
+
 
 
 def test_manifest_rerun_overwrites(first_run, sample, storage, capsys):

@@ -188,6 +188,36 @@ def test_encoding_detection_and_fallback():
         decode_text(b"\x00\x01\x02abc", ["utf-8"])
 
 
+ENCODINGS = ["utf-8", "gb18030", "cp1252"]  # the configured defaults
+
+
+@pytest.mark.parametrize("text, encoding, detected", [
+    ("멀티모달 데이터 처리: 이미지, 비디오, 오디오와 텍스트.\n분석형 데이터베이스 레이 클러스터.\n", "euc_kr", "cp949"),
+    ("안녕하세요 세계", "euc_kr", "cp949"),
+    ("多模態資料處理：影像、視訊、音訊與文字。\n", "big5", "big5"),
+    ("マルチモーダルデータ処理：画像、動画、音声とテキスト。\n", "shift_jis", "cp932"),
+])
+def test_non_utf8_cjk_is_detected_not_read_as_gb18030(tmp_path, text, encoding, detected):
+    data = text.encode(encoding)
+    assert data.decode("gb18030") != text  # the old fallback decoded these bytes, wrongly, as Chinese
+    p = tmp_path / "note.txt"
+    p.write_bytes(data)
+    (batch,) = list(TextReader(ENCODINGS)({"path": np.array([str(p)], dtype=object)}))
+    assert batch["reason"][0] == "" and batch["text"][0] == normalize(text)
+    assert batch["encoding"][0] == detected  # cp949/cp932: the supersets of EUC-KR/Shift-JIS
+
+
+@pytest.mark.parametrize("text, encoding", [
+    ("多模态数据处理：图像、视频、音频和文本。\n分析型数据库 Ray 集群。\n", "gb18030"),
+    ("数据处理", "gb18030"),  # as valid EUC-KR: a tie the configured order breaks
+    ("Café crème et pâtisserie à la française, déjà vu.", "cp1252"),  # also valid cp1250
+    ("naïve café", "cp1252"),
+])
+def test_detection_ties_go_to_the_configured_encodings(text, encoding):
+    assert decode_text(text.encode(encoding), ENCODINGS) == (text, encoding)
+    assert decode_text(text.encode("utf-8"), ENCODINGS) == (text, "utf-8")
+
+
 def test_normalize_and_script():
     assert normalize("  Ｈｅｌｌｏ\t\tworld \r\n\n\n\nbye\x07 ") == "Hello world\n\nbye"
     assert script_of("数据处理") == "han" and script_of("Привет мир") == "cyrillic"
