@@ -36,6 +36,7 @@ from .batches import ok_mask
 from .config import MODALITIES, MultimodalConfig
 from .embed import embed_stage
 from .images import ImageDecoder
+from .report import duplicate_groups, write_plots
 from .sources import ROUTED_SCHEMA, Router, blocks, list_files, read_manifest
 from .text import TextReader
 from .video import VideoDecoder
@@ -268,7 +269,8 @@ def run_modality(cfg: MultimodalConfig, modality: str, files: pa.Table, out_dir:
     target = f"{out_dir}/{modality}"
     if files.num_rows == 0:
         write_table(schema.empty_table(), target)
-        return {"files": 0, "rows": 0, "rejects": [], "duplicates": {}, "stages": {}}
+        return {"files": 0, "rows": 0, "kept_files": 0, "rejects": [], "duplicates": {}, "dup_groups": [],
+                "stages": {}}
     staging = f"{out_dir}/_staging/{modality}"
     t0 = time.perf_counter()
     fuse_write = not _embeds(cfg, modality)  # decode -> write: one task when no actor stage between
@@ -294,9 +296,11 @@ def run_modality(cfg: MultimodalConfig, modality: str, files: pa.Table, out_dir:
     if "embed_s" in cols:
         stages["embed"] = _stage(int(good.sum()), float(cols["embed_s"][good].sum()))
     return {
-        "files": files.num_rows, "rows": int(good.sum()), "rejects": reject_rows(modality, cols),
+        "files": files.num_rows, "rows": int(good.sum()), "kept_files": len(set(cols["path"][good])),
+        "rejects": reject_rows(modality, cols),
         "duplicates": {"exact": kinds.get("exact", 0), "near": kinds.get("near", 0),
                        "groups_with_duplicates": sum(1 for c in groups.values() if c > 1)} if dups is not None else {},
+        "dup_groups": duplicate_groups(dups) if modality == "images" else [],
         "stages": stages,
     }
 
@@ -340,17 +344,23 @@ def etl(cfg: MultimodalConfig, out_dir: str, input_path: str | None = None) -> d
     _remove(f"{out_dir}/_staging")
     outputs["rejects"] = write_table(rejects_table(rejects, REJECT_SCHEMA), f"{out_dir}/rejects")
     wall = time.perf_counter() - t0
+    listed = Counter(routed.column("modality").to_pylist())
     rejected_files = len({r["path"].split("#")[0] for r in rejects})
     metrics = {
         "files": files.num_rows, "rejected_files": rejected_files,
         "files_per_s": round(files.num_rows / wall, 3) if wall else None, "wall_s": round(wall, 2),
         "rows": {m: results[m]["rows"] for m in MODALITIES},
         "files_by_modality": {m: results[m]["files"] for m in MODALITIES},
+        "files_in_by_modality": {m: listed.get(m, 0) for m in MODALITIES},
+        "files_kept_by_modality": {m: results[m]["kept_files"] for m in MODALITIES},
         "rejects_by_reason": dict(Counter(f"{r['stage']}: {reason_class(r['reason'])}" for r in rejects)),
         "duplicates": {m: results[m]["duplicates"] for m in ("images", "text")},
         "throughput": {"route": {"files": files.num_rows, "wall_s": round(t_route, 3)},
                        **{m: results[m]["stages"] for m in MODALITIES if results[m]["stages"]}},
     }
+    t_plots = time.perf_counter()
+    outputs.update(write_plots(cfg, out_dir, outputs, metrics, results["images"]["dup_groups"]))
+    metrics["plots_s"] = round(time.perf_counter() - t_plots, 2)
     return {"outputs": outputs, "metrics": metrics, "rejects": len(rejects)}
 
 
@@ -382,8 +392,9 @@ def generate_sample(cfg: MultimodalConfig, run: Run) -> StepResult:
 
 def process(cfg: MultimodalConfig, run: Run) -> StepResult:
     """Step ``process``: route, decode/embed per modality, dedup and write ``images``, ``video``,
-    ``audio``, ``text`` and ``rejects`` from ``source.manifest``, ``source.input`` or the run
-    folder's ``sample``. Too many rejected files fail the run (after the outputs are written)."""
+    ``audio``, ``text``, ``rejects`` and the ``plot_*`` PNGs (:mod:`.report`) from
+    ``source.manifest``, ``source.input`` or the run folder's ``sample``. Too many rejected
+    files fail the run (after the outputs are written)."""
     from ray.exceptions import RayError
 
     source = None if cfg.source.manifest else (cfg.source.input or run.input("sample"))

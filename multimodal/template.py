@@ -3,6 +3,7 @@ from pipelines.template import Step, Template
 
 from . import pipeline
 from .config import load
+from .report import PLOTS
 
 TEMPLATE = Template(
     name="multimodal", load_config=load, key_metric="files_per_s",
@@ -17,8 +18,9 @@ TEMPLATE = Template(
              help="generate a mixed-media sample with broken files (all-in-one: only when no "
                   "--input/--manifest is set)"),
         Step("process", pipeline.process,
-             needs=lambda cfg: () if pipeline.input_configured(cfg) else ("sample",), makes=("images", "video", "audio", "text", "rejects"),
-             help="route, decode + embed per modality, dedup, write outputs and rejects "
+             needs=lambda cfg: () if pipeline.input_configured(cfg) else ("sample",),
+             makes=("images", "video", "audio", "text", "rejects", *PLOTS),
+             help="route, decode + embed per modality, dedup, write outputs, rejects and plot_* PNGs "
                   "(reads --input/--manifest, else the run folder's sample)"),
     ],
     test_overrides=["sample.images=2", "sample.videos=1", "sample.audio=1", "sample.texts=2"],

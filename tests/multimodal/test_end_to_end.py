@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+from collections import Counter
 
 import pyarrow as pa
 import pytest
 
 from multimodal.config import SampleConfig
+from multimodal.pipeline import reason_class
+from multimodal.report import MAX_GROUPS, MAX_MEMBERS, PLOTS
 from multimodal.sample import generate
 from multimodal.template import TEMPLATE
-from pipelines.io import exists, join, list_files, read_json, read_table, write_bytes
+from pipelines.io import exists, join, list_files, read_bytes, read_json, read_table, write_bytes
 from pipelines.testing import local_run_traces, storage_run_dir
 
 BROKEN = {"truncated.jpg": ("images", "decode", "truncated"),
@@ -73,7 +77,7 @@ def test_outputs_are_in_the_object_store_and_nothing_local(first_run, sample):
 def test_summary_contract(first_run, sample):
     s = first_run
     assert s["template"] == "multimodal" and s["steps"] == ["process"]  # --input given: no sample step
-    assert set(s["outputs"]) == {"images", "video", "audio", "text", "rejects"}
+    assert set(s["outputs"]) == {"images", "video", "audio", "text", "rejects", *PLOTS}
     total = sum(len(v) for v in sample["good"].values()) + len(sample["broken"])
     m = s["metrics"]
     assert m["files"] == total and m["rejected_files"] == len(BROKEN) and s["rejects"] >= len(BROKEN)
@@ -118,6 +122,30 @@ def test_every_good_file_is_in_its_output(first_run, sample):
     assert (by_name["note_ko.txt"]["encoding"], by_name["note_ko.txt"]["script"]) == ("cp949", "hangul")  # EUC-KR
     assert by_name["note_ko.txt"]["text"].startswith("멀티모달 데이터 처리")
 
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", data[:16]
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plots_are_pngs_drawn_from_the_summary(first_run, sample):
+    s, m = first_run, first_run["metrics"]
+    plots = {k: v for k, v in s["outputs"].items() if k.startswith("plot_")}
+    assert sorted(plots) == sorted(PLOTS) and all(v.startswith(s["run_dir"] + "/") for v in plots.values())
+    sizes = {k: png_size(read_bytes(v)) for k, v in plots.items()}  # read back from the object store
+    rejects = read_table(s["outputs"]["rejects"]).to_pylist()
+    assert sum(m["rejects_by_reason"].values()) == s["rejects"] == len(rejects)  # plot_rejects' bars
+    assert Counter(f"{r['stage']}: {reason_class(r['reason'])}" for r in rejects) == m["rejects_by_reason"]
+    broken = Counter(BROKEN[p.rsplit("/", 1)[-1]][0] for p in sample["broken"])
+    assert m["files_in_by_modality"] == {k: len(v) + broken[k] for k, v in sample["good"].items()}  # plot_files
+    assert sum(m["files_in_by_modality"].values()) == m["files"]
+    kept = {k: len(set(read_table(s["outputs"][k], ["path"]).column("path").to_pylist())) for k in sample["good"]}
+    assert m["files_kept_by_modality"] == kept == {k: len(v) for k, v in sample["good"].items()}
+    images = read_table(s["outputs"]["images"], ["dup_group"]).column("dup_group").to_pylist()
+    groups = sorted(n for n in Counter(images).values() if n > 1)  # plot_duplicates: a row per group
+    assert len(groups) == m["duplicates"]["images"]["groups_with_duplicates"] == 1
+    rows, cols = min(len(groups), MAX_GROUPS), min(max(groups), MAX_MEMBERS)
+    assert sizes["plot_duplicates"] == (200 * cols, 200 * rows) == (600, 200)  # 2-inch cells at 100 dpi
 
 
 def test_manifest_rerun_overwrites(first_run, sample, storage, capsys):
