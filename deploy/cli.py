@@ -213,6 +213,9 @@ def demo(only, small, keep):
     finally:
         if not keep:
             local.down(state.name, log=lambda m: click.echo(m, err=True))
+        else:
+            click.echo(f"cluster {state.name} kept (dashboard {state.dashboard_url}): adbray cluster down "
+                       f"--name {state.name}", err=True)
     header = ["template", "status", "steps", "rows", "key metric", "seconds", "output folder"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:

@@ -29,11 +29,20 @@ DEMO_SPEC = Path(__file__).resolve().parent.parent / "deploy" / "demo_cluster.ya
 
 @pytest.fixture(scope="session")
 def adbray_cluster():
-    """A session-scoped local cluster (the spec of ``deploy/demo_cluster.yaml``)."""
+    """A session-scoped local cluster (the spec of ``deploy/demo_cluster.yaml``); with
+    ``ADBRAY_TEST_CLUSTER=NAME``, the running local cluster NAME (e.g. ``adbray demo --keep``'s
+    ``adbray-demo``), left running afterwards."""
     os.environ.setdefault("ADBRAY_STATE", tempfile.mkdtemp(prefix="adbray-test-state-"))
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     from deploy import local
     from deploy.spec import load_spec
+
+    if os.environ.get("ADBRAY_TEST_CLUSTER"):
+        state = local.load_state(os.environ["ADBRAY_TEST_CLUSTER"])
+        if not local.alive_nodes(state):
+            pytest.exit(f"ADBRAY_TEST_CLUSTER={state.name}: the cluster is not running", returncode=1)
+        yield state
+        return
 
     spec = load_spec(str(DEMO_SPEC), name=f"test-{os.getpid()}")
     state = local.up(spec, log=lambda *_: None)
