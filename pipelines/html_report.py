@@ -88,12 +88,23 @@ def read_summary(run_dir: str, step_order=()) -> dict:
     return merged
 
 
-def check_bar(value, bar: str) -> bool | None:
-    """Whether ``value`` meets a bar like ``">= 0.6"`` (None when it cannot be judged)."""
-    m = re.fullmatch(r"\s*(>=|<=|>|<)\s*(-?[0-9.eE+-]+)\s*", bar)
-    if not m or not isinstance(value, (int, float)) or isinstance(value, bool):
+def check_bar(value, bar: str, metrics: dict | None = None) -> bool | None:
+    """Whether ``value`` meets a bar: ``">= 0.6"``, or relative to another metric of the run,
+    ``">= 1.3 * ndcg10_popularity"`` / ``"> random_success_rate"`` (None when it cannot be judged)."""
+    m = re.fullmatch(r"\s*(>=|<=|>|<)\s*(?:(-?[0-9.]+(?:[eE][+-]?[0-9]+)?)\s*\*?\s*)?([A-Za-z_][\w.]*)?\s*", bar)
+    if not m or not (m.group(2) or m.group(3)) or not _number(value):
         return None
-    return OPS[m.group(1)](value, float(m.group(2)))
+    factor = float(m.group(2)) if m.group(2) else 1.0
+    if m.group(3):
+        other = (metrics or {}).get(m.group(3))
+        if not _number(other):
+            return None
+        factor *= other
+    return OPS[m.group(1)](value, factor)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fmt(value) -> str:
@@ -160,7 +171,7 @@ def render(run_dir: str, summary: dict, config_text: str | None, key_metric: str
     parts.append("<h2>Metrics</h2>")
     rows = []
     for name, value in metrics.items():
-        verdict = check_bar(value, bars[name]) if name in bars else None
+        verdict = check_bar(value, bars[name], metrics) if name in bars else None
         mark = "" if verdict is None else ("<span class=ok>pass</span>" if verdict else "<span class=bad>FAIL</span>")
         rows.append([e(name), e(_fmt(value)), e(bars.get(name, "")), mark])
     parts.append(_table(rows, ["metric", "value", "quality bar", ""], num_cols=(1,)))

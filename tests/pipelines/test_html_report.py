@@ -63,6 +63,12 @@ def test_bars_are_judged():
     assert html_report.check_bar(0.7, ">= 0.6") is True and html_report.check_bar(0.5, ">= 0.6") is False
     assert html_report.check_bar(0.004, "< 0.01") is True and html_report.check_bar("x", ">= 1") is None
     assert html_report.check_bar(np.float64(2.0).item(), "> 1") is True
+    run = {"ndcg10_popularity": 0.2, "random_success_rate": 0.1}
+    assert html_report.check_bar(0.27, ">= 1.3 * ndcg10_popularity", run) is True
+    assert html_report.check_bar(0.25, ">= 1.3 * ndcg10_popularity", run) is False
+    assert html_report.check_bar(0.05, "> random_success_rate", run) is False
+    assert html_report.check_bar(0.5, "> no_such_metric", run) is None and html_report.check_bar(1, "?", run) is None
+    assert html_report.check_bar(2e-3, "< 1e-2") is True
 
 
 def test_adbray_report_rebuilds_the_page_and_refuses_a_folder_that_is_not_a_run(tmp_path):
