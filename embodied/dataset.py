@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.io import filesystem_for, join, read_json, read_table, reject
+from pipelines.io import filesystem_for, join, list_files, read_json, read_table, reject
 
 CODEBASE_VERSION = "v3.0"
 CHUNKS_SIZE = 1000
@@ -232,6 +232,25 @@ def read_frames(root: str, columns=None) -> pa.Table:
     """All frames of a dataset (``data/**.parquet``), ordered by ``index``."""
     table = read_table(join(root, "data"), columns=columns)
     return table.sort_by("index") if "index" in table.column_names else table
+
+
+def read_first_episodes(root: str, n: int, columns=("episode_index", "timestamp", "observation.state"),
+                        batch_rows: int = 4096) -> pa.Table:
+    """The frames of episodes ``0..n-1`` only: data files and record batches in order, stopping at
+    the first later episode (frames are stored by ``index``, so episodes are contiguous)."""
+    columns = list(dict.fromkeys(["episode_index", *columns]))
+    kept = []
+    for uri in list_files(join(root, "data")):
+        fs, path = filesystem_for(uri)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+                episode = batch.column("episode_index").to_numpy()
+                kept.append(batch.filter(pa.array(episode < n)))
+                if len(episode) and episode[-1] >= n:
+                    return pa.Table.from_batches(kept)
+    if not kept:  # no frames: every episode was rejected
+        return pa.table({"episode_index": pa.array([], pa.int64())})
+    return pa.Table.from_batches(kept)
 
 
 def read_episodes(root: str) -> pa.Table:

@@ -3,8 +3,9 @@
 The ``evaluate`` step (``python -m embodied evaluate --run-dir DIR``) loads the run
 folder's cloned policy (output ``policy``), rolls it and the expert and random
 policies out on ``evaluate.episodes`` seeds starting at ``evaluate.seed`` (disjoint
-from the collect seeds) and writes ``evaluation.json`` and ``evaluation.png`` into
-the run folder (local or object storage, through :mod:`pipelines.io`).
+from the collect seeds) and writes ``evaluation.json``, ``evaluation.png`` (returns) and
+``evaluation_success.png`` (success rates) into the run folder (local or object storage,
+through :mod:`pipelines.io`).
 """
 from __future__ import annotations
 
@@ -62,8 +63,11 @@ def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str, check: bool = Tru
     metrics["eval_episodes"] = e.episodes
     report = {"env": env_id, "seeds": [e.seed, e.seed + e.episodes - 1], "policies": results, **metrics}
     write_json(join(run_dir, "evaluation.json"), report)
+    title = f"{env_id}: held-out seeds ({e.episodes} episodes)"
     plot_bars(join(run_dir, "evaluation.png"), {k: v["return"] for k, v in results.items()},
-              ylabel="mean episode return", title=f"{env_id}: held-out seeds ({e.episodes} episodes)")
+              ylabel="mean episode return", title=title)
+    plot_bars(join(run_dir, "evaluation_success.png"), {k: v["success_rate"] for k, v in results.items()},
+              ylabel="success rate", title=title)
     failure = None
     if not metrics["gap_closed"] >= e.min_gap_closed:
         failure = (f"cloned policy closes {metrics['gap_closed']:.2f} of the random->expert gap "
@@ -76,8 +80,9 @@ def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str, check: bool = Tru
 def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
     """The evaluate step: the run's ``policy`` vs the expert and random policies on held-out seeds."""
     metrics, failure = evaluate(cfg, load_weights(run.input("policy")), run.dir, check=False)
-    return StepResult({"evaluation": run.path("evaluation.json"), "plot": run.path("evaluation.png")}, metrics,
-                      failure=failure)
+    outputs = {"evaluation": run.path("evaluation.json"), "plot": run.path("evaluation.png"),
+               "plot_success": run.path("evaluation_success.png")}
+    return StepResult(outputs, metrics, failure=failure)
 
 
 if __name__ == "__main__":

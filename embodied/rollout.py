@@ -15,13 +15,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
+
 from pipelines.cli import RunFailed
 from pipelines.io import join, reject_ratio_failure, rejects_table, write_table
+from pipelines.report import plot_lines
 from pipelines.template import Run, StepResult
 
 from .config import EmbodiedConfig
-from .dataset import LeRobotWriter
-from .envs import env_facts
+from .dataset import LeRobotWriter, read_first_episodes, vectors
+from .envs import SUCCESS_DISTANCE, env_facts, goal_distance
 from .policies import policy_spec
 from .simulator import PolicyServer, Simulator
 
@@ -180,11 +183,29 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None, check: bool = T
     return metrics if check else (metrics, failure)
 
 
+def plot_trajectories(dataset: str, uri: str, env_id: str, episodes: int = 3) -> str:
+    """Distance to the goal over time for the dataset's first ``episodes`` episodes (PNG at ``uri``),
+    read back from the dataset, with the env's success distance as a flat line."""
+    frames = read_first_episodes(dataset, episodes)
+    series = {}
+    if frames.num_rows:  # none when every episode was rejected
+        index, t = frames["episode_index"].to_numpy(), frames["timestamp"].to_numpy()
+        distance = goal_distance(env_id, vectors(frames["observation.state"]))
+        series = {f"episode {k}": (t[index == k], distance[index == k]) for k in np.unique(index)}
+        series["success distance"] = ([0.0, float(t.max())], [SUCCESS_DISTANCE[env_id]] * 2)
+    return plot_lines(uri, series, xlabel="time (s)", ylabel="distance to goal (m)",
+                      title=f"{env_id}: collected episodes")
+
+
 def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
-    """The collect step: ``episodes`` (LeRobot v3, one row per frame) and ``rejects``."""
+    """The collect step: ``episodes`` (LeRobot v3, one row per frame), ``rejects`` and a plot of the
+    first episodes' distance to the goal (``plot_trajectories``)."""
     metrics, failure = collect(cfg, run.dir, check=False)
-    return StepResult({"episodes": run.path("episodes"), "rejects": run.path("rejects")}, metrics,
-                      rows=metrics["steps"], rejects=metrics["rejected_episodes"], failure=failure)
+    outputs = {"episodes": run.path("episodes"), "rejects": run.path("rejects"),
+               "plot_trajectories": plot_trajectories(run.path("episodes"), run.path("trajectories.png"),
+                                                      cfg.env.id)}
+    return StepResult(outputs, metrics, rows=metrics["steps"], rejects=metrics["rejected_episodes"],
+                      failure=failure)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,16 @@ TEMPLATE = Template(
     description="Robot rollouts: simulator actors + a batched policy collect a LeRobot v3 dataset "
                 "-> behaviour cloning with Ray Train -> evaluation vs expert and random policies.",
     steps=[
-        Step("collect", rollout.run, makes=("episodes", "rejects"), preflight=collect_policy_exists,
-             help="roll out the collect policy into a LeRobot v3 dataset (+ rejects)"),
-        Step("train", train.run, needs=("episodes",), makes=("policy",),
-             help="behaviour cloning on the episodes with Ray Train; final checkpoint as policy/"),
-        Step("evaluate", evaluate.run, needs=("policy",), makes=("evaluation", "plot"), preflight=expert_exists,
-             help="cloned policy vs expert and random on held-out seeds (evaluation.json/.png)"),
+        Step("collect", rollout.run, makes=("episodes", "rejects", "plot_trajectories"),
+             preflight=collect_policy_exists,
+             help="roll out the collect policy into a LeRobot v3 dataset (+ rejects, trajectory plot)"),
+        Step("train", train.run, needs=("episodes",), makes=("policy", "plot_loss"),
+             help="behaviour cloning on the episodes with Ray Train; final checkpoint as policy/, "
+                  "learning curve"),
+        Step("evaluate", evaluate.run, needs=("policy",), makes=("evaluation", "plot", "plot_success"),
+             preflight=expert_exists,
+             help="cloned policy vs expert and random on held-out seeds (evaluation.json, return and "
+                  "success plots)"),
     ],
     test_overrides=["collect.episodes=24", "simulator.envs_per_actor=4", "train.epochs=2",
                     "train.checkpoint_every=1", "evaluate.episodes=8", "evaluate.min_gap_closed=0"],

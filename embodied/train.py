@@ -5,6 +5,9 @@ folder's LeRobot v3 dataset (output ``episodes``) with ``TorchTrainer``
 (``train.num_workers`` DDP workers, CUDA when a GPU is assigned), checkpoints every
 ``train.checkpoint_every`` epochs into ``<run_dir>/checkpoints``, and keeps the
 final checkpoint as ``<run_dir>/policy`` (output ``policy``, what ``evaluate`` reads).
+Every report carries ``loss_history`` (the training loss of each epoch so far, averaged over
+the workers), so it travels with the checkpoints to the run folder (``policy/metrics.json``)
+and the driver plots it as ``learning_curve.png`` (output ``plot_loss``).
 The run folder may be local or ``oss://``/``s3://``: Ray Train gets the storage path with
 its filesystem (:func:`pipelines.io.train_storage`), so rank 0's checkpoint (saved in a
 temporary folder on its own node) is uploaded there, and the policy loads from the URI.
@@ -25,6 +28,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from pipelines.io import exists, filesystem_for, join, read_bytes, train_storage
+from pipelines.report import plot_lines
 from pipelines.template import Run, StepResult
 
 from .config import EmbodiedConfig
@@ -65,6 +69,7 @@ def train_loop(config: dict) -> None:
     batch = max(1, config["batch_size"] // world)
     steps = max(1, (len(obs_all) // world) // batch)  # the same on every rank: DDP steps in lockstep
     generator = torch.Generator().manual_seed(config["seed"] + rank)
+    history = []  # mean training loss per epoch over every worker's batches (the learning curve)
     for epoch in range(1, config["epochs"] + 1):
         order = torch.randperm(len(obs), generator=generator).to(device)
         total = 0.0
@@ -77,9 +82,13 @@ def train_loop(config: dict) -> None:
             optimizer.step()
             total += loss.detach().item()
         scheduler.step()
+        epoch_loss = torch.tensor([total / steps], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(epoch_loss)
+        history.append(epoch_loss.item() / world)
         if epoch % config["checkpoint_every"] and epoch != config["epochs"]:
             continue
-        metrics = {"epoch": epoch, "loss": total / steps}
+        metrics = {"epoch": epoch, "loss": history[-1], "loss_history": list(history)}
         if rank == 0:
             net = model.module if hasattr(model, "module") else model
             weights = mlp_weights(net, obs.shape[1], act.shape[1], config["hidden"], config["low"], config["high"])
@@ -142,7 +151,15 @@ def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
         raise RuntimeError("training finished without a checkpoint")
     metrics = {"train_loss": float(result.metrics["loss"]), "train_epochs": int(result.metrics["epoch"]),
                "train_frames": len(obs), "train_workers": t.num_workers}
-    return {"metrics": metrics, "checkpoint": result.checkpoint}
+    return {"metrics": metrics, "checkpoint": result.checkpoint,
+            "loss_history": result.metrics["loss_history"]}
+
+
+def plot_learning_curve(uri: str, loss_history: list[float], env_id: str) -> str:
+    """The training loss per epoch (PNG at ``uri``)."""
+    epochs = list(range(1, len(loss_history) + 1))
+    return plot_lines(uri, {"train loss": (epochs, loss_history)}, xlabel="epoch",
+                      ylabel="MSE on actions", title=f"{env_id}: behaviour cloning")
 
 
 def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
@@ -151,7 +168,9 @@ def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
     if not exists(join(dataset, "meta", "info.json")):
         raise FileNotFoundError(f"no LeRobot dataset at {dataset} (meta/info.json missing)")
     result = train(cfg, dataset, run.dir)
-    return StepResult({"policy": keep_checkpoint(result["checkpoint"], run.path("policy"))}, result["metrics"])
+    curve = plot_learning_curve(run.path("learning_curve.png"), result["loss_history"], cfg.env.id)
+    outputs = {"policy": keep_checkpoint(result["checkpoint"], run.path("policy")), "plot_loss": curve}
+    return StepResult(outputs, result["metrics"])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+from embodied.config import load as load_config
 from embodied.dataset import read_episodes, read_frames, read_info
 from embodied.template import TEMPLATE
 from embodied.train import load_weights
@@ -43,7 +45,19 @@ def test_end_to_end_cloned_policy_closes_the_gap(ray_connected, adbray_run_dir, 
     assert any(f.endswith("/policy.pt") for f in list_files(join(adbray_run_dir, "checkpoints", "bc")))
     report = read_json(out["outputs"]["evaluation"])
     assert report["policies"]["bc"]["return"] == m["bc_return"] and report["seeds"] == [1_000_000, 1_000_049]
-    assert read_bytes(out["outputs"]["plot"])[:8] == b"\x89PNG\r\n\x1a\n"
+    # the per-run report's plots: PNGs in the object store, one per plot_* output
+    plots = {k: v for k, v in out["outputs"].items() if k.startswith("plot")}
+    assert sorted(plots) == ["plot", "plot_loss", "plot_success", "plot_trajectories"]
+    for name, uri in plots.items():
+        assert uri.endswith(".png") and read_bytes(uri)[:8] == b"\x89PNG\r\n\x1a\n", name
+    # ... and the numbers behind them: one finite training loss per configured epoch, kept with the policy
+    history = read_json(join(out["outputs"]["policy"], "metrics.json"))["loss_history"]
+    epochs = load_config().train.epochs
+    assert len(history) == epochs == m["train_epochs"] and all(math.isfinite(x) for x in history), history
+    assert history[-1] == m["train_loss"] and history[-1] < history[0]
+    for policy in ("bc", "expert", "random"):
+        rate = report["policies"][policy]["success_rate"]
+        assert 0 <= rate <= 1 and rate == m[f"{policy}_success_rate"], (policy, rate)
     assert exists(join(adbray_run_dir, "summary.json"))
     # the run folder's manifest records every output (what single steps read)
     assert read_json(join(adbray_run_dir, "run.json"))["outputs"] == out["outputs"]

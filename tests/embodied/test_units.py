@@ -9,9 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from embodied import config as config_mod
-from embodied.dataset import LeRobotWriter, read_episodes, read_frames, read_info, vectors
+from embodied.dataset import (
+    LeRobotWriter,
+    read_episodes,
+    read_first_episodes,
+    read_frames,
+    read_info,
+    vectors,
+)
 from embodied.envs import env_facts, is_success, make_env
 from embodied.policies import make_policy, policy_spec
+from embodied.rollout import plot_trajectories
 from embodied.simulator import PolicyServer, Simulator
 from pipelines.config import ConfigError
 
@@ -98,6 +106,37 @@ def test_lerobot_writer_orders_episodes_and_writes_the_v3_layout(tmp_path):
     np.testing.assert_allclose(stats["action"]["mean"], all_actions.mean(0), rtol=1e-5)
     np.testing.assert_allclose(stats["action"]["std"], all_actions.std(0), rtol=1e-4)
     assert stats["action"]["count"] == [13]
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_episodes_read_back_bounded_and_plotted(tmp_path):
+    root = str(tmp_path / "episodes")
+    writer = LeRobotWriter(root, "Reacher-v5", env_facts("Reacher-v5"), "reach", expected=5, frames_per_file=7)
+    for i in range(5):
+        writer.add(fake_episode(i, length=4 + i))  # 4+5 frames in file 0, 6+7 in 1, 8 in 2
+    writer.close()
+    frames = read_frames(root)
+    (tmp_path / "episodes/data/chunk-000/file-002.parquet").write_bytes(b"not parquet")  # never opened
+    first = read_first_episodes(root, 2, batch_rows=3)
+    assert first["episode_index"].to_pylist() == [0] * 4 + [1] * 5
+    np.testing.assert_array_equal(vectors(first["observation.state"]), vectors(frames["observation.state"])[:9])
+    assert read_first_episodes(root, 3)["episode_index"].to_pylist() == [0] * 4 + [1] * 5 + [2] * 6
+
+    out = str(tmp_path / "trajectories.png")
+    assert plot_trajectories(root, out, "Reacher-v5") == out
+    assert (tmp_path / "trajectories.png").read_bytes()[:8] == PNG
+
+
+def test_trajectory_plot_of_a_dataset_without_frames(tmp_path):
+    root = str(tmp_path / "episodes")
+    writer = LeRobotWriter(root, "Reacher-v5", env_facts("Reacher-v5"), "reach", expected=1)
+    writer.add(fake_episode(0, reject="non-finite state or reward"))
+    writer.close()
+    assert read_first_episodes(root, 3).num_rows == 0
+    plot_trajectories(root, str(tmp_path / "t.png"), "Reacher-v5")
+    assert (tmp_path / "t.png").read_bytes()[:8] == PNG
 
 
 def test_lerobot_writer_refuses_duplicates_and_incomplete_datasets(tmp_path):
