@@ -70,7 +70,7 @@ def _save(plt, fig, uri: str | Path) -> str:
 
 
 def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-               xlabel: str, ylabel: str, title: str, diagonal: bool = False) -> str:
+               xlabel: str, ylabel: str, title: str, diagonal: bool = False, log_y: bool = False) -> str:
     """One PNG with a line per named (x, y) series."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
@@ -78,8 +78,11 @@ def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
         ax.plot(x, y, label=name)
     if diagonal:
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    if log_y:
+        ax.set_yscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend(loc="best")
+    if series:
+        ax.legend(loc="best")
     return _save(plt, fig, path)
 
 
