@@ -27,6 +27,8 @@ def test_reject_bars_keep_every_reject():
     assert len(bars) == report.MAX_REASONS + 1 and bars["other"] == 1 + 2 + 3 + 4 + 5 + 6  # the smallest
     assert list(bars.values())[:2] == [10, 9] and all(len(k) < 50 for k in bars)
     assert report.reject_bars({"route: empty file": 2}) == {"1. route:\nempty file": 2}
+    five = report.reject_bars({f"reason {i}": 1 for i in range(report.MAX_REASONS + 1)})
+    assert "other" not in five and len(five) == report.MAX_REASONS + 1  # no "other" for a single reason
 
 
 def test_duplicate_groups_representative_first_and_bounded():
