@@ -134,13 +134,14 @@ def _rejects(outputs: dict) -> tuple[Counter, dict[str, list[str]]]:
             table = io.read_table(uri)
         except (OSError, ValueError):
             continue
-        if not set(io.REJECT_SCHEMA.names) <= set(table.column_names):
-            continue
-        for row in table.slice(0, MAX_REJECT_ROWS).select(["id", "stage", "reason"]).to_pylist():
+        ident = next((c for c in ("id", "path") if c in table.column_names), None)
+        if not ident or not {"stage", "reason"} <= set(table.column_names):
+            continue  # not a rejects table (the toolkit's id/stage/reason, or multimodal's path/stage/reason)
+        for row in table.slice(0, MAX_REJECT_ROWS).select([ident, "stage", "reason"]).to_pylist():
             key = f"{row['stage']}: {row['reason']}"
             counts[key] += 1
             if len(examples.setdefault(key, [])) < 3:
-                examples[key].append(str(row["id"]))
+                examples[key].append(str(row[ident]))
     return counts, examples
 
 

@@ -86,12 +86,18 @@ def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
     return _save(plt, fig, path)
 
 
-def plot_bars(path: str | Path, values: Mapping[str, float], ylabel: str, title: str) -> str:
-    """One PNG bar chart of named values."""
+def plot_bars(path: str | Path, values: Mapping[str, float], ylabel: str, title: str,
+              horizontal: bool = False) -> str:
+    """One PNG bar chart of named values (``horizontal`` for long names: reasons, features)."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    ax.bar(list(values), [float(v) for v in values.values()])
-    ax.set(ylabel=ylabel, title=title)
+    fig, ax = plt.subplots(figsize=(6 if horizontal else 5, max(4, 0.3 * len(values)) if horizontal else 4),
+                           dpi=100)
+    if horizontal:
+        ax.barh(list(values)[::-1], [float(v) for v in values.values()][::-1])
+        ax.set(xlabel=ylabel, title=title)
+    else:
+        ax.bar(list(values), [float(v) for v in values.values()])
+        ax.set(ylabel=ylabel, title=title)
     return _save(plt, fig, path)
 
 

@@ -19,7 +19,11 @@ def _run_folder(tmp_path, whole=True):
     io.write_table(io.rejects_table([io.reject(f"tx-{i}", "features", "amount is negative") for i in range(5)]
                                     + [io.reject("tx-9", "features", "card_id is empty")]), str(run / "rejects"))
     html_report.write_config(str(run), {"data": {"rows": 6000}, "train": {"num_workers": 2}})
-    outputs = {"rejects": str(run / "rejects"), "plot_bars": plot}
+    import pyarrow as pa
+
+    io.write_table(pa.table({"path": ["bad.jpg"], "modality": ["image"], "stage": ["decode"],
+                             "reason": ["not an image"]}), str(run / "media_rejects"))
+    outputs = {"rejects": str(run / "rejects"), "media_rejects": str(run / "media_rejects"), "plot_bars": plot}
     if whole:
         s = report.summary("riskcontrol", "all", str(run), outputs, {"auprc": 0.71, "roc_auc": 0.5},
                            rejects=6, rows=100, step_seconds={"data": 1.5, "train": 2.25}, steps=["data", "train"],
@@ -41,6 +45,7 @@ def test_the_page_holds_summary_bars_rejects_cluster_config_and_inline_plots(tmp
     assert uri == str(run / "index.html")
     assert 'id=key-metric>0.71<' in page  # the template's key metric, highlighted
     assert "amount is negative" in page and "tx-0, tx-1, tx-2" in page and "tx-3" not in page  # 3 examples
+    assert "decode: not an image" in page and "bad.jpg" in page  # a rejects table keyed by path (multimodal)
     assert "http://127.0.0.1:8265" in page and "num_workers: 2" in page
     src = page.split('src="data:image/png;base64,')[1].split('"')[0]
     assert base64.b64decode(src)[:8] == b"\x89PNG\r\n\x1a\n"  # inlined: nothing to fetch
