@@ -88,10 +88,9 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     metrics["ranker_vs_popularity"] = metrics[f"ndcg{e.k}_ranker"] / max(metrics[f"ndcg{e.k}_popularity"], 1e-9)
     outputs = {"eval_users": write_table(per_user, f"{out}/eval_users")}
     outputs["eval_metrics"] = write_json(f"{out}/eval_metrics.json", metrics)
-    for name, key in ((f"ndcg{e.k}", f"ndcg{e.k}_{{}}"), (f"recall{e.recall_k}", f"recall{e.recall_k}_{{}}"),
-                      ("auc", "auc_{}")):
-        outputs[f"plot_{name}"] = plot_bars(f"{out}/eval_{name}.png", {m: metrics[key.format(m)] for m in METHODS},
-                                            ylabel=name, title=f"{name} on the test slice ({len(users)} users)")
+    for name, label in (("ndcg", f"ndcg{e.k}"), ("recall", f"recall{e.recall_k}"), ("auc", "auc")):
+        outputs[f"plot_{name}"] = plot_bars(f"{out}/eval_{name}.png", {m: metrics[f"{label}_{m}"] for m in METHODS},
+                                            ylabel=label, title=f"{label} on the test slice ({len(users)} users)")
     return StepResult(outputs, metrics, rows=per_user.num_rows)
 
 

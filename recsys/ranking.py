@@ -35,6 +35,7 @@ from .training import (
     batches_per_epoch,
     cache_shard,
     fit,
+    history_outputs,
     load_state,
     param_shapes,
     report_epoch,
@@ -119,7 +120,7 @@ def train_loop(config: dict) -> None:
     dev = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(DeepFM(**config["model_kwargs"]))
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    start, _ = restore(model, opt)
+    start, history = restore(model, opt)
     rank = ray.train.get_context().get_world_rank()
     train = cache_shard("train")
     val = cache_shard("val") if rank == 0 else None
@@ -133,7 +134,7 @@ def train_loop(config: dict) -> None:
         if val is not None:
             model.eval()
             metrics.update(validation_metrics(model.module if hasattr(model, "module") else model, val, dev))
-        report_epoch(model, opt, epoch, metrics)
+        report_epoch(model, opt, epoch, metrics, history)
         if config.get("fail_after_epoch") == epoch and start == 0:
             raise InjectedFailure(f"injected failure after epoch {epoch} (ranker.fail_after_epoch)")
         if config.get("hold_after_epoch") == epoch and start == 0:
@@ -230,7 +231,8 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
                "ranker_samples_per_s": cfg.ranker.num_workers * m["samples"] / max(m["seconds"], 1e-9),
                "ranker_start_epoch": m.get("start_epoch"), "ranker_train_s": train_s}
     outputs = {"ranker": uri, "rejects": f"{out}/rejects",
-               **{f"features_{s}": f"{out}/features/{s}" for s in SNAPSHOTS}}
+               **{f"features_{s}": f"{out}/features/{s}" for s in SNAPSHOTS},
+               **history_outputs(out, "ranker", state.get("history", []))}
     return StepResult(outputs, metrics, rows=impressions.num_rows, rejects=n_rejects)
 
 

@@ -22,6 +22,7 @@ from .training import (
     batches_per_epoch,
     cache_shard,
     fit,
+    history_outputs,
     load_state,
     param_shapes,
     report_epoch,
@@ -70,7 +71,7 @@ def train_loop(config: dict) -> None:
     dev = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(TwoTower(**config["model_kwargs"]))
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    start, _ = restore(model, opt)
+    start, history = restore(model, opt)
     data = cache_shard("train")
     n, bs = len(data["item_id"]), config["batch_size"]
     log_q = torch.as_tensor(config["log_q"], dtype=torch.float32, device=dev) if config["log_q"] else None
@@ -93,7 +94,7 @@ def train_loop(config: dict) -> None:
             opt.step()
             total += loss.item()
         report_epoch(model, opt, epoch, {"loss": total / steps, "samples": steps * bs,
-                                         "seconds": time.perf_counter() - t0})
+                                         "seconds": time.perf_counter() - t0}, history)
 
 
 class Encoder:
@@ -202,7 +203,8 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     user_ids = pa.table({"user_id": np.arange(cfg.data.num_users, dtype=np.int64)})
     outputs = {"retriever": model_uri,
                "item_embeddings": write_dataset(embed(item_ids, model_uri, "item", r), f"{out}/item_embeddings"),
-               "user_embeddings": write_dataset(embed(user_ids, model_uri, "user", r), f"{out}/user_embeddings")}
+               "user_embeddings": write_dataset(embed(user_ids, model_uri, "user", r), f"{out}/user_embeddings"),
+               **history_outputs(out, "retriever", state.get("history", []))}
     metrics = {"train_pairs": len(pairs["item_id"]), "retriever_loss": state["metrics"].get("loss"),
                "retriever_epochs": state["epoch"] + 1, "retriever_train_s": train_s}
     return StepResult(outputs, metrics, rows=len(item_ids) + len(user_ids))

@@ -6,7 +6,10 @@ re-running with the same inputs resumes from the last checkpoint in storage
 the worker group from the last checkpoint after a worker error. Inside the loop,
 ``cache_shard`` / ``restore`` / ``report_epoch`` handle data, resume and the
 per-epoch checkpoint (metrics are reported with the checkpoint, so Train v2 keeps
-them in ``Result.metrics``).
+them in ``Result.metrics``). The checkpoint also carries every epoch's metrics so far
+(``history``, kept across resumes), which ``history_outputs`` turns into a JSON file and a
+loss curve in the run folder: the driver reads it from the final checkpoint in storage, so
+it works when workers and driver share no disk.
 """
 from __future__ import annotations
 
@@ -76,45 +79,61 @@ def batches_per_epoch(rows: int, batch_size: int) -> int:
     return max(1, rows // batch_size)
 
 
-def restore(model, optimizer) -> tuple[int, dict]:
-    """Load the last checkpoint (if any) into model/optimizer; returns (next epoch, its metrics)."""
+def restore(model, optimizer) -> tuple[int, list[dict]]:
+    """Load the last checkpoint (if any) into model/optimizer; returns (next epoch, metrics of the epochs so
+    far)."""
     import ray.train
     import torch
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0, {}
+        return 0, []
     with ckpt.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
     target = model.module if hasattr(model, "module") else model
     target.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return state["epoch"] + 1, state.get("metrics", {})
+    return state["epoch"] + 1, state.get("history", [])
 
 
-def report_epoch(model, optimizer, epoch: int, metrics: dict) -> None:
-    """Report ``metrics`` with a checkpoint (rank 0 writes it; every rank must call this)."""
+def report_epoch(model, optimizer, epoch: int, metrics: dict, history: list[dict]) -> None:
+    """Report ``metrics`` with a checkpoint (rank 0 writes it; every rank must call this); appends them to
+    ``history``, which the checkpoint carries."""
     import ray.train
     import torch
     from ray.train import Checkpoint
 
     metrics = {**metrics, "epoch": epoch}
+    history.append(metrics)
     if ray.train.get_context().get_world_rank() == 0:
         target = model.module if hasattr(model, "module") else model
         with tempfile.TemporaryDirectory() as d:
             torch.save({"model": target.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "metrics": metrics}, os.path.join(d, STATE_FILE))
+                        "metrics": metrics, "history": history}, os.path.join(d, STATE_FILE))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics, checkpoint=None)
 
 
 def load_state(checkpoint) -> dict:
-    """The saved dict (model, optimizer, epoch, metrics) of a Train checkpoint."""
+    """The saved dict (model, optimizer, epoch, metrics, history) of a Train checkpoint."""
     import torch
 
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def history_outputs(out: str, model: str, history: list[dict]) -> dict[str, str]:
+    """Write ``<model>_history.json`` (per-epoch metrics) and the loss curve ``<model>_loss.png`` into the
+    run folder; their output names (``<model>_history``, ``plot_<model>_loss``)."""
+    from pipelines.io import write_json
+    from pipelines.report import plot_lines
+
+    epochs = [h["epoch"] + 1 for h in history]
+    return {f"{model}_history": write_json(f"{out}/{model}_history.json", history),
+            f"plot_{model}_loss": plot_lines(f"{out}/{model}_loss.png",
+                                             {"train loss": (epochs, [h["loss"] for h in history])},
+                                             xlabel="epoch", ylabel="loss", title=f"{model} training loss")}
 
 
 def worker_device():

@@ -2,6 +2,7 @@
 stand-in): outputs read back from the object store, quality bars, batch, resume after a killed worker."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -33,8 +34,31 @@ def test_end_to_end_meets_quality_bars(e2e):
     assert m["recall50_retrieval"] > m["recall50_popularity"], m
     assert m["auc_ranker"] > 0.5
     assert s["rejects"] == 0
-    assert read_bytes(s["outputs"]["plot_ndcg10"])[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_json(s["outputs"]["eval_metrics"])["ndcg10_ranker"] == m["ndcg10_ranker"]
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_plots_and_loss_histories_are_in_the_run_folder(e2e):
+    """The per-run report's PNGs (metric bars, both training curves) are outputs in the object store, and
+    the loss history behind each curve has one finite value per configured epoch."""
+    out, s, _ = e2e
+    m, cfg = s["metrics"], C.load()
+    plots = ("plot_ndcg", "plot_recall", "plot_auc", "plot_retriever_loss", "plot_ranker_loss")
+    assert set(plots) <= {k for k in s["outputs"] if k.startswith("plot_")}, s["outputs"]
+    for name in plots:
+        uri = s["outputs"][name]
+        assert uri.startswith(out + "/") and uri.endswith(".png"), (name, uri)
+        assert read_bytes(uri)[:8] == PNG, name
+    for model, epochs in (("retriever", cfg.retrieval.epochs), ("ranker", cfg.ranker.epochs)):
+        history = read_json(s["outputs"][f"{model}_history"])
+        assert [h["epoch"] for h in history] == list(range(epochs)), (model, history)
+        assert all(isinstance(h["loss"], float) and math.isfinite(h["loss"]) for h in history), (model, history)
+    retriever, ranker = (read_json(s["outputs"][f"{k}_history"]) for k in ("retriever", "ranker"))
+    assert retriever[-1]["loss"] == m["retriever_loss"]  # the curve ends at the saved model's epoch
+    assert ranker[-1]["val_auc"] == m["ranker_val_auc"]
+    assert retriever[-1]["loss"] < retriever[0]["loss"]  # the two-tower model learns over 5 epochs
 
 
 def test_end_to_end_outputs_are_in_the_object_store_only(e2e):
@@ -182,5 +206,7 @@ def test_ranker_worker_process_killed_after_first_checkpoint_resumes_to_same_met
     m = result.metrics
     assert m["start_epoch"] == 1  # the restarted worker group continued from the epoch-0 checkpoint
     assert m["epoch"] == cfg.ranker.epochs - 1
+    history = ranking.load_state(result.checkpoint)["history"]  # kept across the restart: one per epoch
+    assert [(h["epoch"], h["start_epoch"]) for h in history] == [(0, 0), *((e, 1) for e in range(1, cfg.ranker.epochs))]
     assert m["val_auc"] == pytest.approx(s["metrics"]["ranker_val_auc"], abs=0.03)
     assert m["val_ndcg10"] == pytest.approx(s["metrics"]["ranker_val_ndcg10"], abs=0.03)

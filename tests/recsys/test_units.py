@@ -1,6 +1,8 @@
 """Unit tests of the recsys stages on small in-memory data (no Ray)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -19,6 +21,7 @@ from recsys.features import (
 )
 from recsys.models import DeepFM, TwoTower, in_batch_softmax_loss, listwise_loss, tokenize
 from recsys.retrieval import VectorIndex
+from recsys.training import history_outputs
 
 
 def small_cfg(**data) -> C.RecsysConfig:
@@ -177,3 +180,12 @@ def test_config_errors_are_one_line():
     assert "ranker_days + test_days" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="retrieval.index"):
         C.load(overrides=["retrieval.index=hnsw"])
+
+
+def test_history_outputs_write_the_loss_curve_and_its_history(tmp_path):
+    history = [{"epoch": 0, "loss": 2.5}, {"epoch": 1, "loss": 1.5}]
+    outputs = history_outputs(str(tmp_path), "ranker", history)
+    assert outputs == {"ranker_history": f"{tmp_path}/ranker_history.json",
+                       "plot_ranker_loss": f"{tmp_path}/ranker_loss.png"}
+    assert (tmp_path / "ranker_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "ranker_history.json").read_text()) == history
