@@ -75,7 +75,7 @@ def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     for name, (x, y) in series.items():
-        ax.plot(x, y, label=name)
+        ax.plot(x, y, label=name, marker="o" if len(x) <= 30 else None, markersize=3)
     if diagonal:
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     if log_y:
