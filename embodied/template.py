@@ -19,6 +19,8 @@ def expert_exists(cfg: EmbodiedConfig) -> None:
 
 TEMPLATE = Template(
     name=NAME, load_config=load, key_metric="bc_success_rate",
+    quality_bars={"gap_closed": ">= 0.8", "expert_success_rate": ">= 0.95",
+                  "bc_success_rate": "> random_success_rate"},
     description="Robot rollouts: simulator actors + a batched policy collect a LeRobot v3 dataset "
                 "-> behaviour cloning with Ray Train -> evaluation vs expert and random policies.",
     steps=[

@@ -7,6 +7,7 @@ from .report import PLOTS
 
 TEMPLATE = Template(
     name="multimodal", load_config=load, key_metric="files_per_s",
+    quality_bars={"files_per_s": "> 0"},
     description="Multimodal Ray Data ETL: images, video, audio and text -> features, embeddings, "
                 "duplicates and rejects (--input DIR|oss://...|s3://..., or --manifest FILE; "
                 "default: a generated sample).",

@@ -7,6 +7,8 @@ from .config import load
 
 TEMPLATE = Template(
     name=NAME, load_config=load, key_metric="ndcg10_ranker",
+    quality_bars={"ndcg10_ranker": ">= 1.3 * ndcg10_popularity", "recall50_retrieval": "> recall50_popularity",
+                  "auc_ranker": "> 0.5"},
     description="Search and recommendation: synthetic interactions -> two-tower retrieval -> DeepFM ranking "
                 "-> evaluation -> batch top-k (online: python -m recsys.serve).",
     serve_app="recsys.serve:app_builder",

@@ -135,7 +135,7 @@ def _check_report_in_a_browser(template, s: dict, tmp_path: Path) -> None:
     """index.html from the object store, opened in Chromium: no console errors, no network, every plot
     loaded, the key metric's value and the cluster's dashboard on the page, a screenshot that is not blank."""
     from pipelines import io
-    from pipelines.html_report import _fmt
+    from pipelines.html_report import _fmt, check_bar
     from pipelines.testing import blank_image, open_in_browser
 
     assert s["report"] == f"{s['run_dir']}/index.html"
@@ -146,6 +146,8 @@ def _check_report_in_a_browser(template, s: dict, tmp_path: Path) -> None:
     plots = [n for n, uri in s["outputs"].items() if uri.endswith(".png")]
     assert sorted(alt for alt, _ in seen["images"]) == sorted(plots), seen["images"]
     assert all(width > 0 for _, width in seen["images"]), seen["images"]
+    for metric, bar in template.quality_bars.items():  # every bar can be judged on this run's metrics
+        assert check_bar(s["metrics"].get(metric), bar, s["metrics"]) is not None, (metric, bar)
     value = _fmt(s["metrics"][template.key_metric])
     assert f"{template.key_metric} = {value}" in seen["text"], seen["text"][:500]
     assert s["cluster"]["dashboard"] and s["cluster"]["dashboard"] in seen["text"]
