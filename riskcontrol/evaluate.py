@@ -1,4 +1,5 @@
-"""Evaluation on the later time slice: model vs a rules baseline, JSON plus PR/calibration PNGs."""
+"""Evaluation on the later time slice: model vs a rules baseline, JSON plus PNGs (PR, ROC, calibration,
+scores by label, feature importance) for the run's report."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,12 +7,15 @@ import pandas as pd
 
 from pipelines import metrics as M
 from pipelines.io import join, read_json, write_json
-from pipelines.report import plot_lines
+from pipelines.report import plot_bars, plot_hist, plot_lines
 from pipelines.template import Run, StepResult
 
 from .config import EvalConfig, RiskConfig
 from .features import FEATURE_COLUMNS
 from .train import LABEL, feature_matrix, load_model, read_features, slice_frame, split_times
+
+PLOTS = ("pr_curve", "roc_curve", "calibration", "score_distribution", "feature_importance")  # <name>.png
+TOP_FEATURES = 15
 
 
 def rules_score(df: pd.DataFrame) -> np.ndarray:
@@ -44,27 +48,40 @@ def test_slice(features_path: str, train_cfg) -> pd.DataFrame:
 
 def evaluate(model_dir: str, test: pd.DataFrame, cfg: EvalConfig, out_dir: str,
              extra_models: dict | None = None) -> dict:
-    """Score ``test`` with the model (and any ``extra_models``), compare with rules, write JSON + PNGs."""
+    """Score ``test`` with the model (and any ``extra_models``), compare with rules, write
+    ``evaluation.json`` and the :data:`PLOTS` PNGs."""
     y = test[LABEL].to_numpy()
     booster, meta = load_model(model_dir)
-    prob = booster.predict(feature_matrix(test, meta["features"]))
-    model = classification_report(y, prob, cfg)
-    rules = classification_report(y, rules_score(test), cfg)
-    report = {"model_version": meta["version"], "test_rows": len(y), "test_fraud": int(y.sum()),
-              "model": model, "rules": rules}
-    curves = {"model": _pr(y, prob), "rules": _pr(y, rules_score(test))}
+    scores = {"model": booster.predict(feature_matrix(test, meta["features"])), "rules": rules_score(test)}
     for name, path in (extra_models or {}).items():
         other, ometa = load_model(path)
-        oprob = other.predict(feature_matrix(test, ometa["features"]))
-        report[name] = classification_report(y, oprob, cfg)
-        curves[name] = _pr(y, oprob)
+        scores[name] = other.predict(feature_matrix(test, ometa["features"]))
+    prob, importance = scores["model"], gain_importance(booster)
+    report = {"model_version": meta["version"], "test_rows": len(y), "test_fraud": int(y.sum()),
+              **{name: classification_report(y, s, cfg) for name, s in scores.items()},
+              "score_median": {"fraud": float(np.median(prob[y == 1])), "legit": float(np.median(prob[y == 0]))},
+              "feature_importance": importance}
     write_json(join(out_dir, "evaluation.json"), report)
-    plot_lines(join(out_dir, "pr_curve.png"), curves, "recall", "precision",
+    png = {name: join(out_dir, f"{name}.png") for name in PLOTS}
+    plot_lines(png["pr_curve"], {k: _pr(y, s) for k, s in scores.items()}, "recall", "precision",
                "Precision-recall, later time slice")
+    plot_lines(png["roc_curve"], {k: M.roc_curve(y, s)[:2] for k, s in scores.items()}, "false positive rate",
+               "true positive rate", "ROC, later time slice", diagonal=True)
     pred, obs = M.calibration_curve(y, prob, bins=10)
-    plot_lines(join(out_dir, "calibration.png"), {"model": (pred, obs)}, "mean predicted probability",
+    plot_lines(png["calibration"], {"model": (pred, obs)}, "mean predicted probability",
                "observed fraud rate", "Calibration", diagonal=True)
+    plot_hist(png["score_distribution"], {"legit": prob[y == 0], "fraud": prob[y == 1]}, "model score",
+              "Model scores by label", log_y=True)
+    plot_bars(png["feature_importance"], dict(list(importance.items())[:TOP_FEATURES]), "share of total gain",
+              f"Feature importance (gain, top {TOP_FEATURES})")
     return report
+
+
+def gain_importance(booster) -> dict[str, float]:
+    """Each feature's share of the model's total split gain, largest first."""
+    gain = booster.feature_importance(importance_type="gain")
+    share = gain / max(float(gain.sum()), 1e-12)
+    return {name: float(v) for v, name in sorted(zip(share, booster.feature_name()), reverse=True)}
 
 
 def _pr(y, score):
@@ -98,8 +115,7 @@ def run(cfg: RiskConfig, run: Run) -> StepResult:
     model_dir = run.input("model")
     report = evaluate(model_dir, test_slice(run.input("features"), cfg.train), cfg.eval, run.dir, extra)
     remember_threshold(model_dir, report["model"]["alert_threshold"])
-    outputs = {"evaluation": run.path("evaluation.json"), "pr_curve": run.path("pr_curve.png"),
-               "calibration": run.path("calibration.png")}
+    outputs = {"evaluation": run.path("evaluation.json"), **{name: run.path(f"{name}.png") for name in PLOTS}}
     return StepResult(outputs, {"test_rows": report["test_rows"], **headline(report)})
 
 

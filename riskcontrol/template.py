@@ -34,7 +34,7 @@ TEMPLATE = Template(
              help="point-in-time card and merchant features; invalid rows to rejects"),
         Step("train", train.run, needs=("features",), makes=("model",),
              help="distributed LightGBM on Ray Train (and in-process, to compare)"),
-        Step("evaluate", evaluate.run, needs=("model", "features"), makes=("evaluation",),
+        Step("evaluate", evaluate.run, needs=("model", "features"), makes=("evaluation", *evaluate.PLOTS),
              help="AUPRC/ROC/recall@FPR vs rules; saves the alert threshold with the model"),
         Step("score", score.run, makes=("scores",),
              needs=lambda c: (() if c.score.model_dir else ("model",))

@@ -8,11 +8,11 @@ from riskcontrol.features import features_frame
 from riskcontrol.train import run_training
 
 
-def small_model(out: str, **data):
+def small_model(out: str, train: dict | None = None, **data):
     """Transactions and features Parquet folders under ``out`` (local folder or ``oss://``) plus
-    ``out/model``; (frame, features)."""
+    ``out/model`` (``train``: TrainConfig overrides); (frame, features)."""
     out = str(out)
-    cfg = RiskConfig(data={"shards": 1, **data})
+    cfg = RiskConfig(data={"shards": 1, **data}, train=train or {})
     frame = generate_shard(cfg.data, 0)
     write_table(pa.Table.from_pandas(frame.drop(columns=["date"]), preserve_index=False), join(out, "transactions"))
     feats = features_frame(frame)

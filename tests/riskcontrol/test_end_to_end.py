@@ -3,7 +3,7 @@ isolated-disk cluster) and the quality bars on its summary, read back from the o
 
 import pytest
 
-from pipelines.io import exists, join, read_json, read_table
+from pipelines.io import exists, join, read_bytes, read_json, read_table
 from pipelines.testing import local_run_traces, storage_run_dir
 
 
@@ -80,6 +80,23 @@ def test_every_valid_transaction_scored_once(local_run):
     assert len(ids) == len(set(ids)) == s["metrics"]["scored_rows"] == s["metrics"]["feature_rows"]
     evaluation = read_json(s["outputs"]["evaluation"])
     assert {"model", "rules", "inprocess"} <= set(evaluation)
+
+
+def test_report_plots(local_run):
+    """Every evaluate plot is a PNG in the object store, listed in the outputs; the numbers behind
+    them are in evaluation.json."""
+    from riskcontrol.evaluate import PLOTS
+    from riskcontrol.features import FEATURE_COLUMNS
+
+    out, s, _ = local_run
+    for name in PLOTS:
+        assert s["outputs"][name] == join(out, f"{name}.png"), name
+        assert read_bytes(s["outputs"][name])[:8] == b"\x89PNG\r\n\x1a\n", name
+    evaluation = read_json(s["outputs"]["evaluation"])
+    importance = evaluation["feature_importance"]  # share of gain, largest first
+    assert set(importance) == set(FEATURE_COLUMNS) and max(importance.values()) > 0, importance
+    assert list(importance.values()) == sorted(importance.values(), reverse=True), importance
+    assert evaluation["score_median"]["fraud"] > 10 * evaluation["score_median"]["legit"]
 
 
 def test_online_smoke(local_run):
