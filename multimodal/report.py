@@ -38,7 +38,8 @@ def write_plots(cfg: MultimodalConfig, out_dir: str, outputs: dict[str, str], me
     return {
         "plot_files": plot_bars(path["plot_files"], files, "files", "files per modality: in vs kept"),
         "plot_rejects": plot_bars(path["plot_rejects"], reject_bars(metrics["rejects_by_reason"]), "rejects",
-                                  f"rejects per reason ({sum(metrics['rejects_by_reason'].values())})"),
+                                  f"rejects per reason ({sum(metrics['rejects_by_reason'].values())})",
+                                  horizontal=True),
         "plot_duplicates": plot_images(path["plot_duplicates"], thumbnails(cfg, dup_groups),
                                        f"duplicate image groups: {len(dup_groups)} of {groups}" if dup_groups
                                        else "no duplicate images"),

@@ -73,7 +73,7 @@ def evaluate(model_dir: str, test: pd.DataFrame, cfg: EvalConfig, out_dir: str,
     plot_hist(png["score_distribution"], {"legit": prob[y == 0], "fraud": prob[y == 1]}, "model score",
               "Model scores by label", log_y=True)
     plot_bars(png["feature_importance"], dict(list(importance.items())[:TOP_FEATURES]), "share of total gain",
-              f"Feature importance (gain, top {TOP_FEATURES})")
+              f"Feature importance (gain, top {TOP_FEATURES})", horizontal=True)
     return report
 
 
