@@ -23,6 +23,7 @@ def preflight(cfg) -> None:
 
 TEMPLATE = Template(
     name="riskcontrol", load_config=load, key_metric="auprc",
+    quality_bars={"auprc": ">= 0.6", "roc_auc": "> 0.9", "recall_at_1pct_fpr": "> 0.5"},
     description="Fraud scoring: seeded transactions -> point-in-time features -> distributed LightGBM "
                 "-> evaluation vs rules -> batch scoring -> online smoke test on Serve.",
     serve_app="riskcontrol.serve:build_app",

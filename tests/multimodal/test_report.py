@@ -76,9 +76,9 @@ def test_write_plots_draws_the_metrics_as_pngs(tmp_path, monkeypatch):
     drawn = {}
 
     def recording(real):
-        def plot(path, data, *args):
+        def plot(path, data, *args, **kwargs):
             drawn[str(path).rsplit("/", 1)[-1]] = data
-            return real(path, data, *args)
+            return real(path, data, *args, **kwargs)
         return plot
 
     for name in ("plot_bars", "plot_images", "plot_scatter"):
