@@ -554,7 +554,7 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: fl
         except asyncio.TimeoutError:
             raise SubmitError(f"job {job_id} still {status_name(client.get_job_info(job_id))} after "
                               f"{timeout:.0f}s") from None
-        except (RuntimeError, OSError) as e:  # the stream broke: poll the rest
+        except Exception as e:  # noqa: BLE001 - the stream broke (or the client has none): poll the rest
             print(f"log stream of {job_id} broke ({str(e).splitlines()[0] if str(e) else e!r}): polling",
                   file=sys.stderr)
         while True:  # once after a whole stream (anything it missed), every poll_s after a broken one

@@ -192,10 +192,15 @@ def test_follow_prints_new_log_text_and_ctrl_c_stops_the_job():
     import io
 
     class Client:
-        """Answers like JobSubmissionClient: logs grow, then Ctrl-C arrives while the job runs."""
+        """Answers like JobSubmissionClient: the log stream breaks after its first line (a proxy that drops
+        websockets), the rest is polled, then Ctrl-C arrives while the job runs."""
 
         def __init__(self):
             self.polls, self.stopped = 0, []
+
+        async def tail_job_logs(self, job_id):
+            yield "line 1\n"
+            raise RuntimeError("connection closed unexpectedly")
 
         def get_job_info(self, job_id):
             self.polls += 1
