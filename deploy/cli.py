@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipelines.config import ConfigError
-from pipelines.io import is_remote, join, write_bytes
+from pipelines.io import first_line, is_remote, join, write_bytes
 
 from . import local
 from .spec import load_spec
@@ -256,7 +256,7 @@ def report(run_dir):
     try:
         click.echo(write_report(run_dir))
     except (ReportError, StorageError, OSError) as e:
-        fail(str(e).splitlines()[0] if str(e) else repr(e), 1)
+        fail(first_line(e), 1)
 
 
 @cli.command("new")

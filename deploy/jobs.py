@@ -539,6 +539,8 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: fl
     where the stream stopped. Ctrl-C stops the job."""
     import asyncio
 
+    from pipelines.io import first_line
+
     written = [0]
 
     async def stream():
@@ -555,7 +557,7 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: fl
             raise SubmitError(f"job {job_id} still {status_name(client.get_job_info(job_id))} after "
                               f"{timeout:.0f}s") from None
         except Exception as e:  # noqa: BLE001 - the stream broke (or the client has none): poll the rest
-            print(f"log stream of {job_id} broke ({str(e).splitlines()[0] if str(e) else e!r}): polling",
+            print(f"log stream of {job_id} broke ({first_line(e)}): polling",
                   file=sys.stderr)
         while True:  # once after a whole stream (anything it missed), every poll_s after a broken one
             info = client.get_job_info(job_id)

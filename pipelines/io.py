@@ -143,16 +143,12 @@ def oss_credentials(uri: str = "oss://") -> tuple[str, str, str | None]:
         try:
             found = provider.get_credentials()  # refreshable sources renew their STS tokens themselves
         except Exception as e:  # noqa: BLE001 - each source says why it has nothing; the error lists them
-            tried.append(f"{type(provider).__name__}: {_first_line(e)}")
+            tried.append(f"{type(provider).__name__}: {first_line(e)}")
             continue
         return found.get_access_key_id(), found.get_access_key_secret(), found.get_security_token() or None
     raise StorageError(f"{uri}: oss:// needs keys: set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, or give "
                        "an Alibaba Cloud credentials file, RRSA or ALIBABA_CLOUD_ECS_METADATA"
                        + (f" ({'; '.join(tried)})" if tried else ""))
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
 
 
 @lru_cache(maxsize=4)
@@ -181,7 +177,7 @@ def _credential_sources(profile_file, profile, oidc_token_file, ecs_role) -> tup
         try:
             providers.append(kind(**kwargs))
         except Exception as e:  # noqa: BLE001 - a source set up wrongly is reported, the others still tried
-            errors.append(f"{kind.__name__}: {_first_line(e)}")
+            errors.append(f"{kind.__name__}: {first_line(e)}")
     return providers, tuple(errors)
 
 
@@ -433,7 +429,8 @@ class CorruptParquet(RuntimeError):
 _FRAGMENT = re.compile(r"Failed to read fragment (\S+) after")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An error's first non-empty line (its type's name when it has none), for one-line messages."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
 
@@ -462,7 +459,7 @@ def find_corrupt_parquet(uri: str, columns: Sequence[str] | None = None) -> Corr
                         pf.read(columns=[c for c in columns if c in names] if columns is not None else None)
             except (pa.ArrowException, OSError) as e:
                 return CorruptParquet(f"cannot read Parquet file {scheme + '://' if scheme else ''}{f}: "
-                                      f"{_first_line(e)}")
+                                      f"{first_line(e)}")
     return None
 
 
@@ -475,7 +472,7 @@ def corrupt_parquet_error(exc: BaseException) -> CorruptParquet | None:
     if isinstance(cause, FileNotFoundError) or not isinstance(cause, (pa.ArrowException, OSError)):
         return None
     m = _FRAGMENT.search(str(cause))
-    return CorruptParquet(f"cannot read Parquet file {m.group(1)}: {_first_line(cause)}") if m else None
+    return CorruptParquet(f"cannot read Parquet file {m.group(1)}: {first_line(cause)}") if m else None
 
 
 def read_table(uri: str, columns: Sequence[str] | None = None) -> pa.Table:

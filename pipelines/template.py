@@ -232,7 +232,7 @@ class Template:
             self.connect(cfg, address)
             from .connect import cluster_info
             from .html_report import REPORT, write_config, write_report
-            from .io import join
+            from .io import first_line, join
             from .report import emit
 
             cluster = cluster_info()
@@ -244,7 +244,7 @@ class Template:
             try:
                 write_report(out, self)
             except Exception as e:  # noqa: BLE001 - the run's outputs are written; say why the page is not
-                print(f"[{self.name}] report not written: {str(e).splitlines()[0] if str(e) else e!r}",
+                print(f"[{self.name}] report not written: {first_line(e)}",
                       file=sys.stderr)
             if result.get("failure"):
                 raise RunFailed(result["failure"])
@@ -259,11 +259,12 @@ class Template:
         import yaml
 
         from .html_report import config_yaml
+        from .io import first_line
 
         try:
             data = yaml.safe_load(config_yaml(self.load_config(None, [])))
         except Exception as e:  # noqa: BLE001 - help must show even when the default config is broken
-            return f"(config keys unavailable: {str(e).splitlines()[0] if str(e) else e!r})"
+            return f"(config keys unavailable: {first_line(e)})"
 
         def flat(value, prefix=""):
             if isinstance(value, dict) and value:
