@@ -239,6 +239,7 @@ def list_files(uri: str) -> list[str]:
 def upload_dir(local: str, uri: str) -> str:
     """Copy a local folder's files to ``uri`` (any scheme), replacing files of the same name."""
     fs, path = filesystem_for(uri)
+    fs.create_dir(path, recursive=True)  # a local destination's folder is not made by copy_files
     pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
     return uri

@@ -23,6 +23,16 @@ def test_run_dir_and_overwrite(tmp_path):
     assert os.listdir(d) == ["scores"]
 
 
+def test_upload_dir_to_a_new_local_folder_and_back(tmp_path):
+    """A local destination that does not exist yet (a laptop run's model folder) is created."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "model.json").write_text('{"a": 1}')
+    target = io.upload_dir(str(tmp_path / "src"), str(tmp_path / "run" / "model"))
+    assert io.read_json(io.join(target, "model.json")) == {"a": 1}
+    back = io.download_dir(target, str(tmp_path / "back" / "model"))
+    assert os.listdir(back) == ["model.json"]
+
+
 def test_failed_write_keeps_previous_output(tmp_path):
     out = str(tmp_path / "t")
     io.write_table(pa.table({"id": [1]}), out)
