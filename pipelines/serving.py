@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .io import first_line
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -121,7 +123,7 @@ def wait_until_routed(app_name: str, route_prefix: str, health_path: str = "/hea
                     return urls
                 last = "; ".join(bad) or "no proxy URL"
         except Exception as e:  # controller busy, state API starting: keep waiting until the deadline
-            last = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            last = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
         time.sleep(0.25)
     raise TimeoutError(f"Serve app {app_name!r} not routed by every proxy within {timeout:.0f}s: {last}")
 

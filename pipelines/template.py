@@ -208,7 +208,7 @@ class Template:
         steps_help = "\n".join(f"  {s.name:<12} {s.help}" for s in self.steps)
 
         @click.command(name=self.name, help=f"{self.description or self.name}\n\nSTEP (default: all):\n\n"
-                       f"\b\n{steps_help}", epilog=self._config_help(),
+                       f"\b\n{steps_help}", cls=_HelpEpilogCommand, epilog_source=self._config_help,
                        context_settings={"help_option_names": ["-h", "--help"]})
         @click.argument("step", required=False, type=click.Choice(["all", *[s.name for s in self.steps]]))
         @template_options
@@ -331,6 +331,19 @@ def require_cluster_readable(path: str | None, what: str, flag: str, address: st
         raise RunFailed(problem)
 
 
+class _HelpEpilogCommand(click.Command):
+    """A command whose epilog (the config key listing) is built only when ``--help`` shows it."""
+
+    def __init__(self, *args, epilog_source=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epilog_source = epilog_source
+
+    def format_epilog(self, ctx, formatter):
+        if self.epilog is None and self.epilog_source:
+            self.epilog = self.epilog_source()
+        super().format_epilog(ctx, formatter)
+
+
 def prepare_run_dir(template: str, run_dir: str | None, address: str | None = None) -> str:
     """The run folder: the given one (created when local), else ``<cluster storage>/runs/<template>/<id>``
     when attached to a cluster that has storage (``$ADBRAY_STORAGE``), else a new local
@@ -353,7 +366,7 @@ def prepare_run_dir(template: str, run_dir: str | None, address: str | None = No
 
 def read_manifest(run_dir: str) -> dict[str, str]:
     """The outputs recorded in ``run_dir``'s manifest (empty when there is none)."""
-    from .io import filesystem_for
+    from .io import filesystem_for, first_line
 
     fs, path = filesystem_for(f"{run_dir}/{MANIFEST}")
     try:
@@ -363,7 +376,7 @@ def read_manifest(run_dir: str) -> dict[str, str]:
         return {}
     except (OSError, ValueError, AttributeError) as e:  # unreadable, denied, or not a JSON object
         raise RunFailed(f"cannot read the run folder's manifest {run_dir}/{MANIFEST}: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                        f"{first_line(e)}") from None
     if not isinstance(outputs, dict):
         raise RunFailed(f"{run_dir}/{MANIFEST}: 'outputs' is not a mapping")
     return {str(k): str(v) for k, v in outputs.items()}
