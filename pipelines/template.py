@@ -113,10 +113,15 @@ class Template:
     preflight: Callable[[Any], None] | None = None  # config checks before any cluster work
     test_overrides: list[str] = field(default_factory=list)  # --set items for a tiny run (tests, smoke)
     quality_bars: dict[str, str] = field(default_factory=dict)  # metric -> bar shown in the report (">= 0.6")
+    # the user's data it can read instead of generating its own: ``input`` config key -> pyarrow schema
+    # (``{"path": transactions, "labels_path": labels}``; see pipelines.input)
+    inputs: dict[str, Any] = field(default_factory=dict)
     package: str = ""
 
     def __post_init__(self):
         self.package = self.package or self.name
+        if self.inputs and "input" not in self.options:
+            self.options = {"input": "input.path", **self.options}
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names) or "all" in names:
             raise ValueError(f"template {self.name}: step names must be unique and not 'all': {names}")
@@ -202,6 +207,23 @@ class Template:
                 os.environ.setdefault(key, value)
         connect(address, num_cpus=local.cpus, object_store_memory=local.object_store_mb << 20)
 
+    def check_inputs(self, cfg, address: str | None = None) -> None:
+        """Before any cluster work: every configured ``input.*`` path has the columns its schema
+        requires (after ``input.columns``), and a local one is readable by the cluster's nodes."""
+        section = getattr(cfg, "input", None)
+        if section is None or not self.inputs:
+            return
+        from .input import check_input, check_mapping, source_format
+
+        check_mapping(section.columns, list(self.inputs.values()))
+        for key, schema in self.inputs.items():
+            path = getattr(section, key, None)
+            if not path:
+                continue
+            if source_format(path, section.format) != "mysql":
+                require_cluster_readable(path, f"input.{key}", f"--set input.{key}=oss://BUCKET/PATH", address)
+            check_input(section, schema, path, what=f"input.{key}")
+
     # ----------------------------------------------------------------- CLI
     def command(self) -> click.Command:
         """``python -m TEMPLATE [STEP] [--config] [--set] [--address] [--run-dir] [template flags]``."""
@@ -221,6 +243,7 @@ class Template:
             _cli_address = address
             if self.preflight:
                 self.preflight(cfg)
+            self.check_inputs(cfg, address)
             step = None if step in (None, "all") else step
             if step and self.needs(self.step(step), cfg) and not run_dir:
                 raise click.UsageError(f"step {step} reads an earlier step's outputs: give --run-dir")
