@@ -35,8 +35,18 @@ def start_serve(host: str = "127.0.0.1", port: int | None = None) -> str:
     except Exception:  # pragma: no cover - private API moved
         client = None
     if client is None:
+        import ray
+
         port = port or int(os.environ.get("ADBRAY_SERVE_PORT", "0")) or free_port()
-        serve.start(http_options={"host": host, "port": port})
+        for attempt in range(3):
+            try:
+                serve.start(http_options={"host": host, "port": port})
+                break
+            except ray.exceptions.ActorDiedError:
+                # on a busy node the controller may replace a proxy that missed its health check
+                # while serve.start waited for it: the controller is up, ask again for the new proxy
+                if attempt == 2:
+                    raise
     return serve_base_url()
 
 

@@ -133,7 +133,9 @@ def test_replica_killed_under_load_is_replaced(model, redis_url, monkeypatch):
     url = deploy(cfg, model[0])
     _, frame, _ = model
     payloads = [transaction_payload(r) for r in frame[invalid_reasons(frame) == ""].head(2000).to_dict("records")]
-    rps, seconds = 25, 20
+    # a rate one replica keeps up with on a slow 2-core CI machine (at 25 req/s there, p50 was 0.7 s before the
+    # kill and the queue behind the one survivor hit the 10 s timeout): the test is about losing no request
+    rps, seconds = 10, 36
 
     def replicas():
         return [a for a in ray.util.list_named_actors(all_namespaces=True)
