@@ -149,3 +149,22 @@ def blank_image(path: str | Path) -> bool:
 
     pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
     return pixels.std() < 2.0 or len(np.unique(pixels)) < 8
+
+
+def run_locust(locustfile: str | Path, host: str, folder: str | Path, seconds: int = 5, users: int = 4) -> dict:
+    """Run a locustfile headless against ``host`` for ``seconds``; ``{request name: Locust's stats row}``
+    (``Request Count``, ``Failure Count``, percentiles ... as strings), ``Aggregated`` included."""
+    import csv
+    import subprocess
+    import sys
+
+    prefix = Path(folder) / "locust"
+    done = subprocess.run([sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", host,
+                           "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--csv", str(prefix),
+                           "--only-summary", "--exit-code-on-error", "0"], check=False,
+                          cwd=Path(locustfile).resolve().parent.parent, capture_output=True, text=True,
+                          timeout=seconds + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"locust exited {done.returncode}: {done.stderr[-2000:]}")
+    with open(f"{prefix}_stats.csv") as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -43,6 +44,18 @@ def test_recommend_get_and_post_rank_with_the_model(app_url, recsys_run):
 
     ids, _ = Recommender(out, cfg.retrieval).recommend(np.array([3]), 7)
     assert [i["item_id"] for i in got["items"]] == ids[0].tolist()  # same answer as the batch path
+
+
+def test_the_locustfile_loads_the_app_headless_without_failures(app_url, tmp_path):
+    """recsys/locustfile.py, as a user would run it against their deployment (5 s, 4 users)."""
+    from pipelines.testing import run_locust
+
+    url, _, _ = app_url
+    stats = run_locust(Path(__file__).resolve().parents[2] / "recsys" / "locustfile.py", url, tmp_path)
+    for name in ("/recommend GET", "/recommend POST", "/search"):
+        assert int(stats[name]["Request Count"]) >= 3, stats.get(name)
+    assert int(stats["Aggregated"]["Request Count"]) >= 30 and stats["Aggregated"]["Failure Count"] == "0", \
+        stats["Aggregated"]
 
 
 def test_filters_and_search(app_url):

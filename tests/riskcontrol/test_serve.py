@@ -4,6 +4,7 @@ import asyncio
 import posixpath
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -205,3 +206,14 @@ def test_concurrent_scores_of_one_card_on_two_replicas_lose_no_update(model, red
         serve.delete(cfg.app_name)
         RedisStore(redis_url, cfg.redis_prefix).clear()
     assert counts == [(40, True)] * 3, counts
+
+
+def test_the_locustfile_loads_the_app_headless_without_failures(app, tmp_path):
+    """riskcontrol/locustfile.py, as a user would run it against their deployment (5 s, 4 users)."""
+    from pipelines.testing import run_locust
+
+    url, _ = app
+    stats = run_locust(Path(__file__).resolve().parents[2] / "riskcontrol" / "locustfile.py", url, tmp_path)
+    assert int(stats["/score"]["Request Count"]) >= 20, stats["/score"]
+    assert int(stats["/labels"]["Request Count"]) >= 1, stats.get("/labels")
+    assert stats["Aggregated"]["Failure Count"] == "0", stats["Aggregated"]
