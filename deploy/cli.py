@@ -330,6 +330,8 @@ def _print_addresses(info, cluster_id, as_json):
     click.echo(f"  grafana    {addr['grafana']}")
     if path.is_file():
         click.echo(f"  token      {path}    (RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...)")
+    else:
+        click.echo("  token      none stored here (a group without one: RAY_AUTH_MODE=disabled)")
 
 
 @cli.group()
@@ -359,23 +361,33 @@ def group_plan(template_or_spec, name, cluster_id, region):
 @click.option("--name", default=None, help="Resource group name (default: the spec's name).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Ray auth token to use (default: generate one and store it 0600).")
+@click.option("--no-token", is_flag=True, help="No Ray auth token, as a group made in the console "
+              "(clients then connect with RAY_AUTH_MODE=disabled; anyone who reaches the ports can use it).")
 @click.option("--wait/--no-wait", default=False, help="Wait until the group is ok, then print its addresses.")
 @click.option("--timeout", default=1800.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True)
-def group_create(template_or_spec, cluster_id, region, endpoint, name, token_file, wait, timeout, as_json):
+def group_create(template_or_spec, cluster_id, region, endpoint, name, token_file, no_token, wait, timeout,
+                 as_json):
     """Create the resource group a template needs (CreateDBResourceGroup)."""
-    from .openapi import new_token, store_token
+    from .openapi import new_token, store_token, token_path
 
     try:
         spec = load_spec(template_or_spec, name=name)
     except ConfigError as e:
         fail(str(e))
+    if no_token and (token_file or spec.auth_token):
+        fail("--no-token contradicts --token-file / the spec's auth_token")
     client = _client(cluster_id, region, endpoint)
-    token = Path(token_file).read_text().strip() if token_file else (spec.auth_token or new_token())
+    token = None if no_token else \
+        Path(token_file).read_text().strip() if token_file else (spec.auth_token or new_token())
     body = _api(client.create, spec, token)
-    path = store_token(cluster_id, spec.name, token)
-    click.echo(f"creating group {spec.name} in {cluster_id} (request id {body.get('RequestId')}); "
-               f"Ray token stored in {path}", err=True)
+    if token:
+        where = f"Ray token stored in {store_token(cluster_id, spec.name, token)}"
+    else:
+        token_path(cluster_id, spec.name).unlink(missing_ok=True)  # an older group's token would be sent
+        where = "no Ray token (clients: RAY_AUTH_MODE=disabled)"
+    click.echo(f"creating group {spec.name} in {cluster_id} (request id {body.get('RequestId')}); {where}",
+               err=True)
     if wait:
         info = _api(client.wait, spec.name, timeout=timeout, log=lambda m: click.echo(m, err=True))
         _print_addresses(info, cluster_id, as_json)

@@ -417,8 +417,8 @@ class Emulator:
         name, cluster_id = query["GroupName"], query["DBClusterId"]
         rc = self._ray_config(query)
         spec = checked_spec(name, rc)
-        token = str(rc.get("AuthToken") or "")
-        if len(token) < 16:
+        token = str(rc.get("AuthToken") or "")  # none: a group as the console makes it, without Ray auth
+        if token and len(token) < 16:
             raise ApiFault(
                 400, "InvalidParameter.RayConfig", "RayConfig.AuthToken must be at least 16 characters"
             )
@@ -478,7 +478,8 @@ class Emulator:
         spec = group.spec.model_copy(update={"name": group.local_name})
         scale = self.autoscale and any(g.min_workers != g.max_workers for g in spec.worker_groups)
         try:
-            cluster = local.up(spec, token=group.token, log=self.log, autoscale=scale)
+            cluster = local.up(spec, token=group.token or None, log=self.log, autoscale=scale,
+                               auth=bool(group.token))
             status, message = "ok", ""
         except Exception as e:
             cluster, status, message = None, "failed", " ".join(str(e).split())

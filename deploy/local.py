@@ -121,13 +121,23 @@ class ClusterState:
         return f"ray://127.0.0.1:{self.client_port}"
 
     def token(self) -> str:
-        return Path(self.token_path).read_text().strip()
+        """The cluster's Ray token; empty for a cluster started without one (``up(auth=False)``)."""
+        return Path(self.token_path).read_text().strip() if self.token_path else ""
+
+    def auth_env(self) -> dict:
+        """How a client authenticates: the token file, or token auth off for a cluster without one."""
+        if not self.token_path:
+            return {"RAY_AUTH_MODE": "disabled"}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
+
+    def headers(self) -> dict:
+        """HTTP headers for the dashboard's APIs."""
+        return {"Authorization": f"Bearer {self.token()}"} if self.token_path else {}
 
     def env(self) -> dict:
         """Environment for a Ray client of this cluster (driver, CLI, job submit): the token, the
         address, the disks marker and the storage stand-in's endpoint and keys."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
-                "RAY_ADDRESS": self.gcs_address, **self.storage_env()}
+        return {**self.auth_env(), "RAY_ADDRESS": self.gcs_address, **self.storage_env()}
 
     def storage_env(self) -> dict:
         """The disks marker (:data:`DISKS_MARKER`) and, with a stand-in, its OSS variables. An autoscaling
@@ -216,7 +226,8 @@ def _start_env(state: ClusterState, ha: bool) -> dict:
     # job entrypoints say `python ...`: make that this environment's Python even when
     # the venv is not activated (e.g. `.venv/bin/adbray cluster up`, `make test`)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state.token_path)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.update(state.auth_env())
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     if ha:
@@ -319,14 +330,15 @@ def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str,
 
 
 def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict | None = None,
-       autoscale: bool = False, disks: str | None = None, storage: bool = True) -> ClusterState:
+       autoscale: bool = False, disks: str | None = None, storage: bool = True, auth: bool = True) -> ClusterState:
     """Start the spec as a local multi-node cluster; returns its state.
 
     ``env`` is set on every Ray process of the cluster (e.g. Serve's
     ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``). ``autoscale`` runs Ray's autoscaler
     (fake multi-node provider) so groups scale between min and max workers.
     ``disks`` is ``"isolated"`` (default, see :func:`plan_disks`) or ``"shared"``;
-    ``storage`` starts the OSS stand-in (:mod:`deploy.objectstore`) with a bucket.
+    ``storage`` starts the OSS stand-in (:mod:`deploy.objectstore`) with a bucket. ``auth=False``
+    starts it without a token (``RAY_AUTH_MODE=disabled``), like a group made in the console.
     """
     sdir = state_dir(spec.name)
     if (sdir / "state.json").exists():
@@ -336,7 +348,7 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
                                     f"run `adbray cluster down --name {spec.name}` first")
         shutil.rmtree(sdir, ignore_errors=True)
     private_dir(sdir)
-    token_path = write_private(sdir / "auth_token", token or spec.auth_token or secrets.token_hex(32))
+    token_path = write_private(sdir / "auth_token", token or spec.auth_token or secrets.token_hex(32)) if auth else ""
     nodes, notes = plan_nodes(spec)
     state = ClusterState(
         name=spec.name, category=spec.category, gcs_port=free_port(), dashboard_port=free_port(),
@@ -393,7 +405,7 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
         down(spec.name, log=lambda *_: None)
         raise
     log(f"cluster {spec.name} up: {state.dashboard_url} (ray client {state.client_address}), "
-        f"token {state.token_path}")
+        + (f"token {state.token_path}" if auth else "no token (RAY_AUTH_MODE=disabled)"))
     log(f"disks: {state.disks}" + (f"; storage {state.storage['uri']} at {state.storage['endpoint']}"
                                    if state.storage else ""))
     return state
@@ -465,7 +477,7 @@ def alive_nodes(state: ClusterState, timeout: float = 10.0) -> list[dict]:
     import urllib.request
 
     req = urllib.request.Request(f"{state.dashboard_url}/api/v0/nodes?limit=1000&detail=1",
-                                 headers={"Authorization": f"Bearer {state.token()}"})
+                                 headers=state.headers())
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         body = json.loads(resp.read())
     rows = body.get("data", {}).get("result", {}).get("result", [])

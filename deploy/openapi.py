@@ -243,7 +243,7 @@ class GroupClient:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def create(self, spec: ResourceGroupSpec, token: str) -> dict:
+    def create(self, spec: ResourceGroupSpec, token: str | None) -> dict:
         """CreateDBResourceGroup; returns the response body (RequestId).
 
         An attempt whose answer is lost (5xx, dropped connection) may still have created the group,

@@ -102,6 +102,11 @@ def cluster_resources_line() -> str:
             + (f", dashboard {info['dashboard']}" if info["dashboard"] else ""))
 
 
+def in_ray_job() -> bool:
+    """Whether this process is a Ray job's driver (``ray job submit`` / CTL set its environment)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def use_token(token: str | None = None, token_path: str | None = None) -> None:
     """Make this process a token-auth Ray client (env vars plus Ray's cached token)."""
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -132,8 +137,12 @@ def connect(address: str | None = None, token: str | None = None, quiet: bool = 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":  # checked even when attached: a bad address is always an error
         address = to_client_address(address)
-        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "disabled" and not token_available():
-            raise MissingToken(f"no Ray auth token for {address}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+        # inside a Ray job the job's own environment says how to reach its cluster (a group made in the
+        # console has no token and its jobs connect without one): only a client outside needs one here
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "disabled" and not token_available() \
+                and not in_ray_job():
+            raise MissingToken(f"no Ray auth token for {address}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
+                               "(or RAY_AUTH_MODE=disabled for a cluster without token auth)")
         check_reachable(address)
     if ray.is_initialized():
         return None

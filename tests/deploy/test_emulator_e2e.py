@@ -197,6 +197,27 @@ def test_delete_stops_the_cluster(emu, group):
     assert gone.returncode == 1 and "InvalidDBResourceGroup.NotFound" in gone.stderr
 
 
+def test_a_group_made_without_a_token_runs_jobs_and_clients_connect_without_one(emu):
+    """A group as the console makes it: no AuthToken. submit + run on it work with no token anywhere:
+    the job's driver trusts its own environment (connect() inside a job)."""
+    created = adbray(emu, "group", "create", SPEC, "--name", "squares-open", "--no-token", "--wait", "--json")
+    assert created.returncode == 0, created.stderr
+    assert "no Ray token" in created.stderr and json.loads(created.stdout.splitlines()[-1])["token_path"] is None
+    backing = emu.groups[(CLUSTER_ID, "squares-open")].cluster
+    try:
+        assert backing.token() == "" and backing.auth_env() == {"RAY_AUTH_MODE": "disabled"}
+        proc = adbray(emu, "submit", "deploy.examples.squares", "--config", CONFIG, "--group", "squares-open")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        job_id = re.search(r"submitted job (\S+):", proc.stderr).group(1)
+        assert f"job {job_id} SUCCEEDED" in proc.stderr
+        logs = adbray(emu, "jobs", "logs", job_id, "--group", "squares-open")
+        summary = json.loads([line for line in logs.stdout.splitlines() if line.startswith('{"template"')][-1])
+        assert summary["metrics"]["sum_of_squares"] == 63 * 64 * 127 // 6
+    finally:
+        assert adbray(emu, "group", "delete", "squares-open", "--wait").returncode == 0
+    assert local.processes(backing) == []
+
+
 def test_riskcontrol_jobs_on_its_group_write_to_and_read_from_the_groups_storage(emu, tmp_path, monkeypatch):
     """The template's own group shape (its requirements, storage and worker type; one worker here) on the
     emulator. A first job (the data step) writes to the group's storage by default and `adbray jobs logs`

@@ -50,6 +50,21 @@ def test_missing_token_is_one_clear_error(monkeypatch, tmp_path):
         connect("ray://127.0.0.1:1")
 
 
+def test_inside_a_ray_job_the_jobs_environment_is_trusted(monkeypatch, tmp_path):
+    """A job on a group without a token has no token either: connect goes on to the cluster itself."""
+    from pipelines.connect import MissingToken
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "nope"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(ClusterUnreachable):  # not MissingToken: it tried the address
+        connect("127.0.0.1:1")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    with pytest.raises(MissingToken):
+        connect("127.0.0.1:1")
+
+
 def test_connect_through_ray_client_with_token(ray_cluster):
     """A fresh process joins the local cluster over ray:// with the token file and reports it."""
     import os
