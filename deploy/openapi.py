@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .spec import ResourceGroupSpec
+from .spec import BILLING_NOTE, ResourceGroupSpec, billing
 
 API_VERSION = "2021-12-01"
 DEFAULT_REGION = os.environ.get("ALIBABA_CLOUD_REGION_ID", "cn-hangzhou")
@@ -117,6 +117,7 @@ def plan(spec: ResourceGroupSpec, cluster_id: str = "amv-<cluster-id>", region: 
         "version": API_VERSION,
         "request": params,
         "reserved": {"min": spec.reserved("min"), "max": spec.reserved("max")},
+        "billing": {"note": BILLING_NOTE, "min": billing(spec, "min"), "max": billing(spec, "max")},
     }
 
 

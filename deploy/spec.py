@@ -179,6 +179,29 @@ class ResourceGroupSpec(StrictModel):
         return total
 
 
+BILLING_NOTE = ("quantities only, no prices: CPU head and workers are billed as ACU from the cores they use, "
+                "GPU workers by GPU spec and count, disks by their configured size")
+
+
+def billing(spec: ResourceGroupSpec, at: Literal["min", "max"]) -> list[dict]:
+    """The service's billing items for an AI resource group (Ray cluster) and the quantity this spec
+    reserves of each at min or max workers: CPU compute (cores; billed as ACU), GPU workers (spec x count
+    x distribution unit), worker disk and head disk (GB)."""
+    head_cores, _ = SPECS[spec.head.spec]
+    workers = [(g, g.min_workers if at == "min" else g.max_workers) for g in spec.worker_groups]
+    items = [{"item": "CPU compute (ACU)", "quantity": head_cores + sum(n * g.cores for g, n in workers
+                                                                       if g.type == "CPU"),
+              "unit": "cores", "of": f"head {spec.head.spec} + CPU workers"}]
+    for g, n in workers:
+        if g.type == "GPU":
+            items.append({"item": "GPU workers", "quantity": n, "unit": f"x {g.spec}", "of": g.name,
+                          "distribution_unit": g.distribution_unit or "1", "gpus": round(n * g.gpus, 3)})
+    items.append({"item": "Worker disk storage", "quantity": sum(n * g.disk_gb for g, n in workers), "unit": "GB",
+                  "of": ", ".join(f"{n} x {g.disk_gb} GB ({g.name})" for g, n in workers)})
+    items.append({"item": "Head disk storage", "quantity": spec.head.disk_gb, "unit": "GB", "of": "head"})
+    return items
+
+
 def spec_path(template_or_path: str) -> Path:
     """A template name (``riskcontrol``) or a YAML path -> the spec file path."""
     from pipelines.template import discover, load_template

@@ -87,6 +87,14 @@ def test_plan_request_has_the_service_fields_and_no_token(tmp_path):
         "workers": 2,
     }
     assert out["reserved"]["max"]["cores"] == 8 + 4 * 8 + 2 * 8
+    # the service's billing items: CPU head + workers as ACU (cores), GPU workers by spec and count, disks
+    bill = {at: {b["item"]: b for b in out["billing"][at]} for at in ("min", "max")}
+    assert bill["min"]["CPU compute (ACU)"]["quantity"] == 8 + 8 and bill["max"]["CPU compute (ACU)"]["quantity"] == 8 + 4 * 8
+    assert {k: bill["max"]["GPU workers"][k] for k in ("quantity", "unit", "distribution_unit", "gpus")} == \
+        {"quantity": 2, "unit": "x gpu.a10.1", "distribution_unit": "1/3", "gpus": 0.667}
+    assert bill["min"]["Worker disk storage"]["quantity"] == 100 + 200
+    assert bill["max"]["Worker disk storage"]["quantity"] == 4 * 100 + 2 * 200
+    assert bill["max"]["Head disk storage"]["quantity"] == 100 and "no prices" in out["billing"]["note"]
 
 
 def test_ray_config_round_trips_to_the_same_spec(tmp_path):
