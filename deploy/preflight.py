@@ -2,8 +2,8 @@
 
 Template configs declare per-task/actor resources with ``num_cpus`` /
 ``num_gpus`` and, next to them, their parallelism as ``num_workers`` (Train
-workers), ``max_actors`` (actor pools) or ``num_tasks`` (tasks in flight at
-once). :func:`resource_asks` walks the whole YAML tree for those sections;
+workers), ``max_actors`` (actor pools), ``num_tasks`` (tasks in flight at
+once) or a Ray Data stage's ``shards`` / ``blocks`` / ``num_blocks`` (its task count). :func:`resource_asks` walks the whole YAML tree for those sections;
 :func:`check` compares them with the group's spec: an ask no single worker
 can satisfy (``num_gpus: 1`` on a ``1/3`` GPU unit, 16 CPUs on an 8-core
 spec) is an error, before anything is uploaded; parallelism
@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from .spec import ResourceGroupSpec
 
-PARALLEL_KEYS = ("num_workers", "max_actors", "num_tasks")
+# how many of a section's tasks/actors can run at once: Train workers, actor pools, tasks in flight, and
+# Ray Data stages' task counts (a stage of N blocks/shards submits N tasks: a flood the autoscaler follows)
+PARALLEL_KEYS = ("num_workers", "max_actors", "num_tasks", "shards", "blocks", "num_blocks")
 
 
 @dataclass
@@ -121,7 +123,7 @@ def check(asks: list[Ask], spec: ResourceGroupSpec) -> list[Finding]:
                         "warning",
                         f"{ask.describe()} asks {need:.3g} {resource}s at once: it "
                         f"drives {groups} of group {spec.name} to its max ({at_max:.3g}) and "
-                        "the rest will queue; bound num_workers/max_actors/num_tasks",
+                        "the rest will queue; bound its parallelism (num_workers/max_actors/num_tasks/shards/blocks)",
                     )
                 )
             elif need > at_min + 1e-9:
@@ -130,9 +132,38 @@ def check(asks: list[Ask], spec: ResourceGroupSpec) -> list[Finding]:
                         "warning",
                         f"{ask.describe()} asks {need:.3g} {resource}s at once: it will "
                         f"drive autoscaling of {groups} beyond min ({at_min:.3g}) towards max "
-                        f"({at_max:.3g}); bound num_workers/max_actors/num_tasks to stay at min",
+                        f"({at_max:.3g}); bound its parallelism (num_workers/max_actors/num_tasks/shards/blocks) to stay at min",
                     )
                 )
     if not any(f.level == "error" for f in findings):
-        findings.append(Finding("ok", f"{len(asks)} resource ask(s) fit group {spec.name}"))
+        findings.append(Finding("ok", f"{len(asks)} resource ask(s) fit group {spec.name}" + peak(asks, spec)))
     return findings
+
+
+def _workers_for(need: float, resource: str, groups) -> int:
+    """Workers of ``groups`` (filled in order, each up to its max) that hold ``need`` CPUs or GPUs."""
+    workers = 0
+    for g in groups:
+        per = g.cores if resource == "CPU" else g.gpus
+        if need <= 1e-9 or not per:
+            break
+        n = min(g.max_workers, max(g.min_workers, -(-need // per)))
+        workers, need = workers + int(n), need - n * per
+    return workers
+
+
+def peak(asks: list[Ask], spec: ResourceGroupSpec) -> str:
+    """``; at peak ...``: the most workers one ask of the run needs at once, against the group's min/max."""
+    best = None
+    for ask in asks:
+        fits = _fits(ask, spec)
+        for resource, per in (("CPU", ask.num_cpus), ("GPU", ask.num_gpus)):
+            if fits and per and ask.parallel:
+                n = _workers_for(per * ask.parallel, resource, fits)
+                if best is None or n > best[0]:
+                    best = (n, ask, fits)
+    if best is None:
+        return ""
+    n, ask, fits = best
+    bounds = ", ".join(f"{g.name} min {g.min_workers} max {g.max_workers}" for g in fits)
+    return f"; at peak the run asks for {n} worker(s) ({bounds}): {ask.describe()}"

@@ -256,3 +256,21 @@ def test_dry_run_prints_the_job_and_warns_about_a_flood_without_any_cluster():
         "flood (num_cpus=1 x20) asks 20 CPUs at once: it drives cpu of group squares to its max (16)"
         in proc.stderr
     )
+
+
+def test_ray_data_stage_floods_are_warned_with_the_peak_worker_count():
+    """riskcontrol's cluster config: data.shards 400 and features.blocks 256 tasks of 1 CPU on a 4..6
+    worker group push autoscaling to max; the ok line says how many workers the run asks for at peak."""
+    import yaml
+
+    from deploy.spec import load_spec
+
+    data = yaml.safe_load((ROOT / "riskcontrol" / "configs" / "cluster.yaml").read_text())
+    findings = preflight.check(preflight.resource_asks(data), load_spec("riskcontrol"))
+    warnings = [f.message for f in findings if f.level == "warning"]
+    assert any(m.startswith("data (num_cpus=1 x400) asks 400 CPUs at once: it drives cpu") for m in warnings)
+    assert any(m.startswith("features (num_cpus=1 x256) asks 256 CPUs") for m in warnings)
+    ok = next(f.message for f in findings if f.level == "ok")
+    assert ok.endswith("at peak the run asks for 6 worker(s) (cpu min 4 max 6): data (num_cpus=1 x400)"), ok
+    small = preflight.resource_asks({"data": {"num_cpus": 1, "shards": 8}})  # 8 CPUs: one 8-core worker
+    assert "at peak the run asks for 4 worker(s)" in preflight.check(small, load_spec("riskcontrol"))[-1].message
