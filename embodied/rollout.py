@@ -19,6 +19,7 @@ import numpy as np
 
 from pipelines.cli import RunFailed
 from pipelines.io import join, reject_ratio_failure, rejects_table, write_table
+from pipelines.progress import Progress
 from pipelines.report import plot_lines
 from pipelines.template import Run, StepResult
 
@@ -158,8 +159,16 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None, check: bool = T
     writer = LeRobotWriter(join(run_dir, "episodes"), env_id, facts, cfg.env.task, expected=c.episodes,
                            frames_per_file=c.frames_per_file)
     rollout = Rollout(cfg, policy, c.mode)
+    bar = Progress("collect", c.episodes, "episodes")
+
+    def report(r, done):
+        bar.update(done)
+        if on_progress is not None:
+            on_progress(r, done)
+
     try:
-        stats = rollout.run([(k, c.seed + k) for k in range(c.episodes)], writer.add, on_progress)
+        stats = rollout.run([(k, c.seed + k) for k in range(c.episodes)], writer.add, report)
+        bar.finish()
         counts = writer.close()
     except BaseException:
         writer.abort()

@@ -25,27 +25,46 @@ def progress_enabled(stream=None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+class Progress:
+    """Progress of a loop driven by events (``update(done)`` as work completes, ``finish()`` at the end):
+    a line at most every ``every_s`` seconds and one at the end, on a terminal only (see module doc)."""
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "items", every_s: float = 5.0,
+                 stream=None):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.stream = stream or sys.stderr
+        self.enabled = progress_enabled(self.stream)
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        of = f"/{self.total}" if self.total is not None else ""
+        rate = self.done / elapsed if elapsed else 0
+        return f"[{self.label}] {self.done}{of} {self.unit} ({rate:.1f}/s, {elapsed:.1f} s)"
+
+    def update(self, done: int) -> None:
+        """``done`` items so far; prints when ``every_s`` has passed since the last line."""
+        self.done = done
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.every_s:
+            print(self.line(), file=self.stream, flush=True)
+            self.last = now
+
+    def finish(self) -> None:
+        if self.enabled:
+            print(self.line(), file=self.stream, flush=True)
+
+
 def progress(items: Iterable[T], label: str, total: int | None = None, unit: str = "items",
              every_s: float = 5.0, stream=None) -> Iterator[T]:
     """Yield ``items`` unchanged, printing a progress line at most every ``every_s`` seconds and at the end."""
-    stream = stream or sys.stderr
-    if not progress_enabled(stream):
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    bar = Progress(label, total, unit, every_s, stream)
+    if not bar.enabled:
         yield from items
         return
-    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-    start = last = time.monotonic()
-    done = 0
-
-    def line() -> str:
-        elapsed = time.monotonic() - start
-        of = f"/{total}" if total is not None else ""
-        return f"[{label}] {done}{of} {unit} ({done / elapsed if elapsed else 0:.1f}/s, {elapsed:.1f} s)"
-
     for item in items:
         yield item
-        done += 1
-        now = time.monotonic()
-        if now - last >= every_s:
-            print(line(), file=stream, flush=True)
-            last = now
-    print(line(), file=stream, flush=True)
+        bar.update(bar.done + 1)
+    bar.finish()

@@ -20,3 +20,22 @@ def test_progress_lines_on_a_terminal_only(monkeypatch):
     assert not progress_enabled(Tty())
     monkeypatch.setenv("ADBRAY_PROGRESS", "1")
     assert progress_enabled(io.StringIO())
+
+
+def test_event_driven_progress_updates_and_finishes(monkeypatch):
+    from pipelines.progress import Progress
+
+    monkeypatch.delenv("ADBRAY_PROGRESS", raising=False)
+    tty = Tty()
+    bar = Progress("collect", total=10, unit="episodes", every_s=0.0, stream=tty)
+    for done in (3, 7, 10):
+        bar.update(done)
+    bar.finish()
+    lines = tty.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["[collect] 3/10 episodes", "[collect] 7/10 episodes",
+                                                        "[collect] 10/10 episodes", "[collect] 10/10 episodes"]
+    quiet = io.StringIO()
+    silent = Progress("collect", 10, stream=quiet)
+    silent.update(5)
+    silent.finish()
+    assert quiet.getvalue() == ""
