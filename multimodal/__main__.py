@@ -1,4 +1,4 @@
-"""``python -m multimodal [STEP]``: sample (only without --input/--manifest) -> process (see template.py)."""
+"""``python -m multimodal [STEP]``: sample (only without --input) -> process (see template.py)."""
 from .template import TEMPLATE
 
 if __name__ == "__main__":

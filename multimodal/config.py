@@ -3,22 +3,54 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 from pydantic import Field
 
-from pipelines.config import LocalRayConfig, StrictModel, load_config
+from pipelines.config import ConfigError, LocalRayConfig, StrictModel, load_config
+from pipelines.input import InputConfig
 
 PKG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = PKG_DIR / "configs" / "local.yaml"
 MODALITIES = ("images", "video", "audio", "text")
 
 
-class SourceConfig(StrictModel):
-    """Where the files come from: a folder, an ``oss://``/``s3://`` prefix or a manifest."""
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 
-    input: str | None = None          # folder or oss:// / s3:// prefix; None -> generate the sample
-    manifest: str | None = None       # Parquet/CSV with a `path` column (local or object store)
-    endpoint: str | None = None       # object-store endpoint (else $OSS_ENDPOINT)
+
+def is_manifest(path: str, fmt: str | None = None) -> bool:
+    """A manifest (a table listing the files), not the files themselves: ``input.format`` is set, or
+    the path is ``mysql://...``, or a ``.parquet``/``.csv``/``.csv.gz`` file."""
+    return bool(fmt) or urlparse(str(path)).scheme in ("mysql", "mysql+pymysql") or \
+        str(path).lower().rstrip("/").endswith(MANIFEST_SUFFIXES)
+
+
+class MediaInput(InputConfig):
+    """The shared ``input`` section (:mod:`pipelines.input`): ``path`` is a folder, one media file or an
+    ``oss://``/``s3://`` prefix of media files, or a manifest listing them (:func:`is_manifest`), whose
+    ``path`` column may be renamed with ``columns`` (``{path: file_uri}``)."""
+
+    path: str | None = Field(None, description="folder, media file, oss:// or s3:// prefix, or a manifest "
+                                               "(.parquet/.csv file, mysql://host:port/db + table, or any "
+                                               "path with format set); unset: generate the sample")
+    endpoint: str | None = Field(None, description="object-store endpoint of the media and the manifest "
+                                                   "(else $OSS_ENDPOINT)")
+    max_reject_ratio: float = Field(0.05, ge=0, le=1, description="fail the run (after writing) above this "
+                                                                   "share of rejected files / manifest rows")
+
+    def is_table(self, path: str) -> bool:
+        """Only a manifest has columns to check; a folder of media files has none."""
+        return is_manifest(path, self.format)
+
+    def workers_read(self, path: str) -> bool:
+        """The driver alone reads a manifest (a local one is fine on a cluster); a local folder of
+        media files is checked by the template's preflight (``--input`` hint), without listing it."""
+        return False
+
+
+class RouteConfig(StrictModel):
+    """Routing tasks: each reads the first bytes of a block of files and routes them to a modality."""
+
     files_per_block: int = Field(16, ge=1)   # paths per Ray Data block (bounds per-task memory)
     sniff_bytes: int = Field(64, ge=16, le=4096)
     num_cpus: float = Field(0.5, gt=0)
@@ -103,8 +135,8 @@ class SampleConfig(StrictModel):
 class MultimodalConfig(StrictModel):
     modalities: list[Literal["images", "video", "audio", "text"]] = Field(default_factory=lambda: list(MODALITIES))
     local_ray: LocalRayConfig = LocalRayConfig(cpus=2)  # only for a local in-process Ray
-    max_reject_ratio: float = Field(0.5, ge=0, le=1)
-    source: SourceConfig = SourceConfig()
+    input: MediaInput = MediaInput()
+    route: RouteConfig = RouteConfig()
     images: ImageConfig = ImageConfig()
     video: VideoConfig = VideoConfig()
     audio: AudioConfig = AudioConfig()
@@ -112,6 +144,18 @@ class MultimodalConfig(StrictModel):
     sample: SampleConfig = SampleConfig()
 
 
+# keys of earlier versions -> where they are now (named in the error when a config still uses them)
+MOVED = {"source": "source.input and source.manifest are now input.path (--input), source.endpoint "
+                   "input.endpoint, source.files_per_block/sniff_bytes/num_cpus route.*",
+         "max_reject_ratio": "max_reject_ratio is now input.max_reject_ratio"}
+
+
 def load(path: str | None = None, overrides=()) -> MultimodalConfig:
     """Load the config (default ``configs/local.yaml``) with ``--set`` overrides."""
-    return load_config(MultimodalConfig, path, overrides, default_path=DEFAULT_CONFIG)
+    try:
+        return load_config(MultimodalConfig, path, overrides, default_path=DEFAULT_CONFIG)
+    except ConfigError as e:
+        moved = next((hint for key, hint in MOVED.items() if f": {key}: Extra inputs" in str(e)), None)
+        if moved:
+            raise ConfigError(f"{str(e).split(': Extra inputs')[0]}: {moved}") from None
+        raise

@@ -27,17 +27,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.cli import RunFailed
+from pipelines.input import REASON
 from pipelines.io import filesystem_for, reject, rejects_table, replace_dir, write_table
 from pipelines.template import Run, StepResult, require_cluster_readable
 
 from . import dedup
 from .audio import AudioDecoder, embed_frames
 from .batches import ok_mask
-from .config import MODALITIES, MultimodalConfig
+from .config import MODALITIES, MultimodalConfig, is_manifest
 from .embed import embed_stage
 from .images import ImageDecoder
 from .report import duplicate_groups, write_plots
-from .sources import ROUTED_SCHEMA, Router, blocks, list_files, read_manifest
+from .sources import MANIFEST_SCHEMA, ROUTED_SCHEMA, Manifest, Router, blocks, list_files, read_manifest
 from .text import TextReader
 from .video import VideoDecoder
 
@@ -73,12 +74,27 @@ def output_schemas(cfg: MultimodalConfig) -> dict[str, pa.Schema]:
     }
 
 
+def reserved_names(cfg: MultimodalConfig) -> set[str]:
+    """Column names a manifest's own column cannot keep (it is carried as ``manifest_<name>``): every
+    output column, plus the manifest's and the rejects' bookkeeping."""
+    names = {n for schema in output_schemas(cfg).values() for n in schema.names}
+    return names | set(MANIFEST_SCHEMA.names) | set(REJECT_SCHEMA.names) | {REASON, "reject_id"}
+
+
+def output_schema(cfg: MultimodalConfig, modality: str, manifest: Manifest | None = None) -> pa.Schema:
+    """A modality's output schema: :func:`output_schemas`, then the manifest's own columns."""
+    schema = output_schemas(cfg)[modality]
+    return pa.schema([*schema, *manifest.extra_fields()]) if manifest is not None else schema
+
+
 # ------------------------------------------------------------------ sources
-def listing(cfg: MultimodalConfig, input_path: str | None) -> pa.Table:
-    """Paths and sizes from the manifest or the input folder/prefix."""
-    if cfg.source.manifest:
-        return read_manifest(cfg.source.manifest, cfg.source.endpoint)
-    return list_files(input_path or cfg.source.input, cfg.source.endpoint)
+def listing(cfg: MultimodalConfig, input_path: str | None) -> tuple[pa.Table, Manifest | None]:
+    """Paths and sizes of the files to process, plus the manifest (its label/metadata columns and
+    rejected rows) when ``input.path`` is one; else every file under the folder/prefix."""
+    if cfg.input.path and is_manifest(cfg.input.path, cfg.input.format):
+        manifest = read_manifest(cfg.input, reserved_names(cfg), cfg.input.endpoint)
+        return manifest.files, manifest
+    return list_files(input_path or cfg.input.path, cfg.input.endpoint), None
 
 
 def route(cfg: MultimodalConfig, files: pa.Table) -> pa.Table:
@@ -87,9 +103,9 @@ def route(cfg: MultimodalConfig, files: pa.Table) -> pa.Table:
 
     if files.num_rows == 0:
         return ROUTED_SCHEMA.empty_table()
-    ds = ray.data.from_arrow(blocks(files, cfg.source.files_per_block)).map_batches(
-        Router(cfg.source.sniff_bytes, cfg.source.endpoint), batch_format="pyarrow",
-        batch_size=None, num_cpus=cfg.source.num_cpus)
+    ds = ray.data.from_arrow(blocks(files, cfg.route.files_per_block)).map_batches(
+        Router(cfg.route.sniff_bytes, cfg.input.endpoint), batch_format="pyarrow",
+        batch_size=None, num_cpus=cfg.route.num_cpus)
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables).cast(ROUTED_SCHEMA).sort_by("path") if tables else ROUTED_SCHEMA.empty_table()
 
@@ -102,7 +118,7 @@ def build_modality(cfg: MultimodalConfig, modality: str, files: pa.Table):
     with the actor pool size."""
     import ray
 
-    ep = cfg.source.endpoint
+    ep = cfg.input.endpoint
     if modality == "images":
         c = cfg.images
         ds = ray.data.from_arrow(blocks(files, c.batch_size)).map_batches(
@@ -198,13 +214,18 @@ def row_key(path, record) -> str:
     return f"{path}#{int(record)}" if str(path).lower().endswith(".jsonl") else str(path)
 
 
-def finalize_batch(batch: dict[str, np.ndarray], schema: pa.Schema, dups: dict | None) -> pa.Table:
+def finalize_batch(batch: dict[str, np.ndarray], schema: pa.Schema, dups: dict | None,
+                   manifest: Manifest | None = None) -> pa.Table:
     """Keep the good rows of a staging batch, add duplicate columns and cast to ``schema``
-    (embeddings become fixed-size float32 lists)."""
+    (embeddings become fixed-size float32 lists); with a ``manifest``, its label/metadata columns
+    follow, each row getting the values of the manifest row of its file."""
     ok = ok_mask(batch["reason"])
     arrays = []
+    carried = manifest.carried(batch["path"][ok]) if manifest is not None else None
     for field in schema:
-        if field.name in ("dup_group", "dup_of", "dup_kind"):
+        if carried is not None and field.name in carried.column_names:
+            arrays.append(carried.column(field.name).combine_chunks().cast(field.type))
+        elif field.name in ("dup_group", "dup_of", "dup_kind"):
             records = batch["record"][ok] if "record" in batch else [0] * int(ok.sum())
             keys = [row_key(p, r) for p, r in zip(batch["path"][ok], records)]
             arrays.append(pa.array([dups[k][field.name] for k in keys], field.type))
@@ -215,7 +236,8 @@ def finalize_batch(batch: dict[str, np.ndarray], schema: pa.Schema, dups: dict |
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def finalize(staging: str, target: str, schema: pa.Schema, dups: dict | None) -> None:
+def finalize(staging: str, target: str, schema: pa.Schema, dups: dict | None,
+             manifest: Manifest | None = None) -> None:
     """Rewrite a staging folder into ``target`` (replacing it), one staging file at a time,
     so memory stays bounded by the largest staging file."""
     fs, files = staging_files(staging)
@@ -224,7 +246,8 @@ def finalize(staging: str, target: str, schema: pa.Schema, dups: dict | None) ->
     def write(folder: str) -> None:
         with pq.ParquetWriter(f"{folder}/part-0.parquet", schema, filesystem=out_fs) as writer:
             for f in files:
-                writer.write_table(finalize_batch(to_numpy(pq.read_table(f, filesystem=fs)), schema, dups))
+                writer.write_table(finalize_batch(to_numpy(pq.read_table(f, filesystem=fs)), schema, dups,
+                                                  manifest))
 
     replace_dir(out_fs, out_path, write)
 
@@ -263,9 +286,11 @@ def _remove(uri: str) -> None:
 
 
 # ------------------------------------------------------------------ run
-def run_modality(cfg: MultimodalConfig, modality: str, files: pa.Table, out_dir: str) -> dict:
-    """Pass 1 + pass 2 for one modality; returns counts, rejects, duplicates and timings."""
-    schema = output_schemas(cfg)[modality]
+def run_modality(cfg: MultimodalConfig, modality: str, files: pa.Table, out_dir: str,
+                 manifest: Manifest | None = None) -> dict:
+    """Pass 1 + pass 2 for one modality; returns counts, rejects, duplicates and timings. With a
+    ``manifest``, its label/metadata columns are appended to the output (:func:`output_schema`)."""
+    schema = output_schema(cfg, modality, manifest)
     target = f"{out_dir}/{modality}"
     if files.num_rows == 0:
         write_table(schema.empty_table(), target)
@@ -281,7 +306,7 @@ def run_modality(cfg: MultimodalConfig, modality: str, files: pa.Table, out_dir:
     cols = collect(staging, small)
     t1 = time.perf_counter()
     dups = dup_columns(cfg, modality, cols) if modality in ("images", "text") else None
-    finalize(staging, target, schema, dups)
+    finalize(staging, target, schema, dups, manifest)
     pass2 = time.perf_counter() - t1
     _remove(staging)
     good = ok_mask(cols["reason"])
@@ -323,10 +348,10 @@ def reason_class(reason: str) -> str:
 def etl(cfg: MultimodalConfig, out_dir: str, input_path: str | None = None) -> dict:
     """List, route and process every modality; write outputs; return metrics and outputs."""
     t0 = time.perf_counter()
-    files = listing(cfg, input_path)
+    files, manifest = listing(cfg, input_path)
     routed = route(cfg, files)
     t_route = time.perf_counter() - t0
-    rejects = []
+    rejects = list(manifest.rejects) if manifest is not None else []  # unusable manifest rows
     for rec in routed.filter(pc.is_valid(routed.column("reason"))).to_pylist():
         r = reject(rec["path"], "route", rec["reason"])
         rejects.append({"path": r["id"], "modality": rec["modality"], "stage": "route", "reason": r["reason"]})
@@ -338,17 +363,20 @@ def etl(cfg: MultimodalConfig, out_dir: str, input_path: str | None = None) -> d
             rejects += [{"path": p, "modality": modality, "stage": "route", "reason": f"modality {modality} disabled"}
                         for p in subset.column("path").to_pylist()]
             subset = subset.slice(0, 0)
-        results[modality] = run_modality(cfg, modality, subset.select(["path", "size", "format"]), out_dir)
+        results[modality] = run_modality(cfg, modality, subset.select(["path", "size", "format"]), out_dir,
+                                         manifest)
         rejects += results[modality]["rejects"]
         outputs[modality] = f"{out_dir}/{modality}"
     _remove(f"{out_dir}/_staging")
     outputs["rejects"] = write_table(rejects_table(rejects, REJECT_SCHEMA), f"{out_dir}/rejects")
     wall = time.perf_counter() - t0
     listed = Counter(routed.column("modality").to_pylist())
-    rejected_files = len({r["path"].split("#")[0] for r in rejects})
+    bad_rows = len(manifest.rejects) if manifest is not None else 0
+    rejected_files = bad_rows + len({r["path"].split("#")[0] for r in rejects[bad_rows:]})
+    total = manifest.rows if manifest is not None else files.num_rows  # listed files, or manifest rows
     metrics = {
-        "files": files.num_rows, "rejected_files": rejected_files,
-        "files_per_s": round(files.num_rows / wall, 3) if wall else None, "wall_s": round(wall, 2),
+        "files": total, "rejected_files": rejected_files,
+        "files_per_s": round(total / wall, 3) if wall else None, "wall_s": round(wall, 2),
         "rows": {m: results[m]["rows"] for m in MODALITIES},
         "files_by_modality": {m: results[m]["files"] for m in MODALITIES},
         "files_in_by_modality": {m: listed.get(m, 0) for m in MODALITIES},
@@ -366,14 +394,22 @@ def etl(cfg: MultimodalConfig, out_dir: str, input_path: str | None = None) -> d
 
 # ------------------------------------------------------------------ steps
 def input_configured(cfg: MultimodalConfig) -> bool:
-    """True when ``source.input`` or ``source.manifest`` says what to process."""
-    return bool(cfg.source.input or cfg.source.manifest)
+    """True when ``input.path`` (a folder, prefix or manifest) says what to process."""
+    return bool(cfg.input.path)
 
 
 def preflight(cfg: MultimodalConfig) -> None:
     """Before any cluster work: a local ``--input`` folder is refused (one line) when attached to
-    a cluster whose nodes do not share this machine's disk: the decode tasks could not read it."""
-    require_cluster_readable(cfg.source.input, "input", "--input")
+    a cluster whose nodes do not share this machine's disk: the decode tasks could not read it. A
+    manifest is read by the driver alone, so a local one is fine (its columns are checked by the
+    toolkit against :data:`~multimodal.sources.MANIFEST_SCHEMA`). ``input.endpoint`` becomes the
+    driver's ``$OSS_ENDPOINT`` when that is unset, so those checks reach the same store."""
+    import os
+
+    if cfg.input.endpoint:
+        os.environ.setdefault("OSS_ENDPOINT", cfg.input.endpoint)
+    if cfg.input.path and not is_manifest(cfg.input.path, cfg.input.format):
+        require_cluster_readable(cfg.input.path, "input", "--input")
 
 
 def generate_sample(cfg: MultimodalConfig, run: Run) -> StepResult:
@@ -392,12 +428,13 @@ def generate_sample(cfg: MultimodalConfig, run: Run) -> StepResult:
 
 def process(cfg: MultimodalConfig, run: Run) -> StepResult:
     """Step ``process``: route, decode/embed per modality, dedup and write ``images``, ``video``,
-    ``audio``, ``text``, ``rejects`` and the ``plot_*`` PNGs (:mod:`.report`) from
-    ``source.manifest``, ``source.input`` or the run folder's ``sample``. Too many rejected
-    files fail the run (after the outputs are written)."""
+    ``audio``, ``text``, ``rejects`` and the ``plot_*`` PNGs (:mod:`.report`) from ``input.path``
+    (a folder, prefix or manifest, whose label/metadata columns are carried into every output) or
+    the run folder's ``sample``. Too many rejected files (or manifest rows) fail the run (after the
+    outputs are written)."""
     from ray.exceptions import RayError
 
-    source = None if cfg.source.manifest else (cfg.source.input or run.input("sample"))
+    source = cfg.input.path or run.input("sample")
     try:
         result = etl(cfg, run.dir, source)
     except RayError as e:  # a stage failed on the cluster: its own error is the last line
@@ -405,7 +442,8 @@ def process(cfg: MultimodalConfig, run: Run) -> StepResult:
         raise RunFailed(f"pipeline failed: {lines[-1].strip() if lines else type(e).__name__}") from None
     m = result["metrics"]
     files, bad = m["files"], m["rejected_files"]
-    failure = (f"{bad} of {files} files rejected, above max_reject_ratio {cfg.max_reject_ratio} "
-               f"(outputs and rejects in {run.dir})") if files and bad / files > cfg.max_reject_ratio else None
+    ratio = cfg.input.max_reject_ratio
+    failure = (f"{bad} of {files} files rejected, above input.max_reject_ratio {ratio} "
+               f"(outputs and rejects in {run.dir})") if files and bad / files > ratio else None
     return StepResult(result["outputs"], m, rows=sum(m["rows"].values()), rejects=result["rejects"],
                       failure=failure)

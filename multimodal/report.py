@@ -75,7 +75,7 @@ def thumbnails(cfg: MultimodalConfig, groups: list[list[tuple[str, str]]]) -> li
         row = []
         for path, kind in members:
             try:
-                rgb = decode_pillow(read_bytes(path, cfg.source.endpoint, MAX_THUMB_BYTES), THUMB)[0]
+                rgb = decode_pillow(read_bytes(path, cfg.input.endpoint, MAX_THUMB_BYTES), THUMB)[0]
             except (ImageError, FileTooLarge, OSError):
                 continue
             row.append((f"{kind}\n{path.rsplit('/', 1)[-1]}", fit(rgb, THUMB)))

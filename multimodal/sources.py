@@ -1,4 +1,5 @@
-"""Sources and routing: list files (folder, oss:// / s3:// prefix, manifest) and route them
+"""Sources and routing: list files (folder, oss:// / s3:// prefix, or a manifest with the user's
+label/metadata columns) and route them
 to a modality by extension AND magic bytes, so a ``.jpg`` holding text is caught.
 
 Listing produces only paths and sizes; bytes are read later, one file at a time, inside
@@ -11,14 +12,18 @@ import posixpath
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.io import filesystem_for, is_remote
+from pipelines.config import redact
+from pipelines.input import REASON, InputError, column
+from pipelines.io import filesystem_for, first_line, is_remote
 
 EXTENSIONS = {
     "images": {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"},
@@ -105,20 +110,148 @@ def _uri_for(source: str, fs_path: str) -> str:
     return f"{scheme}://{fs_path}" if scheme in ("oss", "s3") else fs_path
 
 
-def read_manifest(manifest: str, endpoint: str | None = None) -> pa.Table:
-    """A Parquet or CSV manifest with a ``path`` column (``size`` optional, -1 = unknown)."""
-    fs, path = filesystem_for(manifest, endpoint)
-    if manifest.endswith(".csv"):
-        with fs.open_input_stream(path) as f:
-            table = pacsv.read_csv(f)
-    else:
-        table = pq.read_table(path, filesystem=fs)
-    if "path" not in table.column_names:
-        raise ValueError(f"manifest {manifest} has no 'path' column (columns: {table.column_names})")
-    paths = [str(p) for p in table.column("path").to_pylist() if p]
-    sizes = table.column("size").to_pylist() if "size" in table.column_names else [-1] * len(paths)
-    return pa.table({"path": paths, "size": [int(s) if s is not None else -1 for s in sizes]},
-                    schema=pa.schema([("path", pa.string()), ("size", pa.int64())]))
+MANIFEST_SCHEMA = pa.schema([
+    column("path", pa.string(), "the media file: a local path, `oss://` or `s3://` URI; a relative path is "
+                                "resolved against the manifest's folder; its extension says the modality"),
+    column("size", pa.int64(), "file size in bytes (read from storage when empty or absent)", required=False),
+])
+MANIFEST_STAGE = "manifest"
+
+
+@dataclass
+class Manifest:
+    """A manifest read on the driver: the usable ``files`` (``path``, ``size``; -1 = unknown), the user's
+    other columns for each of them (``extras``: ``path`` + those columns, same rows as ``files``), the
+    ``rejects`` records of unusable rows, and ``rows`` (all data rows read)."""
+
+    files: pa.Table
+    extras: pa.Table
+    rejects: list[dict]
+    rows: int
+    _index: dict | None = field(default=None, init=False, repr=False)
+
+    def carried(self, paths) -> pa.Table:
+        """The user's columns (without ``path``) for each of ``paths`` (in that order; repeats allowed)."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self.extras.column("path").to_pylist())}
+        rows = pa.array([self._index[str(p)] for p in paths], pa.int64())
+        return self.extras.drop_columns(["path"]).take(rows)
+
+    def extra_fields(self) -> list[pa.Field]:
+        return [f for f in self.extras.schema if f.name != "path"]
+
+
+def read_manifest(inp, reserved=frozenset(), endpoint: str | None = None) -> Manifest:
+    """The manifest ``inp.path`` (a Parquet/CSV file or folder, or ``inp.table`` of ``mysql://``), read
+    on the driver, mapped with ``inp.columns`` onto :data:`MANIFEST_SCHEMA`.
+
+    Every other column is carried (as ``manifest_<name>`` when ``reserved``, i.e. an output column,
+    has that name). A row whose path is empty or whose size is not a number, or that repeats an
+    earlier row's path, is a reject (stage ``manifest``) named ``<manifest file>#row=<n>`` (n counts
+    data rows from 1). InputError (one line, naming the column and the file) when the path column
+    is missing."""
+    from pipelines.input import conform, user_names
+
+    endpoint = endpoint or getattr(inp, "endpoint", None)
+    mapping = user_names(MANIFEST_SCHEMA, inp.columns)
+    tables, ids = [], []
+    for where, table, local in _manifest_tables(inp, endpoint):
+        user = mapping["path"]
+        if user not in table.column_names:
+            hint = f" (your {user!r}, from input.columns)" if user != "path" else \
+                "; map yours with --set input.columns.path=YOUR_COLUMN"
+            raise InputError(f"input.path {where}: no column {user!r} for the required 'path'{hint} "
+                             f"(columns there: {', '.join(table.column_names[:20])})")
+        if local is not None:
+            table = _resolve_paths(table, user, local)
+        tables.append(table)
+        ids += [f"{where}#row={i + 1}" for i in range(table.num_rows)]
+    if not tables:
+        raise InputError(f"input.path {redact(inp.path)}: no manifest files")
+    try:
+        raw = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"input.path {redact(inp.path)}: its files' columns differ: {first_line(e)}") from None
+    used = set(mapping.values())
+    renames = {c: f"manifest_{c}" if c in reserved else c for c in raw.column_names if c not in used}
+    raw = raw.rename_columns([renames.get(c, c) for c in raw.column_names])
+    extras = list(renames.values())
+    table = conform(raw, MANIFEST_SCHEMA, mapping, carry=extras)
+    rejects, first_row, keep = [], {}, []
+    for i, (path, reason) in enumerate(zip(table.column("path").to_pylist(), table.column(REASON).to_pylist())):
+        if reason is None and path in first_row:
+            reason = f"path {path} is listed again (first at {ids[first_row[path]]})"
+        if reason is not None:
+            rejects.append({"path": ids[i], "modality": None, "stage": MANIFEST_STAGE, "reason": reason})
+            continue
+        first_row[path] = i
+        keep.append(i)
+    good = table.take(pa.array(keep, pa.int64()))
+    files = pa.table({"path": good.column("path"), "size": pc.fill_null(good.column("size"), -1)},
+                     schema=pa.schema([("path", pa.string()), ("size", pa.int64())]))
+    carried = pa.table({"path": good.column("path"), **{c: good.column(c) for c in extras}})
+    return Manifest(files, carried, rejects, table.num_rows)
+
+
+def _manifest_tables(inp, endpoint: str | None):
+    """``(where, table, folder for relative paths or None)`` for each file of the manifest (or its
+    MySQL table), in order."""
+    from pipelines.input import mysql_url, source_format
+
+    fmt = source_format(inp.path, inp.format)
+    if fmt == "mysql":
+        from pipelines.io import mysql_connect, sql_table
+
+        where = f"{redact(inp.path)} table {inp.table}"
+        if not inp.table:
+            raise InputError(f"input.path {redact(inp.path)} is MySQL: set input.table")
+        try:
+            conn = mysql_connect(mysql_url(inp.path))
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"SELECT * FROM {sql_table(inp.table, 'input.table')}")
+                    names = [d[0] for d in cur.description]
+                    rows = list(cur.fetchall())
+            finally:
+                conn.close()
+        except Exception as e:  # noqa: BLE001 - the user's database: one line naming it
+            raise InputError(f"input {where}: {first_line(e)}") from None
+        values = {n: [r[n] if isinstance(r, dict) else r[i] for r in rows] for i, n in enumerate(names)}
+        yield where, pa.table(values) if names else pa.table({}), None
+        return
+    try:
+        listed = list_files(inp.path, endpoint).column("path").to_pylist()
+    except FileNotFoundError:
+        raise InputError(f"input.path {redact(inp.path)}: not found") from None
+    for uri in listed:
+        if posixpath.basename(uri).startswith("_"):
+            continue  # _SUCCESS, _metadata
+        fs, where = filesystem_for(uri, endpoint)
+        try:
+            if fmt == "csv":
+                with fs.open_input_stream(where, compression="detect") as f:
+                    table = pacsv.read_csv(f)
+            else:
+                table = pq.read_table(where, filesystem=fs)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise InputError(f"input.path {uri}: cannot read it as {fmt}: {first_line(e)}") from None
+        folder = uri.rsplit("/", 1)[0] if is_remote(uri) else os.path.dirname(os.path.abspath(uri))
+        yield uri, table, folder
+
+
+def _resolve_paths(table: pa.Table, column_name: str, folder: str) -> pa.Table:
+    """``column_name``'s relative paths joined onto ``folder`` (the manifest file's folder)."""
+    col = table.column(column_name)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return table
+
+    def resolve(p):
+        if p is None or not p.strip() or is_remote(p) or os.path.isabs(p):
+            return p
+        return f"{folder}/{p}" if is_remote(folder) else os.path.normpath(os.path.join(folder, p))
+
+    values = pa.array([resolve(p) for p in col.to_pylist()], col.type)
+    return table.set_column(table.column_names.index(column_name), column_name, values)
 
 
 # ---------------------------------------------------------------------- routing

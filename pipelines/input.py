@@ -48,6 +48,17 @@ class InputConfig(StrictModel):
     max_reject_ratio: float = Field(0.05, ge=0, le=1, description="fail the run (after writing) above this "
                                                                    "share of rejected input rows")
 
+    def is_table(self, path: str) -> bool:
+        """Whether ``path`` is a table to check against the template's schema before any cluster work
+        (always, here; a template whose input may also be a folder of other files, e.g. multimodal's
+        media files, says which paths are tables)."""
+        return True
+
+    def workers_read(self, path: str) -> bool:
+        """Whether the cluster's workers read ``path`` (a local one must then be on a disk they share);
+        a template that reads an input on the driver only (multimodal's manifest) says so."""
+        return True
+
 
 def column(name: str, type_: pa.DataType, doc: str, required: bool = True) -> pa.Field:
     """One column of a template's input schema; ``doc`` says what it is, its unit and what it is used for."""

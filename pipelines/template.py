@@ -220,9 +220,10 @@ class Template:
             path = getattr(section, key, None)
             if not path:
                 continue
-            if source_format(path, section.format) != "mysql":
+            if section.workers_read(path) and source_format(path, section.format) != "mysql":
                 require_cluster_readable(path, f"input.{key}", f"--set input.{key}=oss://BUCKET/PATH", address)
-            check_input(section, schema, path, what=f"input.{key}")
+            if section.is_table(path):
+                check_input(section, schema, path, what=f"input.{key}")
 
     # ----------------------------------------------------------------- CLI
     def command(self) -> click.Command:

@@ -175,11 +175,11 @@ def test_too_many_rejects_fail_in_one_line_after_writing(sample, adbray_run_dir,
     manifest.write_text("path\n" + "\n".join(images) + "\n")
     run_dir = adbray_run_dir
     code = TEMPLATE.main(["--manifest", str(manifest), "--run-dir", run_dir, "--set", "modalities=[images]",
-                          "--set", "images.embed.enabled=false", "--set", "max_reject_ratio=0.5"])
+                          "--set", "images.embed.enabled=false", "--set", "input.max_reject_ratio=0.5"])
     out, err = capsys.readouterr()
     err = err.strip().splitlines()  # Ray Data may log above the error
     assert code == 1 and [line for line in err if line.startswith("error:")] == err[-1:], err
-    assert err[-1].startswith("error: step process: 3 of 4 files rejected, above max_reject_ratio 0.5"), err
+    assert err[-1].startswith("error: step process: 3 of 4 files rejected, above input.max_reject_ratio 0.5"), err
     assert len(read_table(join(run_dir, "rejects"))) == 3 and read_table(join(run_dir, "images")).num_rows == 1
     summary = json.loads(out.strip().splitlines()[-1])  # the summary is still printed, with the failure
     assert summary["rejects"] == 3 and summary["failure"].startswith("step process: 3 of 4")

@@ -304,7 +304,9 @@ def test_listing_and_manifests(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from multimodal.config import MediaInput
     from multimodal.sources import list_files, read_manifest
+    from pipelines.input import InputError
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.jpg").write_bytes(b"12345")
@@ -319,12 +321,13 @@ def test_listing_and_manifests(tmp_path):
         list_files(str(tmp_path / "missing"))
     csv = tmp_path / "m.csv"
     csv.write_text(f"path\n{tmp_path / 'a.txt'}\n")
-    assert read_manifest(str(csv)).column("size").to_pylist() == [-1]
-    pq.write_table(pa.table({"path": ["x.jpg"], "size": [7]}), tmp_path / "m.parquet")
-    assert read_manifest(str(tmp_path / "m.parquet")).to_pylist() == [{"path": "x.jpg", "size": 7}]
+    assert read_manifest(MediaInput(path=str(csv))).files.column("size").to_pylist() == [-1]
+    pq.write_table(pa.table({"path": ["/x.jpg"], "size": [7]}), tmp_path / "m.parquet")
+    assert read_manifest(MediaInput(path=str(tmp_path / "m.parquet"))).files.to_pylist() == [{"path": "/x.jpg",
+                                                                                                 "size": 7}]
     pq.write_table(pa.table({"file": ["x.jpg"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="no 'path' column"):
-        read_manifest(str(tmp_path / "bad.parquet"))
+    with pytest.raises(InputError, match="bad.parquet: no column 'path' for the required 'path'"):
+        read_manifest(MediaInput(path=str(tmp_path / "bad.parquet")))
 
 
 def test_encoder_from_a_local_path_and_dim_check(tmp_path):
