@@ -14,7 +14,7 @@ and its ``__main__.py`` is ``TEMPLATE.exit()``. That gives, for every template a
 - ``python -m TEMPLATE STEP --run-dir DIR`` runs one step on an existing run folder,
   reading its inputs from the folder's manifest (``run.json``, written after each step);
 - the options ``--config``, ``--set key=value``, ``--address``, ``--run-dir`` (plus the
-  template's flag aliases for config keys, e.g. ``--input`` -> ``source.input``);
+  template's flag aliases for config keys, e.g. ``--input`` -> ``input.path``);
 - one ``local_ray`` config section sizing an in-process Ray (ignored on a cluster);
 - the summary line printed last, computed here: ``template``, ``step``, ``run_dir``,
   ``outputs``, ``metrics``, ``rejects``, ``rows`` (rows the steps wrote), ``step_seconds``.
@@ -109,7 +109,7 @@ class Template:
     key_metric: str
     description: str = ""
     serve_app: str | None = None
-    options: dict[str, str] = field(default_factory=dict)  # --flag -> config key, e.g. {"input": "source.input"}
+    options: dict[str, str] = field(default_factory=dict)  # --flag -> config key, e.g. {"manifest": "input.path"}
     preflight: Callable[[Any], None] | None = None  # config checks before any cluster work
     test_overrides: list[str] = field(default_factory=list)  # --set items for a tiny run (tests, smoke)
     quality_bars: dict[str, str] = field(default_factory=dict)  # metric -> bar shown in the report (">= 0.6")
