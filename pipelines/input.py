@@ -85,7 +85,7 @@ def source_format(path: str, fmt: str | None = None) -> str:
         return fmt
     if urlparse(str(path)).scheme in ("mysql", "mysql+pymysql"):
         return "mysql"
-    if str(path).lower().endswith((".csv", ".csv.gz", ".tsv")):
+    if str(path).lower().endswith((".csv", ".csv.gz")):
         return "csv"
     if str(path).lower().endswith(".parquet"):
         return "parquet"
