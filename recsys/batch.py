@@ -2,6 +2,7 @@
 
 Each actor holds the index, features (as of the end of the data) and the ranker,
 and turns a batch of user ids into rows (user_id, rank, item_id, score, model_version).
+On the user's own data (``input.path``) the rows carry the user's ids (text).
 Parquet output replaces the ``recommendations`` folder; MySQL output upserts on
 (user_id, rank) and deletes ranks beyond k, so re-runs never duplicate rows.
 """
@@ -16,6 +17,7 @@ from pipelines.io import (
     checked_table_name,
     mysql_connect,
     read_parquet,
+    read_table,
     sql_table,
     upsert_mysql,
     write_dataset,
@@ -23,6 +25,7 @@ from pipelines.io import (
 from pipelines.template import Run, StepResult
 
 from . import config as C
+from .common import DataShape, data_shape
 from .score import Recommender
 
 KEY = ("user_id", "rank")
@@ -31,16 +34,22 @@ KEY = ("user_id", "rank")
 class BatchRecommender:
     """Ray Data stage: user ids -> k rows each, best first."""
 
-    def __init__(self, run_dir: str, retrieval_cfg: dict, k: int):
+    def __init__(self, run_dir: str, retrieval_cfg: dict, k: int, own_ids: bool = False):
         self.rec = Recommender(run_dir, C.RetrievalConfig(**retrieval_cfg), features="serve")
         self.k = k
+        # the user's data: rows carry the user's own ids (``key`` of the users/items tables)
+        self.keys = {kind: read_table(f"{run_dir}/{kind}s", columns=["key"]).column("key").to_numpy(
+            zero_copy_only=False) for kind in ("user", "item")} if own_ids else None
 
     def __call__(self, batch: dict) -> dict:
         users = np.asarray(batch["user_id"], dtype=np.int64)
         ids, scores = self.rec.recommend(users, self.k)
         k = ids.shape[1]
-        return {"user_id": np.repeat(users, k), "rank": np.tile(np.arange(k, dtype=np.int64), len(users)),
-                "item_id": ids.ravel().astype(np.int64), "score": scores.ravel().astype(np.float64),
+        user_col, item_col = np.repeat(users, k), ids.ravel().astype(np.int64)
+        if self.keys is not None:
+            user_col, item_col = self.keys["user"][user_col], self.keys["item"][item_col]
+        return {"user_id": user_col, "rank": np.tile(np.arange(k, dtype=np.int64), len(users)),
+                "item_id": item_col, "score": scores.ravel().astype(np.float64),
                 "model_version": np.full(ids.size, self.rec.ranker.version, dtype=object)}
 
 
@@ -55,16 +64,17 @@ class MySQLWriter:
         return {"written": np.array([n])}
 
 
-def build(cfg: C.RecsysConfig, out: str):
+def build(cfg: C.RecsysConfig, out: str, shape: DataShape | None = None):
     """Lazy Ray Dataset of recommendation rows for every user."""
     import ray
 
     b = cfg.batch
-    users = ray.data.from_arrow(pa.table({"user_id": np.arange(cfg.data.num_users, dtype=np.int64)}),
+    shape = shape or data_shape(cfg, out)
+    users = ray.data.from_arrow(pa.table({"user_id": np.arange(shape.num_users, dtype=np.int64)}),
                                 override_num_blocks=max(1, b.max_actors * 2))
     return users.map_batches(
         BatchRecommender, fn_constructor_kwargs={"run_dir": out, "retrieval_cfg": cfg.retrieval.model_dump(),
-                                                 "k": b.k},
+                                                 "k": b.k, "own_ids": shape.own_ids},
         batch_size=b.batch_size, num_cpus=b.num_cpus, num_gpus=b.num_gpus or None,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.max_actors))
 
@@ -75,7 +85,8 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
 
     out, b = run.dir, cfg.batch
     table = checked_table_name(b.mysql_table, "batch.mysql_table") if b.output == "mysql" else None
-    rows = build(cfg, out)
+    shape = data_shape(cfg, out)
+    rows = build(cfg, out, shape)
     t0 = time.perf_counter()
     if b.output == "parquet":
         target = write_dataset(rows, f"{out}/recommendations")
@@ -93,8 +104,8 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
             conn.close()
         target = f"{b.mysql_url.rsplit('@', 1)[-1]}#{table}"
     seconds = time.perf_counter() - t0
-    metrics = {"users": cfg.data.num_users, "recommendation_rows": written, "batch_seconds": seconds,
-               "batch_users_per_s": cfg.data.num_users / seconds}
+    metrics = {"users": shape.num_users, "recommendation_rows": written, "batch_seconds": seconds,
+               "batch_users_per_s": shape.num_users / seconds}
     return StepResult({"recommendations": target}, metrics, rows=written)
 
 

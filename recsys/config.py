@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipelines.config import LocalRayConfig, StrictModel, load_config
+from pipelines.input import InputConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TEMPLATE = "recsys"
@@ -39,6 +40,29 @@ class DataConfig(StrictModel):
     def _slices(self):
         if self.ranker_days + self.test_days >= self.days:
             raise ValueError(f"ranker_days + test_days must be < days ({self.days})")
+        return self
+
+
+class RecsysInputConfig(InputConfig):
+    """The ``input`` section: the user's interactions (``input.path``) and item side input
+    (``input.items_path``) instead of generated data; schemas in :mod:`recsys.inputs`."""
+
+    items_path: str | None = Field(None, description="item side input (item_id, optional title/text, "
+                                                     "category, price): a file, folder or oss:// prefix")
+    positive_rating: float = Field(4.0, description="implicit feedback: rating >= this is a positive "
+                                                    "(used when a row has no click value)")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="time split: the latest share of "
+                                                                "interactions is the evaluation slice")
+    ranker_fraction: float = Field(0.15, gt=0, lt=0.5, description="time split: the share before the test "
+                                                                   "slice whose positives train the ranker")
+    exclude_seen: bool = Field(True, description="never recommend an item the user already interacted "
+                                                 "with (ratings: one per item); evaluation excludes them "
+                                                 "from every method's list alike")
+
+    @model_validator(mode="after")
+    def _split(self):
+        if self.test_fraction + self.ranker_fraction >= 0.9:
+            raise ValueError("test_fraction + ranker_fraction must be < 0.9 (the retriever trains on the rest)")
         return self
 
 
@@ -122,6 +146,7 @@ class ServeConfig(StrictModel):
 
 class RecsysConfig(StrictModel):
     local_ray: LocalRayConfig = LocalRayConfig()
+    input: RecsysInputConfig = RecsysInputConfig()
     data: DataConfig = DataConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     ranker: RankerConfig = RankerConfig()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.io import read_parquet, read_table, upsert_mysql, write_dataset, write_table
+from pipelines.io import read_parquet, read_table, upsert_mysql, write_dataset, write_json, write_table
 from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import DAY_S
+from .common import DAY_S, SHAPE_FILE, generated_shape
 
 CATEGORY_WORDS = ["shoes", "shirt", "phone", "laptop", "book", "toy", "kitchen", "garden", "beauty",
                   "sports", "music", "game", "camera", "watch", "bag", "sofa", "lamp", "bike", "coffee",
@@ -190,9 +190,14 @@ def build_per_user(stage, d: C.DataConfig):
 
 
 def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
-    """Generate and write users, items, impressions, clicks and queries."""
+    """Generate and write users, items, impressions, clicks and queries; with ``input.path``, ingest the
+    user's interactions into the same tables instead (:mod:`recsys.inputs`)."""
     from ray.data.expressions import col
 
+    if cfg.input.path:
+        from . import inputs
+
+        return inputs.run(cfg, run)
     out, d = run.dir, cfg.data
     w = make_world(d)
     outputs = {"users": write_table(users_table(d, w), f"{out}/users"),
@@ -201,6 +206,7 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     outputs["impressions"] = write_dataset(impressions, f"{out}/impressions")
     outputs["clicks"] = write_dataset(impressions.filter(expr=col("clicked") == True), f"{out}/clicks")
     outputs["queries"] = write_dataset(build_per_user(QueryGenerator, d), f"{out}/queries")
+    outputs["dataset"] = write_json(f"{out}/{SHAPE_FILE}", generated_shape(cfg).as_dict())
     n_imp = impressions.count()
     n_clicks = read_parquet(f"{out}/clicks").count()
     n_queries = read_parquet(f"{out}/queries").count()

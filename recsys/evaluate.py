@@ -2,7 +2,9 @@
 
 Relevant items of a user are the items they clicked in [t2, end). Popularity ranks
 items by clicks before t2; retrieval ranks by the two-tower score; the ranker
-re-orders the retriever's top ``candidates``. AUC is over the test impressions
+re-orders the retriever's top ``candidates``. With user data that has no repeats
+(``input.exclude_seen``), items a user interacted with before t2 are excluded from every
+method's list alike. AUC is over the test impressions
 (clicked vs not), scoring each by the ranker, the retrieval score and popularity.
 Per-user metrics are computed by Ray Data actors; JSON + PNG go to the run folder.
 """
@@ -17,7 +19,7 @@ from pipelines.report import plot_bars
 from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import slice_bounds
+from .common import data_shape
 from .features import clicked_by_user
 from .ranking import impression_examples, time_slice
 from .score import RankerScorer, Recommender
@@ -35,17 +37,25 @@ class UserEvaluator:
     def __call__(self, batch: dict) -> dict:
         users = np.asarray(batch["user_id"], dtype=np.int64)
         depth = max(self.rec.candidates, self.recall_k, self.k)
-        cand, cs = self.rec.retriever.for_users(users, depth)
+        seen = self.rec.exclusions(users)  # the same exclusions for every method
+        cand, cs = self.rec.retriever.for_users(users, depth, excluded=seen)
         c = self.rec.candidates
         ranked, _ = self.rec.rank(users, cand[:, :c], cs[:, :c])
         out = {"user_id": users}
-        lists = {"popularity": [self.popular] * len(users), "retrieval": cand, "ranker": ranked}
+        width = max(self.k, self.recall_k)
+        popular = [self.popular[:width]] * len(users) if seen is None else \
+            [_without(self.popular[:width + len(s)], s)[:width] for s in seen]
+        lists = {"popularity": popular, "retrieval": cand, "ranker": ranked}
         for name, rows in lists.items():
             out[f"ndcg{self.k}_{name}"] = np.array([ndcg_at_k(r, set(rel), self.k)
                                                     for r, rel in zip(rows, batch["relevant"])])
             out[f"recall{self.recall_k}_{name}"] = np.array([recall_at_k(r, set(rel), self.recall_k)
                                                              for r, rel in zip(rows, batch["relevant"])])
         return out
+
+
+def _without(ids: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    return ids[~np.isin(ids, excluded)]
 
 
 class ImpressionScorer:
@@ -66,11 +76,11 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
 
     out = run.dir
     e = cfg.eval
-    _, t2, end = slice_bounds(cfg)
+    _, t2, end = data_shape(cfg, out).bounds
     impressions = read_table(f"{out}/impressions")
     users = clicked_by_user(impressions, t2, end).rename_columns(["user_id", "relevant"])
     item_clicks = read_table(f"{out}/features/eval/items").column("clicks").to_numpy()
-    popular = np.argsort(-item_clicks, kind="stable")[:max(e.k, e.recall_k)].tolist()
+    popular = np.argsort(-item_clicks, kind="stable").tolist()  # UserEvaluator takes the top, after exclusions
     per_user = ray.data.from_arrow(users).map_batches(
         UserEvaluator, fn_constructor_kwargs={"run_dir": out, "retrieval_cfg": cfg.retrieval.model_dump(),
                                               "k": e.k, "recall_k": e.recall_k, "popular": popular},

@@ -54,17 +54,30 @@ def clicked_by_user(impressions: pa.Table, lo: int, hi: int) -> pa.Table:
 
 def item_static(items: pa.Table) -> dict:
     """Per-item arrays that do not change over time: category, price bucket, price z-score."""
-    price = items.column("price").to_numpy()
-    log_price = np.log1p(np.maximum(price, 0))
-    edges = np.quantile(log_price, np.linspace(0, 1, PRICE_BUCKETS + 1)[1:-1])
+    price = items.column("price").to_numpy(zero_copy_only=False).astype(np.float64)
+    known = np.isfinite(price)  # the user's items may have no price: bucket 0, z-score 0
+    log_price = np.log1p(np.maximum(np.where(known, price, 0), 0))
+    if not known.any():
+        return {"category": items.column("category").to_numpy().astype(np.int64),
+                "price_bucket": np.zeros(len(price), np.int64), "price_z": np.zeros(len(price), np.float32)}
+    edges = np.quantile(log_price[known], np.linspace(0, 1, PRICE_BUCKETS + 1)[1:-1])
+    mean, std = log_price[known].mean(), log_price[known].std()
     return {"category": items.column("category").to_numpy().astype(np.int64),
-            "price_bucket": np.searchsorted(edges, log_price).astype(np.int64),
-            "price_z": ((log_price - log_price.mean()) / (log_price.std() + 1e-9)).astype(np.float32)}
+            "price_bucket": np.where(known, np.searchsorted(edges, log_price), 0).astype(np.int64),
+            "price_z": np.where(known, (log_price - mean) / (std + 1e-9), 0).astype(np.float32)}
+
+
+def item_lists(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> pa.ListArray:
+    """The distinct items of each user 0..num_users-1 (sorted), as one Arrow list per user."""
+    pairs = np.unique(users * num_items + items)
+    offsets = np.searchsorted(pairs // num_items, np.arange(num_users + 1))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array((pairs % num_items).astype(np.int32)))
 
 
 def snapshot(impressions: pa.Table, items: pa.Table, num_users: int, num_categories: int,
-             until_ts: int) -> tuple[pa.Table, pa.Table]:
-    """(user_features, item_features) from impressions with ts < until_ts."""
+             until_ts: int, seen: bool = False) -> tuple[pa.Table, pa.Table]:
+    """(user_features, item_features) from impressions with ts < until_ts; ``seen`` adds the user column
+    ``seen_items`` (every item the user interacted with, clicked or not: excluded from their candidates)."""
     ts = impressions.column("ts").to_numpy()
     keep = ts < until_ts
     user = impressions.column("user_id").to_numpy()[keep]
@@ -82,16 +95,15 @@ def snapshot(impressions: pa.Table, items: pa.Table, num_users: int, num_categor
     uc = uc.reshape(num_users, num_categories)
     user_clicks = uc.sum(1)
     share = uc / np.maximum(user_clicks, 1)[:, None]
-    pairs = np.unique(user[click > 0] * num_items + item[click > 0])
-    offsets = np.searchsorted(pairs // num_items, np.arange(num_users + 1))
     users_t = pa.table({
         "user_id": np.arange(num_users, dtype=np.int64),
         "clicks": user_clicks.astype(np.float32),
         "cat_share": pa.FixedSizeListArray.from_arrays(pa.array(share.astype(np.float32).ravel()),
                                                        num_categories),
-        "clicked_items": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
-                                                  pa.array((pairs % num_items).astype(np.int32))),
+        "clicked_items": item_lists(user[click > 0], item[click > 0], num_users, num_items),
     })
+    if seen:
+        users_t = users_t.append_column("seen_items", item_lists(user, item, num_users, num_items))
     items_t = pa.table({
         "item_id": items.column("item_id").to_numpy().astype(np.int64),
         "category": static["category"], "price_bucket": static["price_bucket"], "price_z": static["price_z"],
@@ -117,11 +129,29 @@ def user_arrays(users: pa.Table) -> tuple[np.ndarray, np.ndarray, list[np.ndarra
 NO_ITEMS = np.zeros(0, dtype=np.int64)
 
 
+def list_column(table: pa.Table, name: str) -> list[np.ndarray] | None:
+    """A list column as one int64 array per row (None when the table has no such column)."""
+    if name not in table.column_names:
+        return None
+    lists = table.column(name).combine_chunks()
+    offsets = lists.offsets.to_numpy()
+    flat = lists.values.to_numpy().astype(np.int64)
+    return [flat[offsets[j]:offsets[j + 1]] for j in range(len(offsets) - 1)]
+
+
 class InProcessUsers:
-    """User features held in memory (arrays indexed by user_id)."""
+    """User features held in memory (arrays indexed by user_id); ``seen`` the items to exclude per user
+    (None: nothing is excluded)."""
 
     def __init__(self, users: pa.Table):
         self.clicks, self.share, self.items = user_arrays(users)
+        self.seen = list_column(users, "seen_items")
+
+    def exclusions(self, user_ids: np.ndarray) -> list[np.ndarray] | None:
+        """The items each of ``user_ids`` must not be recommended (None when the snapshot has none)."""
+        if self.seen is None:
+            return None
+        return [self.seen[u] if 0 <= u < len(self.seen) else NO_ITEMS for u in np.asarray(user_ids, np.int64)]
 
     def lookup(self, user_ids: np.ndarray):
         """(known mask, clicks, cat_share, clicked item arrays) for ``user_ids``; unknown users get zeros."""
@@ -143,6 +173,9 @@ class RedisUsers:
         self.client = redis.Redis.from_url(url)
         self.prefix = prefix
         self.width = num_categories + 1
+
+    def exclusions(self, user_ids: np.ndarray) -> None:
+        return None  # the Redis store carries no seen-items lists
 
     def publish(self, users: pa.Table, chunk: int = 5000) -> int:
         """Write every user's features (overwrites; idempotent). Returns the number of users."""
@@ -265,7 +298,7 @@ class CandidateExamples(RankerExamples):
 
     def __call__(self, batch: dict) -> dict:
         users = np.asarray(batch["user_id"], dtype=np.int64)
-        scores = self.user_vec[users] @ self.item_vec.T
+        scores = exclude(self.user_vec[users] @ self.item_vec.T, self.store.users.exclusions(users))
         k = min(self.candidates, scores.shape[1])
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         label = np.stack([np.isin(cand, np.asarray(clicked, dtype=np.int64))
@@ -273,10 +306,22 @@ class CandidateExamples(RankerExamples):
         keep = label.sum(1) > 0
         users, top, label = users[keep], top[keep], label[keep]
         u = np.repeat(users, k)
-        sparse, dense = self.store.ranker_inputs(u, top.ravel(), np.take_along_axis(scores[keep], top, 1).ravel())
+        cand_scores = np.maximum(np.take_along_axis(scores[keep], top, 1), -1.0)  # excluded (-inf): cosine floor
+        sparse, dense = self.store.ranker_inputs(u, top.ravel(), cand_scores.ravel())
         return {"user_id": users, "items": top, "sparse": sparse.reshape(len(users), k, -1),
                 "dense": dense.reshape(len(users), k, -1), "label": label,
                 "is_val": is_validation(users, self.val_fraction)}
+
+
+def exclude(scores: np.ndarray, items: list[np.ndarray] | None) -> np.ndarray:
+    """``scores`` [B, I] with -inf where row b's item is in ``items[b]`` (unchanged when ``items`` is None)."""
+    if items is None:
+        return scores
+    rows = np.repeat(np.arange(len(items)), [len(i) for i in items])
+    if len(rows):
+        scores = scores.copy()
+        scores[rows, np.concatenate(items)] = -np.inf
+    return scores
 
 
 def column_matrix(column) -> np.ndarray:

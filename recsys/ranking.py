@@ -21,7 +21,7 @@ from pipelines.metrics import ndcg_at_k, roc_auc
 from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import slice_bounds
+from .common import DataShape, data_shape
 from .features import (
     PRICE_BUCKETS,
     CandidateExamples,
@@ -47,9 +47,10 @@ MODEL_FILE = "models/ranker.pt"
 SNAPSHOTS = ("ranker", "eval", "serve")
 
 
-def model_kwargs(cfg: C.RecsysConfig, num_items: int) -> dict:
+def model_kwargs(cfg: C.RecsysConfig, num_items: int, num_categories: int | None = None) -> dict:
     k = cfg.ranker
-    return {"field_sizes": [cfg.data.num_categories + 1, num_items, cfg.data.num_categories, PRICE_BUCKETS],
+    cats = num_categories or cfg.data.num_categories
+    return {"field_sizes": [cats + 1, num_items, cats, PRICE_BUCKETS],
             "num_dense": len(DENSE_FEATURES), "embed_dim": k.embed_dim, "hidden": list(k.hidden)}
 
 
@@ -141,13 +142,15 @@ def train_loop(config: dict) -> None:
             hold_until_killed(config["hold_dir"])
 
 
-def write_snapshots(cfg: C.RecsysConfig, out: str) -> tuple[pa.Table, int]:
+def write_snapshots(cfg: C.RecsysConfig, out: str, shape: DataShape | None = None) -> tuple[pa.Table, int]:
     """Validate impressions, write the three feature snapshots and rejects; (valid impressions, rejects)."""
+    shape = shape or data_shape(cfg, out)
     items = read_table(f"{out}/items")
-    impressions, bad = validate_impressions(read_table(f"{out}/impressions"), cfg.data.num_users, items.num_rows)
+    impressions, bad = validate_impressions(read_table(f"{out}/impressions"), shape.num_users, items.num_rows)
     write_table(rejects_table(bad), f"{out}/rejects")
-    for name, until in zip(SNAPSHOTS, slice_bounds(cfg)):
-        users_t, items_t = snapshot(impressions, items, cfg.data.num_users, cfg.data.num_categories, until)
+    for name, until in zip(SNAPSHOTS, shape.bounds):
+        users_t, items_t = snapshot(impressions, items, shape.num_users, shape.num_categories, until,
+                                    seen=shape.exclude_seen)
         write_table(users_t, f"{out}/features/{name}/users")
         write_table(items_t, f"{out}/features/{name}/items")
     return impressions, len(bad)
@@ -193,18 +196,19 @@ def train(cfg: C.RecsysConfig, out: str, impressions: pa.Table, storage_path: st
     from ray.data.expressions import col
 
     k = cfg.ranker
-    t1, t2, _ = slice_bounds(cfg)
+    shape = data_shape(cfg, out)
+    t1, t2 = shape.t1, shape.t2
     rows = candidate_examples(clicked_by_user(impressions, t1, t2), out, "ranker", cfg.retrieval.candidates,
                               k.val_fraction).materialize()
     train_ds = rows.filter(expr=col("is_val") == False).drop_columns(["is_val"])
     val_ds = rows.filter(expr=col("is_val") == True).drop_columns(["is_val"])
-    kwargs = model_kwargs(cfg, read_table(f"{out}/items").num_rows)
+    kwargs = model_kwargs(cfg, read_table(f"{out}/items").num_rows, shape.num_categories)
     loop_cfg = {"model_kwargs": kwargs, "seed": cfg.data.seed, "lr": k.lr, "weight_decay": k.weight_decay,
                 "epochs": k.epochs, "batch_size": k.batch_size, "fail_after_epoch": k.fail_after_epoch}
     if hold_after_epoch is not None:
         loop_cfg.update(hold_after_epoch=hold_after_epoch[0], hold_dir=hold_after_epoch[1])
     stable = k.model_dump(exclude={"fail_after_epoch", "max_failures", "storage_path"})
-    name = run_name("ranker", stable, cfg.data.model_dump(), cfg.retrieval.candidates, rows.count(),
+    name = run_name("ranker", stable, cfg.data.model_dump(), shape.as_dict(), cfg.retrieval.candidates, rows.count(),
                     param_shapes(DeepFM(**kwargs)))
     t0 = time.perf_counter()
     result = fit(train_loop, loop_cfg, {"train": train_ds, "val": val_ds}, k,

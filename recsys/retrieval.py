@@ -16,7 +16,7 @@ from pipelines.io import read_table, write_dataset
 from pipelines.template import Run, StepResult
 
 from . import config as C
-from .common import slice_bounds
+from .common import DataShape, data_shape, generated_shape
 from .models import TwoTower, in_batch_softmax_loss, load_model, save_model, tokenize
 from .training import (
     batches_per_epoch,
@@ -33,10 +33,11 @@ from .training import (
 MODEL_FILE = "models/retriever.pt"
 
 
-def model_kwargs(cfg: C.RecsysConfig, items: pa.Table) -> dict:
+def model_kwargs(cfg: C.RecsysConfig, items: pa.Table, shape: DataShape | None = None) -> dict:
     r = cfg.retrieval
-    return {"num_users": cfg.data.num_users, "num_items": items.num_rows,
-            "num_categories": cfg.data.num_categories,
+    shape = shape or generated_shape(cfg)
+    return {"num_users": shape.num_users, "num_items": items.num_rows,
+            "num_categories": shape.num_categories,
             "item_category": items.column("category").to_numpy().astype(np.int64),
             "item_tokens": tokenize(items.column("title").to_pylist(), r.vocab_buckets, r.max_tokens),
             "vocab_buckets": r.vocab_buckets, "embed_dim": r.embed_dim, "hidden": r.hidden}
@@ -141,9 +142,13 @@ class VectorIndex:
         if kind == "ivf":
             self.centroids, self.assign = kmeans(self.vectors, min(lists, len(vectors)), seed)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
-        """(ids [B, k], scores [B, k]) best first; ``allowed`` is a bool mask over items."""
-        scores = np.asarray(queries, dtype=np.float32) @ self.vectors.T
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               excluded: list[np.ndarray] | None = None):
+        """(ids [B, k], scores [B, k]) best first; ``allowed`` is a bool mask over items, ``excluded`` the
+        item ids each query row must not get (scored -inf, so last)."""
+        from .features import exclude
+
+        scores = exclude(np.asarray(queries, dtype=np.float32) @ self.vectors.T, excluded)
         if self.kind == "ivf":
             near = np.argsort(-(queries @ self.centroids.T), axis=1)[:, :self.probe]
             in_probe = (self.assign[None, None, :] == near[:, :, None]).any(1)
@@ -178,19 +183,20 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     import ray
 
     r = cfg.retrieval
-    t1, _, _ = slice_bounds(cfg)
+    shape = data_shape(cfg, out)
+    t1 = shape.t1
     items = read_table(f"{out}/items")
     pairs = training_pairs(cfg, read_table(f"{out}/clicks"), read_table(f"{out}/queries"), t1)
     counts = np.bincount(pairs["item_id"], minlength=items.num_rows) + 1.0
     log_q = np.log(counts / counts.sum()).tolist() if r.logq_correction else None
-    kwargs = model_kwargs(cfg, items)
+    kwargs = model_kwargs(cfg, items, shape)
     loop_cfg = {"model_kwargs": kwargs, "seed": cfg.data.seed, "lr": r.lr, "epochs": r.epochs,
                 "batch_size": r.batch_size, "temperature": r.temperature, "log_q": log_q}
     from ray.data.extensions import ArrowTensorArray
 
     ds = ray.data.from_arrow(pa.table({"user_index": pairs["user_index"], "item_id": pairs["item_id"],
                                        "tokens": ArrowTensorArray.from_numpy(pairs["tokens"])}))
-    name = run_name("retriever", r.model_dump(), cfg.data.model_dump(), len(pairs["item_id"]),
+    name = run_name("retriever", r.model_dump(), cfg.data.model_dump(), shape.as_dict(), len(pairs["item_id"]),
                     param_shapes(TwoTower(**kwargs)))
     t0 = time.perf_counter()
     result = fit(train_loop, loop_cfg, {"train": ds}, r, f"{out}/train", name)
@@ -200,7 +206,7 @@ def run(cfg: C.RecsysConfig, run: Run) -> StepResult:
     model.load_state_dict(state["model"])
     model_uri = save_model(model, kwargs, f"{out}/{MODEL_FILE}", epoch=state["epoch"])
     item_ids = pa.table({"item_id": items.column("item_id")})
-    user_ids = pa.table({"user_id": np.arange(cfg.data.num_users, dtype=np.int64)})
+    user_ids = pa.table({"user_id": np.arange(shape.num_users, dtype=np.int64)})
     outputs = {"retriever": model_uri,
                "item_embeddings": write_dataset(embed(item_ids, model_uri, "item", r), f"{out}/item_embeddings"),
                "user_embeddings": write_dataset(embed(user_ids, model_uri, "user", r), f"{out}/user_embeddings"),

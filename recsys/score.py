@@ -57,9 +57,10 @@ class Retriever:
             mask &= self.price <= max_price
         return mask
 
-    def for_users(self, user_ids, n: int, allowed=None):
-        """(item ids [B, n], cosine scores [B, n]) for known user ids."""
-        return self.index.search(self.user_vec[np.asarray(user_ids, dtype=np.int64)], n, allowed)
+    def for_users(self, user_ids, n: int, allowed=None, excluded=None):
+        """(item ids [B, n], cosine scores [B, n]) for known user ids; ``excluded``: item ids per user
+        that come last with score -inf (items the user already interacted with)."""
+        return self.index.search(self.user_vec[np.asarray(user_ids, dtype=np.int64)], n, allowed, excluded)
 
     def for_queries(self, user_ids, queries, n: int, allowed=None):
         return self.index.search(self.query_vectors(user_ids, queries), n, allowed)
@@ -102,7 +103,11 @@ class Recommender:
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(cand, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
+    def exclusions(self, user_ids) -> list[np.ndarray] | None:
+        """Items each user must not get (seen before the snapshot; None when the data allows repeats)."""
+        return self.store.users.exclusions(user_ids) if hasattr(self.store.users, "exclusions") else None
+
     def recommend(self, user_ids, k: int) -> tuple[np.ndarray, np.ndarray]:
-        cand, cs = self.retriever.for_users(user_ids, max(self.candidates, k))
+        cand, cs = self.retriever.for_users(user_ids, max(self.candidates, k), excluded=self.exclusions(user_ids))
         ids, scores = self.rank(user_ids, cand, cs)
         return ids[:, :k], scores[:, :k]

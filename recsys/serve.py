@@ -239,7 +239,8 @@ def build_app(cfg: C.RecsysConfig, run_dir: str):
     version = model_version(run_dir)
     if s.feature_store == "redis":
         users = read_table(f"{run_dir}/features/serve/users")
-        RedisUsers(s.redis_url, redis_prefix(version), cfg.data.num_categories).publish(users)
+        width = users.schema.field("cat_share").type.list_size
+        RedisUsers(s.redis_url, redis_prefix(version), width).publish(users)
     opts = {"num_cpus": s.num_cpus}
     retriever = RetrieverDeployment.options(num_replicas=s.retriever_replicas, ray_actor_options=opts).bind(
         run_dir, cfg.retrieval.model_dump())

@@ -4,17 +4,19 @@ from pipelines.template import Step, Template
 from . import batch, data, evaluate, ranking, retrieval
 from .config import TEMPLATE as NAME
 from .config import load
+from .inputs import INTERACTIONS, ITEMS
 
 TEMPLATE = Template(
     name=NAME, load_config=load, key_metric="ndcg10_ranker",
     quality_bars={"ndcg10_ranker": ">= 1.3 * ndcg10_popularity", "recall50_retrieval": "> recall50_popularity",
                   "auc_ranker": "> 0.5"},
-    description="Search and recommendation: synthetic interactions -> two-tower retrieval -> DeepFM ranking "
-                "-> evaluation -> batch top-k (online: python -m recsys.serve).",
+    description="Search and recommendation: synthetic interactions (or yours: --input FILE) -> two-tower "
+                "retrieval -> DeepFM ranking -> evaluation -> batch top-k (online: python -m recsys.serve).",
+    inputs={"path": INTERACTIONS, "items_path": ITEMS},
     serve_app="recsys.serve:app_builder",
     steps=[
-        Step("data", data.run, makes=("users", "items", "impressions", "clicks", "queries"),
-             help="generate users, items, impressions, clicks and queries"),
+        Step("data", data.run, makes=("users", "items", "impressions", "clicks", "queries", "dataset"),
+             help="generate users, items, impressions, clicks and queries (with input.path: ingest yours)"),
         Step("retrieval", retrieval.run, needs=("items", "clicks", "queries"),
              makes=("retriever", "item_embeddings", "user_embeddings", "retriever_history",
                     "plot_retriever_loss"),
