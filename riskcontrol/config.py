@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 
 from pipelines.config import LocalRayConfig, StrictModel, load_config
+from pipelines.input import InputConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
@@ -73,12 +75,39 @@ class EvalConfig(StrictModel):
     max_fpr: float = Field(0.01, gt=0, lt=1)
 
 
-class ScoreConfig(StrictModel):
-    """Batch scoring with Ray Data actors (model loaded once per actor)."""
+class RiskInputConfig(InputConfig):
+    """Your data (``--input``): transactions instead of the generator's, and optional late labels."""
 
-    input: str | None = None          # Parquet folder; default: the run's transactions
-    input_mysql_url: str | None = None  # read transactions from MySQL instead
-    input_table: str = "riskcontrol_transactions"
+    labels_path: str | None = Field(None, description="late labels (transaction_id, is_fraud, label_time): "
+                                                      "file, folder or oss:// prefix; joined by transaction_id")
+
+    @model_validator(mode="after")
+    def _labels_source(self):
+        if self.labels_path and not self.path:
+            raise ValueError("labels_path: give the transactions they label as input.path (--input) too")
+        if self.labels_path and urlparse(self.labels_path).scheme in ("mysql", "mysql+pymysql"):
+            raise ValueError("labels_path: MySQL labels are not read yet; give a Parquet/CSV file, folder or "
+                             "oss:// prefix, or put is_fraud and label_time columns in input.table")
+        return self
+
+
+# score.* keys that moved to the input section
+MOVED = {"input": "input.path (--input)", "input_mysql_url": "input.path=mysql://host:port/db",
+         "input_table": "input.table"}
+
+
+class ScoreConfig(StrictModel):
+    """Batch scoring with Ray Data actors (model loaded once per actor). What it scores: the run's
+    features, or ``input.path`` when the run's features were not made from it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        for key, new in MOVED.items():
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"{key!r} moved to the input section: use {new}")
+        return data
+
     model_dir: str | None = None      # default: the run's model
     output_mysql_url: str | None = None  # also upsert scores into this MySQL table
     output_table: str = "riskcontrol_scores"
@@ -114,6 +143,7 @@ class ServeConfig(StrictModel):
 
 
 class RiskConfig(StrictModel):
+    input: RiskInputConfig = RiskInputConfig()
     data: DataConfig = DataConfig()
     features: FeatureConfig = FeatureConfig()
     train: TrainConfig = TrainConfig()

@@ -44,7 +44,7 @@ def merchant_table(cfg: DataConfig) -> pd.DataFrame:
     rng = np.random.default_rng([cfg.seed, 99])
     n = cfg.merchants
     city = rng.integers(0, len(CITIES), n)
-    start = rng.uniform(2, cfg.days - 3, n) * DAY
+    start = rng.uniform(2, max(cfg.days - 3, 2), n) * DAY  # (days 3-4: compromised from day 2)
     return pd.DataFrame({
         "merchant_id": np.arange(n, dtype=np.int64),
         "merchant_category": np.array(CATEGORIES)[rng.choice(len(CATEGORIES), n, p=CATEGORY_WEIGHTS)],
@@ -302,7 +302,12 @@ def read_transactions(path: str):
 
 def run(cfg: RiskConfig, run: Run) -> StepResult:
     """The data step: seeded transactions with injected fraud as ``transactions`` (date-partitioned
-    Parquet in the run folder); with ``data.mysql_url`` also upserted into ``data.mysql_table``."""
+    Parquet in the run folder); with ``data.mysql_url`` also upserted into ``data.mysql_table``.
+    With ``input.path`` (your data) it generates nothing: it ingests yours (``riskcontrol.inputs``)."""
+    if cfg.input.path:
+        from .inputs import ingest_transactions
+
+        return ingest_transactions(cfg, run, blocks=cfg.features.blocks)
     outputs, rows = write_transactions(cfg.data.model_copy(update={"mysql_url": None}), run.dir)
     if cfg.data.mysql_url:
         mysql, _ = write_transactions(cfg.data, run.dir)  # same seed: the same rows

@@ -232,8 +232,10 @@ def merchant_feature_block(block: pd.DataFrame) -> pd.DataFrame:
     block, times = _in_order(block, "merchant_id")
     has_labels = "is_fraud" in block.columns and "label_time" in block.columns
     labels = block["is_fraud"].tolist() if has_labels else [None] * len(block)
-    label_times = (pd.to_datetime(block["label_time"], utc=True).dt.as_unit("us").astype("int64") / 1e6
-                   ).tolist() if has_labels else [None] * len(block)
+    label_times = [None] * len(block)
+    if has_labels:  # an empty label_time (a label whose time is unknown) is never a known label
+        known = pd.to_datetime(block["label_time"], utc=True)
+        label_times = (known.dt.as_unit("us").astype("int64") / 1e6).where(known.notna()).tolist()
     rows, state, current = [], None, object()
     for ts, merchant, label, label_ts in zip(times, block["merchant_id"].tolist(), labels, label_times):
         if merchant != current:
@@ -282,9 +284,10 @@ def build_features(transactions, num_cpus: float = 1, blocks: int = 8):
     reason) and never enter any card's or merchant's history.
     """
     tagged = transactions.map_batches(tag_invalid, batch_format="pandas", num_cpus=num_cpus)
-    valid = tagged.filter(lambda r: r["reject_reason"] == "").drop_columns(["reject_reason"])
-    rejects = tagged.filter(lambda r: r["reject_reason"] != "").map_batches(
-        _to_rejects, batch_format="pandas", num_cpus=num_cpus)
+    # batch filters, not row ones: rows rebuilt from Python values lose the column types (an int8 label
+    # becomes int64, and a block whose label_time is partly empty an unwritable object column)
+    valid = tagged.map_batches(_valid_rows, batch_format="pandas", num_cpus=num_cpus)
+    rejects = tagged.map_batches(_to_rejects, batch_format="pandas", num_cpus=num_cpus)
     features = (valid.repartition(blocks, keys=["card_id"])
                 .map_batches(card_feature_block, batch_format="pandas", batch_size=None, num_cpus=num_cpus)
                 .repartition(blocks, keys=["merchant_id"])
@@ -293,9 +296,14 @@ def build_features(transactions, num_cpus: float = 1, blocks: int = 8):
     return features, rejects
 
 
+def _valid_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch[batch["reject_reason"] == ""].drop(columns=["reject_reason"])
+
+
 def _to_rejects(batch: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"id": batch["transaction_id"].astype(str), "stage": "features",
-                         "reason": batch["reject_reason"].astype(str)})
+    bad = batch[batch["reject_reason"] != ""]
+    return pd.DataFrame({"id": bad["transaction_id"].astype(str), "stage": "features",
+                         "reason": bad["reject_reason"].astype(str)})
 
 
 def features_frame(transactions: pd.DataFrame) -> pd.DataFrame:

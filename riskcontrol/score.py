@@ -1,4 +1,4 @@
-"""Batch scoring with Ray Data: transactions (Parquet or MySQL) -> features -> scores.
+"""Batch scoring with Ray Data: transactions (the run's, or yours: ``--input``) -> features -> scores.
 
 The model is loaded once per actor (:class:`Scorer`); each score carries the
 probability, a risk tier, the top-3 reason codes (LightGBM feature
@@ -14,22 +14,22 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.config import redact
+from pipelines.input import read_input, split_rejects
 from pipelines.io import (
     checked_table_name,
-    read_mysql,
     read_parquet,
     reject_ratio_failure,
     rejects_table,
-    sql_table,
     upsert_mysql,
     write_dataset,
     write_table,
 )
 from pipelines.template import Run, StepResult
 
-from .config import FeatureConfig, RiskConfig, ScoreConfig
-from .data import read_transactions
+from .config import FeatureConfig, RiskConfig, RiskInputConfig, ScoreConfig
 from .features import build_features
+from .inputs import TRANSACTIONS
 from .train import feature_matrix, load_model
 
 SCORE_COLUMNS = ["transaction_id", "event_time", "card_id", "merchant_id", "amount", "probability",
@@ -109,14 +109,20 @@ def _upsert_batch(batch: pa.Table, url: str, table: str) -> pa.Table:
     return pa.table({"written": [n]})
 
 
-def input_dataset(cfg: ScoreConfig, default_path: str | None):
-    """Transactions to score: a MySQL table, ``score.input``, or the given default folder."""
-    if cfg.input_mysql_url:
-        return read_mysql(cfg.input_mysql_url, f"SELECT * FROM {sql_table(cfg.input_table, 'score.input_table')}")
-    path = cfg.input or default_path
-    if not path:
-        raise ValueError("score.input: no transactions to score (set score.input or score.input_mysql_url)")
-    return read_transactions(path)
+def input_dataset(cfg: RiskInputConfig):
+    """Transactions to score from ``input.path`` (a file, folder, ``oss://`` prefix or MySQL table, mapped
+    by ``input.columns``): lazy ``(good rows, rejects records)``."""
+    if not cfg.path:
+        raise ValueError("input.path: no transactions to score (give --input or score the run's features)")
+    return split_rejects(read_input(cfg, TRANSACTIONS, id_columns=["transaction_id"]), stage="input transactions")
+
+
+def scores_features_of_run(cfg: RiskConfig, run: Run) -> bool:
+    """Whether the score step scores the run's ``features``: no ``input.path``, or the run's features
+    were made from it (the data step ingested it), so they need not be computed again."""
+    if not cfg.input.path:
+        return True
+    return "features" in run.outputs and run.outputs.get("transactions_source") == redact(cfg.input.path)
 
 
 def _output_table(cfg: ScoreConfig) -> str | None:
@@ -139,31 +145,39 @@ def write_scores(scores, cfg: ScoreConfig, out_dir: str) -> dict:
 
 
 def run_score(transactions, model_dir: str, cfg: ScoreConfig, out_dir: str, fcfg: FeatureConfig,
-              rejects_name: str = "rejects") -> dict:
-    """Features + scores of transactions; writes ``scores`` and ``rejects_name``; outputs and counts."""
+              rejects_name: str = "rejects", input_rejects=None, max_input_reject_ratio: float = 1.0) -> dict:
+    """Features + scores of transactions; writes ``scores`` and ``rejects_name`` (the features' rejects
+    after ``input_rejects``, a Dataset of rejects records from reading the input); outputs and counts."""
     _output_table(cfg)  # a bad table name fails before any scoring
     scores, rejects = build_scores(transactions.materialize(), model_dir, cfg, fcfg)
     print(f"scoring with model {model_dir}", file=sys.stderr, flush=True)
     res = write_scores(scores, cfg, out_dir)
-    bad = rejects.to_pandas() if rejects.count() else pd.DataFrame(columns=["id", "stage", "reason"])
-    res["outputs"][rejects_name] = write_table(rejects_table(bad.to_dict("records")), f"{out_dir}/{rejects_name}")
+    frames = [d.to_pandas() for d in (input_rejects, rejects) if d is not None and d.count()]
+    bad = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "stage", "reason"])
+    where = f"{out_dir}/{rejects_name}"
+    res["outputs"][rejects_name] = write_table(rejects_table(bad.to_dict("records")), where)
     res["rejects"] = len(bad)
-    res["failure"] = reject_ratio_failure(len(bad), res["rows"] + len(bad), fcfg.max_reject_ratio, "transactions",
-                                          "features.max_reject_ratio", f"{out_dir}/{rejects_name}")
+    unreadable = int((bad["stage"] != "features").sum())
+    res["failure"] = reject_ratio_failure(
+        unreadable, res["rows"] + len(bad), max_input_reject_ratio, "input rows", "input.max_reject_ratio", where,
+    ) or reject_ratio_failure(len(bad) - unreadable, res["rows"] + len(bad) - unreadable, fcfg.max_reject_ratio,
+                              "transactions", "features.max_reject_ratio", where)
     return res
 
 
 def run(cfg: RiskConfig, run: Run) -> StepResult:
     """The score step: ``scores`` with tiers and reasons, by ``score.model_dir`` or the run's ``model``.
 
-    Input: ``score.input`` / ``score.input_mysql_url`` (features computed here, bad rows to
-    ``score_rejects``), else the run's own ``features`` (already validated by the features step).
+    Input: the run's own ``features`` (already validated by the features step), or ``input.path``
+    (``--input``) when the run's features were not made from it (read, mapped and validated here,
+    features computed here, bad rows to ``score_rejects``).
     """
     model_dir = cfg.score.model_dir or run.input("model")
     load_model(model_dir)  # a missing or broken model fails before any scoring
-    if cfg.score.input or cfg.score.input_mysql_url:
-        res = run_score(input_dataset(cfg.score, None), model_dir, cfg.score, run.dir, cfg.features,
-                        rejects_name="score_rejects")
+    if not scores_features_of_run(cfg, run):
+        good, bad = input_dataset(cfg.input)
+        res = run_score(good, model_dir, cfg.score, run.dir, cfg.features, rejects_name="score_rejects",
+                        input_rejects=bad, max_input_reject_ratio=cfg.input.max_reject_ratio)
     else:
         res = write_scores(score_dataset(read_parquet(run.input("features")), model_dir, cfg.score),
                            cfg.score, run.dir)

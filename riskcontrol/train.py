@@ -211,6 +211,10 @@ def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers:
                                   batch_format="pandas").materialize()
         labels = train_ds.select_columns([LABEL]).to_pandas()[LABEL]
         n_valid_pos = int(valid_ds.sum(LABEL) or 0)
+    if len(labels) and labels.isna().all():
+        raise ValueError("train: the transactions have no labels: give is_fraud in input.path "
+                         "(--set input.columns.is_fraud=YOURS) or input.labels_path; to score them with a "
+                         "trained model: python -m riskcontrol score --model DIR --input ...")
     if labels.sum() == 0 or n_valid_pos == 0:
         raise ValueError("the training or validation slice has no fraud: generate more rows")
     pos_weight = positive_weight(tcfg, labels)

@@ -1,4 +1,4 @@
-"""A corrupt transactions Parquet file given as ``score.input`` is a one-line error naming it."""
+"""A corrupt transactions Parquet file (the features step reads the run's transactions) is a one-line error naming it."""
 import pyarrow as pa
 import pytest
 

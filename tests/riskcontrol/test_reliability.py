@@ -95,7 +95,7 @@ def test_raylet_killed_mid_scoring_exactly_one_score_per_transaction(tmp_path, m
         env = {**os.environ, **state.env(), "PYTHONPATH": str(ROOT)}
         env.pop("RAY_AUTH_TOKEN", None)
         cmd = [sys.executable, "-m", "riskcontrol.score", "--model", join(out, "model"),
-               "--run-dir", join(out, "run"), "--set", f"score.input={join(out, 'transactions')}",
+               "--run-dir", join(out, "run"), "--input", join(out, "transactions"),
                "--set", "score.batch_size=500", "--set", "features.blocks=8"]
         stderr_path = tmp_path / "score.err"
         with open(stderr_path, "w") as err:

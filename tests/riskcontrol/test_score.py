@@ -3,7 +3,7 @@ import pytest
 
 from pipelines.io import join, read_table
 from pipelines.testing import storage_run_dir
-from riskcontrol.config import FeatureConfig, ScoreConfig
+from riskcontrol.config import FeatureConfig, RiskInputConfig, ScoreConfig
 from riskcontrol.data import read_transactions
 from riskcontrol.features import FEATURE_COLUMNS, build_features
 from riskcontrol.score import run_score
@@ -78,16 +78,21 @@ def test_score_reads_transactions_from_mysql(small_run, mysql_url):
     import pyarrow as pa
 
     from pipelines.io import upsert_mysql
+    from riskcontrol.features import invalid_reasons
     from riskcontrol.score import input_dataset
 
     table = "riskcontrol_test_transactions"
     sql(mysql_url, f"DROP TABLE IF EXISTS `{table}`")
     subset = frame.drop(columns=["date"]).head(3000)
     upsert_mysql(mysql_url, table, pa.Table.from_pandas(subset, preserve_index=False), ["transaction_id"])
-    cfg = ScoreConfig(input_mysql_url=mysql_url, input_table=table, batch_size=1000)
-    res = run_score(input_dataset(cfg, None), join(out, "model"), cfg, join(out, "run_mysql"),
-                    FeatureConfig(blocks=2))
+    good, unreadable = input_dataset(RiskInputConfig(path=mysql_url, table=table))
+    cfg = ScoreConfig(batch_size=1000)
+    res = run_score(good, join(out, "model"), cfg, join(out, "run_mysql"), FeatureConfig(blocks=2),
+                    input_rejects=unreadable)
     assert res["rows"] + res["rejects"] == 3000 and res["rejects"] > 0
+    rejected = read_table(join(out, "run_mysql", "rejects"), columns=["id"]).column(0).to_pylist()
+    invalid = subset.transaction_id[invalid_reasons(subset) != ""].astype(str)
+    assert sorted(rejected) == sorted(invalid)  # read (a NULL amount) or feature checks: the same rows
     ids = read_table(join(out, "run_mysql", "scores"), columns=["transaction_id"]).column(0).to_pylist()
     assert len(ids) == len(set(ids)) == res["rows"]
     sql(mysql_url, f"DROP TABLE `{table}`")
