@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipelines.config import LocalRayConfig, StrictModel, load_config
+from pipelines.input import InputConfig
 
 TEMPLATE = "embodied"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -68,8 +69,35 @@ class EvaluateConfig(StrictModel):
                                   description="fail the run when BC closes less of the random->expert gap")
 
 
+class EmbodiedInputConfig(InputConfig):
+    """``input.path``: a LeRobot v3 dataset (folder or ``oss://`` prefix) to clone instead of collecting;
+    ``input.columns`` maps ``state``/``action`` onto its features (see :mod:`embodied.inputs`)."""
+
+    path: str | None = Field(None, description="a LeRobot v3 dataset folder or oss:// prefix; unset: collect "
+                                               "our own rollouts")
+    env: str | None = Field(None, description="simulator env the dataset was recorded in (Reacher-v5, Pusher-v5) "
+                                              "or none; unset: meta/info.json's robot_type when it is one")
+    holdout: float = Field(0.1, gt=0, lt=1, description="share of the episodes held out of training for the "
+                                                        "offline evaluation (at least one)")
+    max_reject_ratio: float = Field(0.05, ge=0, le=1, description="fail the run (after writing) above this "
+                                                                   "share of rejected episodes")
+
+    @field_validator("columns")
+    @classmethod
+    def _short_names(cls, columns: dict[str, str]) -> dict[str, str]:
+        """``state`` is short for ``observation.state`` (``--set`` splits keys at dots)."""
+        return {("observation.state" if k == "state" else k): v for k, v in columns.items()}
+
+    def is_table(self, path: str) -> bool:
+        return False  # a LeRobot dataset is a folder of tables and JSON: embodied.inputs.describe checks it
+
+    def workers_read(self, path: str) -> bool:
+        return False  # the driver reads the frames and hands them to the Train workers
+
+
 class EmbodiedConfig(StrictModel):
     local_ray: LocalRayConfig = LocalRayConfig()
+    input: EmbodiedInputConfig = EmbodiedInputConfig()
     env: EnvConfig = EnvConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     policy_server: PolicyServerConfig = PolicyServerConfig()

@@ -5,19 +5,24 @@ folder's cloned policy (output ``policy``), rolls it and the expert and random
 policies out on ``evaluate.episodes`` seeds starting at ``evaluate.seed`` (disjoint
 from the collect seeds) and writes ``evaluation.json``, ``evaluation.png`` (returns) and
 ``evaluation_success.png`` (success rates) into the run folder (local or object storage,
-through :mod:`pipelines.io`).
+through :mod:`pipelines.io`). A policy cloned from the user's dataset (``policy/dataset.json``
+says so) gets the held-out action MSE against the mean-action baseline (``evaluation_offline.png``)
+and the simulator evaluation only when the dataset named one of our envs (:mod:`embodied.inputs`).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from pipelines.cli import RunFailed
-from pipelines.io import join, write_json
+from pipelines.io import exists, join, read_json, write_json
 from pipelines.report import plot_bars
 from pipelines.template import Run, StepResult
 
 from .config import EmbodiedConfig
-from .policies import policy_spec
+from .inputs import DatasetSpec, load_frames, offline_metrics
+from .policies import EXPERTS, policy_spec
 from .rollout import Rollout
-from .train import load_weights
+from .train import TRAINED_ON, load_weights
 
 
 def rollout_returns(rollout, policy: dict, episodes, mode: str) -> dict:
@@ -38,48 +43,96 @@ def gap_closed(bc: float, expert: float, random: float) -> float:
     return float("nan") if gap <= 0 else (bc - random) / gap
 
 
-def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str, check: bool = True):
-    """Roll out bc, expert and random on the held-out seeds; write JSON + PNG; return metrics.
-
-    A cloned policy below ``evaluate.min_gap_closed`` raises RunFailed (after writing), or with
-    ``check=False`` comes back as ``(metrics, failure)`` for the step to report.
-    """
+def simulate(cfg: EmbodiedConfig, weights: dict, env_id: str) -> dict[str, dict]:
+    """bc, expert (where ``env_id`` has one) and random on the held-out seeds: return, success rate, episodes."""
     e = cfg.evaluate
-    env_id = cfg.env.id
+    cfg = cfg.model_copy(update={"env": cfg.env.model_copy(update={"id": env_id})})
     episodes = [(k, e.seed + k) for k in range(e.episodes)]
     bc = policy_spec("mlp", env_id, weights=weights)
     rollout = Rollout(cfg, bc, e.mode, record=False)
     try:
-        results = {
-            "bc": rollout_returns(rollout, bc, episodes, e.mode),
-            "expert": rollout_returns(rollout, policy_spec("expert", env_id), episodes, "local"),
-            "random": rollout_returns(rollout, policy_spec("random", env_id, seed=e.seed), episodes, "local"),
-        }
+        results = {"bc": rollout_returns(rollout, bc, episodes, e.mode)}
+        if env_id in EXPERTS:
+            results["expert"] = rollout_returns(rollout, policy_spec("expert", env_id), episodes, "local")
+        results["random"] = rollout_returns(rollout, policy_spec("random", env_id, seed=e.seed), episodes, "local")
     finally:
         rollout.close()
+    return results
+
+
+def write_simulation(cfg: EmbodiedConfig, results: dict, env_id: str, run_dir: str) -> tuple[dict, dict, str | None]:
+    """``(metrics, report, failure)`` of a :func:`simulate`, with its return and success plots written."""
+    e = cfg.evaluate
     metrics = {f"{name}_{key}": value for name, r in results.items()
                for key, value in (("return", r["return"]), ("success_rate", r["success_rate"]))}
-    metrics["gap_closed"] = gap_closed(metrics["bc_return"], metrics["expert_return"], metrics["random_return"])
+    if "expert" in results:
+        metrics["gap_closed"] = gap_closed(metrics["bc_return"], metrics["expert_return"], metrics["random_return"])
     metrics["eval_episodes"] = e.episodes
-    report = {"env": env_id, "seeds": [e.seed, e.seed + e.episodes - 1], "policies": results, **metrics}
-    write_json(join(run_dir, "evaluation.json"), report)
+    report = {"env": env_id, "seeds": [e.seed, e.seed + e.episodes - 1], "policies": results}
     title = f"{env_id}: held-out seeds ({e.episodes} episodes)"
     plot_bars(join(run_dir, "evaluation.png"), {k: v["return"] for k, v in results.items()},
               ylabel="mean episode return", title=title)
     plot_bars(join(run_dir, "evaluation_success.png"), {k: v["success_rate"] for k, v in results.items()},
               ylabel="success rate", title=title)
     failure = None
-    if not metrics["gap_closed"] >= e.min_gap_closed:
+    if "gap_closed" in metrics and not metrics["gap_closed"] >= e.min_gap_closed:
         failure = (f"cloned policy closes {metrics['gap_closed']:.2f} of the random->expert gap "
                    f"(evaluate.min_gap_closed {e.min_gap_closed}); see {join(run_dir, 'evaluation.json')}")
+    return metrics, report, failure
+
+
+def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str, check: bool = True, env_id: str | None = None):
+    """Roll out bc, expert and random on the held-out seeds of ``env_id`` (default ``env.id``); write JSON +
+    PNG; return metrics.
+
+    A cloned policy below ``evaluate.min_gap_closed`` raises RunFailed (after writing), or with
+    ``check=False`` comes back as ``(metrics, failure)`` for the step to report.
+    """
+    env_id = env_id or cfg.env.id
+    results = simulate(cfg, weights, env_id)
+    metrics, report, failure = write_simulation(cfg, results, env_id, run_dir)
+    write_json(join(run_dir, "evaluation.json"), {**report, **metrics})
     if failure and check:
         raise RunFailed(failure)
     return metrics if check else (metrics, failure)
 
 
+def evaluate_on_input(cfg: EmbodiedConfig, weights: dict, trained_on: dict, run: Run) -> StepResult:
+    """A policy cloned from the user's dataset: held-out action MSE vs the mean-action baseline on the
+    held-out episodes, plus the simulator evaluation when the dataset named one of our envs."""
+    spec = DatasetSpec(**trained_on)
+    frames = load_frames(spec)
+    held = frames.good & np.isin(frames.episode, spec.heldout_episodes)
+    metrics = offline_metrics(weights, frames.obs[held], frames.act[held], spec.mean_action)
+    report = {"dataset": trained_on["dataset"], "env": spec.env, "env_reason": spec.env_reason,
+              "state": spec.state, "action": spec.action, "heldout_episodes": spec.heldout_episodes,
+              "offline": dict(metrics)}
+    name = spec.env or str(spec.robot_type or "your dataset")
+    outputs = {"evaluation": run.path("evaluation.json"),
+               "plot_offline": plot_bars(run.path("evaluation_offline.png"),
+                                         {"bc": metrics["heldout_action_mse"],
+                                          "mean action": metrics["baseline_action_mse"]},
+                                         ylabel="action MSE on held-out episodes",
+                                         title=f"{name}: {len(spec.heldout_episodes)} held-out episodes")}
+    failure = None
+    if spec.env:
+        sim_metrics, sim_report, failure = write_simulation(cfg, simulate(cfg, weights, spec.env), spec.env, run.dir)
+        metrics.update(sim_metrics)
+        report.update(sim_report)
+        outputs.update(plot=run.path("evaluation.png"), plot_success=run.path("evaluation_success.png"))
+    write_json(run.path("evaluation.json"), {**report, **metrics})
+    return StepResult(outputs, metrics, failure=failure)
+
+
 def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
-    """The evaluate step: the run's ``policy`` vs the expert and random policies on held-out seeds."""
-    metrics, failure = evaluate(cfg, load_weights(run.input("policy")), run.dir, check=False)
+    """The evaluate step: the run's ``policy`` vs the expert and random policies on held-out seeds (a policy
+    cloned from the user's dataset: held-out action MSE, and the simulator only where the dataset names an env)."""
+    policy = run.input("policy")
+    weights = load_weights(policy)
+    trained_on = read_json(join(policy, TRAINED_ON)) if exists(join(policy, TRAINED_ON)) else {}
+    if trained_on.get("source") == "input":
+        return evaluate_on_input(cfg, weights, trained_on, run)
+    metrics, failure = evaluate(cfg, weights, run.dir, check=False, env_id=trained_on.get("env"))
     outputs = {"evaluation": run.path("evaluation.json"), "plot": run.path("evaluation.png"),
                "plot_success": run.path("evaluation_success.png")}
     return StepResult(outputs, metrics, failure=failure)

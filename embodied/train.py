@@ -21,13 +21,25 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipelines.io import exists, filesystem_for, join, read_bytes, train_storage
+from pipelines.config import redact
+from pipelines.io import (
+    exists,
+    filesystem_for,
+    join,
+    read_bytes,
+    reject_ratio_failure,
+    rejects_table,
+    train_storage,
+    write_json,
+    write_table,
+)
 from pipelines.report import plot_lines
 from pipelines.template import Run, StepResult
 
@@ -35,6 +47,7 @@ from .config import EmbodiedConfig
 from .dataset import read_frames, read_info, vectors
 
 WEIGHTS_FILE = "policy.pt"
+TRAINED_ON = "dataset.json"  # beside the weights: the dataset, its env (or none) and the held-out episodes
 
 
 def load_training_arrays(dataset: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -120,23 +133,30 @@ def keep_checkpoint(checkpoint, dest: str) -> str:
 
 
 def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
-    """Fit the BC policy on ``dataset``; return metrics and the final Ray Train checkpoint."""
-    import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    """Fit the BC policy on our own ``dataset`` (its ``robot_type`` is the env it was collected in); return
+    metrics and the final Ray Train checkpoint."""
     from .envs import env_facts
 
-    t = cfg.train
     obs, act, info = load_training_arrays(dataset)
     facts = env_facts(info["robot_type"])
     if obs.shape[1] != facts["obs_dim"] or act.shape[1] != facts["act_dim"]:
         raise ValueError(f"dataset {dataset} does not match env {info['robot_type']} "
                          f"(obs {obs.shape[1]} vs {facts['obs_dim']}, action {act.shape[1]} vs {facts['act_dim']})")
+    return fit(cfg, obs, act, facts["low"], facts["high"], run_dir)
+
+
+def fit(cfg: EmbodiedConfig, obs: np.ndarray, act: np.ndarray, low, high, run_dir: str) -> dict:
+    """Behaviour cloning of ``act`` on ``obs`` with ``TorchTrainer`` (actions clipped to ``low``..``high``
+    when the policy acts); metrics, the final checkpoint and the loss history."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
     loop_config = {"obs": ray.put(obs), "act": ray.put(act), "hidden": t.hidden, "lr": t.lr,
                    "weight_decay": t.weight_decay, "epochs": t.epochs, "batch_size": t.batch_size,
                    "checkpoint_every": t.checkpoint_every, "seed": t.seed,
-                   "low": facts["low"], "high": facts["high"]}
+                   "low": list(map(float, low)), "high": list(map(float, high))}
     resources = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
     storage_path, storage_filesystem = train_storage(join(run_dir, "checkpoints"))
     trainer = TorchTrainer(
@@ -163,14 +183,61 @@ def plot_learning_curve(uri: str, loss_history: list[float], env_id: str) -> str
 
 
 def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
-    """The train step: BC on the run's ``episodes``; the final checkpoint becomes output ``policy``."""
+    """The train step: BC on the run's ``episodes`` (or on the user's dataset, ``input.path``); the final
+    checkpoint becomes output ``policy``, with ``dataset.json`` saying what it was trained on."""
+    if cfg.input.path:
+        return train_on_input(cfg, run)
     dataset = run.input("episodes")
     if not exists(join(dataset, "meta", "info.json")):
         raise FileNotFoundError(f"no LeRobot dataset at {dataset} (meta/info.json missing)")
     result = train(cfg, dataset, run.dir)
     curve = plot_learning_curve(run.path("learning_curve.png"), result["loss_history"], cfg.env.id)
-    outputs = {"policy": keep_checkpoint(result["checkpoint"], run.path("policy")), "plot_loss": curve}
+    policy = keep_checkpoint(result["checkpoint"], run.path("policy"))
+    write_json(join(policy, TRAINED_ON), {"source": "collect", "dataset": dataset,
+                                          "env": read_info(dataset)["robot_type"]})
+    outputs = {"policy": policy, "plot_loss": curve}
     return StepResult(outputs, result["metrics"])
+
+
+def train_on_input(cfg: EmbodiedConfig, run: Run) -> StepResult:
+    """BC on the user's LeRobot v3 dataset (``input.path``), read where it is: state/action sizes from its
+    ``meta/info.json``, ``input.holdout`` of its episodes held out, unusable episodes to ``rejects``."""
+    from .envs import env_facts
+    from .inputs import describe, load_frames, split_episodes
+
+    spec = describe(cfg)
+    frames = load_frames(spec)
+    write_table(rejects_table(frames.rejects), run.path("rejects"))
+    usable = np.unique(frames.episode[frames.good])
+    failure = reject_ratio_failure(len(frames.rejects), len(usable) + len(frames.rejects), cfg.input.max_reject_ratio,
+                                   "episodes", "input.max_reject_ratio", run.path("rejects"))
+    outputs = {"rejects": run.path("rejects"), "episodes": spec.dataset}
+    counts = {"episodes": len(usable), "rejected_episodes": len(frames.rejects)}
+    if failure:
+        return StepResult(outputs, counts, rejects=len(frames.rejects), failure=failure)
+    fitted, held = split_episodes(frames.episode[frames.good], cfg.input.holdout, cfg.train.seed)
+    mask = frames.good & np.isin(frames.episode, fitted)
+    obs, act = frames.obs[mask], frames.act[mask]
+    if spec.env:
+        facts = env_facts(spec.env)
+        low, high = facts["low"], facts["high"]
+    else:  # no simulator: the policy acts within the range of the dataset's actions
+        low, high = act.min(axis=0), act.max(axis=0)
+    print(f"[embodied] dataset {redact(spec.dataset)}: {len(fitted)} training and {len(held)} held-out episodes, "
+          f"state {spec.obs_dim} ({spec.state}), action {spec.act_dim} ({spec.action}); "
+          f"{'simulator ' + spec.env if spec.env else 'offline evaluation only'} ({spec.env_reason})",
+          file=sys.stderr, flush=True)
+    result = fit(cfg, obs, act, low, high, run.dir)
+    spec.heldout_episodes = [int(k) for k in held]
+    spec.rejected_episodes = [int(r["episode_index"]) for r in frames.rejects]
+    spec.mean_action = act.mean(axis=0).astype(float).tolist()
+    policy = keep_checkpoint(result["checkpoint"], run.path("policy"))
+    write_json(join(policy, TRAINED_ON), spec.as_json())
+    title = spec.env or str(spec.robot_type or "your dataset")
+    outputs.update(policy=policy, plot_loss=plot_learning_curve(run.path("learning_curve.png"),
+                                                                result["loss_history"], title))
+    metrics = {**result["metrics"], **counts, "train_episodes": len(fitted), "heldout_episodes": len(held)}
+    return StepResult(outputs, metrics, rejects=len(frames.rejects))
 
 
 if __name__ == "__main__":
