@@ -168,3 +168,22 @@ def _manifest(run_dir: str) -> dict:
     from pipelines.template import read_manifest
 
     return read_manifest(run_dir)
+
+
+BUILT_IN = ["multimodal", "recsys", "riskcontrol", "embodied"]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_your_data_the_input_section_and_the_guides_tables(name):
+    """Every built-in template reads the user's data through the shared ``input`` section, declares what
+    it reads (pyarrow schemas), and its guide shows those schemas exactly as the code has them."""
+    from pipelines.input import InputConfig, schema_markdown
+
+    template = load_template(name)
+    cfg = template.load_config(None, [])
+    assert isinstance(cfg.input, InputConfig) and template.inputs, name
+    assert template.options.get("input") == "input.path" or "input.path" in template.options.values()
+    guide = (ROOT / "docs" / f"{name}.md").read_text()
+    for key, schema in template.inputs.items():
+        assert hasattr(cfg.input, key), (name, key)
+        assert schema_markdown(schema) in guide, f"docs/{name}.md lacks the table of input.{key}"
