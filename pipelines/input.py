@@ -288,6 +288,8 @@ def cast_column(values: pa.Array, type_: pa.DataType) -> tuple[pa.Array, np.ndar
     n = len(values)
     if values.type == type_:
         return values, np.zeros(n, bool)
+    if pa.types.is_timestamp(type_) and (pa.types.is_timestamp(values.type) or pa.types.is_date(values.type)):
+        return pc.cast(values, type_, safe=False), np.zeros(n, bool)  # a finer unit: truncated, not rejected
     numeric_time = pa.types.is_timestamp(type_) and (pa.types.is_integer(values.type)
                                                       or pa.types.is_floating(values.type))
     if not numeric_time:

@@ -110,6 +110,9 @@ def test_parquet_types_are_cast_where_safe():
     assert values.to_pylist() == [1, None, None] and bad.tolist() == [False, True, False]
     values, bad = cast_column(pa.array(["yes", "0", "maybe"]), pa.bool_())
     assert values.to_pylist() == [True, False, None] and bad.tolist() == [False, False, True]
+    nanos = pa.array([1_700_000_000_123_456_789, None], pa.timestamp("ns", tz="UTC"))
+    values, bad = cast_column(nanos, pa.timestamp("us", tz="UTC"))  # Parquet from pandas: ns, truncated
+    assert values[0].as_py().isoformat() == "2023-11-14T22:13:20.123456+00:00" and not bad.any()
     values, bad = cast_column(pa.array([0, 86400]), pa.timestamp("us"))
     assert [v.isoformat() for v in values.to_pylist()] == ["1970-01-01T00:00:00", "1970-01-02T00:00:00"]
 
