@@ -22,6 +22,7 @@ and action sizes: ``input.env`` (an env id; ``none`` = offline only), else ``rob
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,17 @@ import pyarrow.parquet as pq
 
 from pipelines.config import redact
 from pipelines.input import InputError, column
-from pipelines.io import exists, filesystem_for, first_line, join, list_files, read_json, read_table, reject
+from pipelines.io import (
+    exists,
+    filesystem_for,
+    first_line,
+    is_remote,
+    join,
+    list_files,
+    read_json,
+    read_table,
+    reject,
+)
 
 from .envs import SUCCESS_DISTANCE, env_facts
 
@@ -182,7 +193,8 @@ def describe(cfg) -> DatasetSpec:
         if name not in names:
             raise InputError(f"{redact(files[0])}: no column {name!r} (columns there: {', '.join(names[:20])})")
     env, why = known_env(info, obs_dim, act_dim, inp.env)
-    return DatasetSpec(dataset=path, state=state, action=action, obs_dim=obs_dim, act_dim=act_dim,
+    where = path if is_remote(path) else str(Path(path).resolve())  # recorded: must work from any folder
+    return DatasetSpec(dataset=where, state=state, action=action, obs_dim=obs_dim, act_dim=act_dim,
                        total_episodes=total, episode=episode, index=index if index in names else None,
                        state_names=state_names, action_names=action_names, robot_type=info.get("robot_type"),
                        env=env, env_reason=why)
