@@ -213,7 +213,7 @@ def read_input(cfg: InputConfig, schema: pa.Schema, path: str | None = None, car
     ``id_columns`` name a rejected row in its reason records (default: the first schema column)."""
     import ray
 
-    from .io import filesystem_for, read_mysql, sql_table
+    from .io import filesystem_for, read_mysql, read_parquet, sql_table
 
     path = path or cfg.path
     fmt = source_format(path, cfg.format)
@@ -230,9 +230,8 @@ def read_input(cfg: InputConfig, schema: pa.Schema, path: str | None = None, car
         as_text = pacsv.ConvertOptions(column_types={c: pa.string() for c in wanted}, strings_can_be_null=True,
                                        include_columns=list(dict.fromkeys(wanted)))
         ds = ray.data.read_csv(where, filesystem=fs, convert_options=as_text)
-    else:
-        fs, where = filesystem_for(path)
-        ds = ray.data.read_parquet(where, filesystem=fs).select_columns(list(dict.fromkeys(wanted)))
+    else:  # a corrupt file is one line naming it (pipelines.io.read_parquet)
+        ds = read_parquet(path).select_columns(list(dict.fromkeys(wanted)))
     return ds.map_batches(conform, batch_format="pyarrow",
                           fn_kwargs={"schema": schema, "mapping": mapping, "carry": list(carry),
                                      "id_columns": list(id_columns) or [schema.names[0]]})
