@@ -221,7 +221,8 @@ class Template:
             if not path:
                 continue
             if section.workers_read(path) and source_format(path, section.format) != "mysql":
-                require_cluster_readable(path, f"input.{key}", f"--set input.{key}=oss://BUCKET/PATH", address)
+                require_cluster_readable(path, f"input.{key}", "--input" if key == "path" else f"--set input.{key}=",
+                                         address)
             if section.is_table(path):
                 check_input(section, schema, path, what=f"input.{key}")
 
@@ -344,7 +345,8 @@ def shared_disk_problem(path: str, address: str | None = None, what: str = "run 
     if any(resolved == m or m in resolved.parents for m in mounts):
         return None
     return (f"{what} {path} is on this machine's disk, which the cluster's nodes do not share: "
-            f"give {flag} oss://BUCKET/PATH (or --shared-mount DIR for a folder every node mounts)")
+            f"give {flag}{'' if flag.endswith('=') else ' '}oss://BUCKET/PATH (or --shared-mount DIR for a folder "
+            "every node mounts)")
 
 
 def require_cluster_readable(path: str | None, what: str, flag: str, address: str | None = None) -> None:

@@ -156,9 +156,11 @@ def test_the_latest_label_of_a_transaction_counts():
         (7, 1, (t + pd.Timedelta(days=3)).to_pydatetime()), (8, 0, t.to_pydatetime())]
 
 
-def test_missing_required_column_is_one_line_before_any_cluster_work(tmp_path, capsys):
+def test_missing_required_column_is_one_line_before_any_cluster_work(tmp_path, capsys, monkeypatch):
     """Without the mapping for ``amt``, the run stops at the column check (no Ray started: the run folder
-    is not even created) with one line naming the column and the file; the same for the labels file."""
+    is not even created) with one line naming the column and the file; the same for the labels file.
+    A laptop run (no cluster address: in the full suite the session cluster's is in the environment)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     txns_csv, labels_csv, _ = user_files(DataConfig(rows=200, cards=10, merchants=20, days=3, shards=1))
     (tmp_path / "txns.csv").write_text(txns_csv)
     (tmp_path / "labels.csv").write_text(labels_csv)
