@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from .config import StrictModel, redact
+from .io import first_line
 
 REASON = "reject_reason"
 FORMATS = ("parquet", "csv", "mysql")
@@ -79,17 +80,23 @@ def schema_markdown(schema: pa.Schema) -> str:
 
 
 # ------------------------------------------------------------------ where and what
-def source_format(path: str, fmt: str | None = None) -> str:
-    """``parquet``, ``csv`` or ``mysql``: the configured format, else inferred from the path."""
+def is_mysql(path: str, fmt: str | None = None) -> bool:
+    """Whether the source is a MySQL table (``format: mysql`` or a ``mysql://`` URL); no I/O."""
+    return fmt == "mysql" or (not fmt and urlparse(str(path)).scheme in ("mysql", "mysql+pymysql"))
+
+
+def source_format(path: str, fmt: str | None = None, files: list[str] | None = None) -> str:
+    """``parquet``, ``csv`` or ``mysql``: the configured format, else inferred from the path (a folder's
+    files are listed unless ``files`` already holds them)."""
     if fmt:
         return fmt
-    if urlparse(str(path)).scheme in ("mysql", "mysql+pymysql"):
+    if is_mysql(path):
         return "mysql"
     if str(path).lower().endswith((".csv", ".csv.gz")):
         return "csv"
     if str(path).lower().endswith(".parquet"):
         return "parquet"
-    files = _data_files(path)
+    files = _data_files(path) if files is None else files
     if files and all(f.lower().endswith((".csv", ".csv.gz")) for f in files):
         return "csv"
     return "parquet"
@@ -130,8 +137,7 @@ def mysql_url(url: str) -> str:
 
 def source_columns(path: str, fmt: str | None = None, table: str | None = None) -> tuple[list[str], str]:
     """``(column names, where they were read: the first file or the table)`` without reading the data."""
-    fmt = source_format(path, fmt)
-    if fmt == "mysql":
+    if is_mysql(path, fmt):
         from .io import mysql_connect, sql_table
 
         if not table:
@@ -140,18 +146,19 @@ def source_columns(path: str, fmt: str | None = None, table: str | None = None) 
         try:
             conn = mysql_connect(mysql_url(path))
         except Exception as e:  # noqa: BLE001 - the user's database: one line naming it
-            raise InputError(f"input {where}: cannot connect: {_first_line(e)}") from None
+            raise InputError(f"input {where}: cannot connect: {first_line(e)}") from None
         try:
             with conn.cursor() as cur:
                 cur.execute(f"SELECT * FROM {sql_table(table, 'input.table')} LIMIT 0")
                 return [d[0] for d in cur.description], where
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"input {where}: {_first_line(e)}") from None
+            raise InputError(f"input {where}: {first_line(e)}") from None
         finally:
             conn.close()
     files = _data_files(path)
     if not files:
         raise InputError(f"input.path {redact(path)}: no data files")
+    fmt = source_format(path, fmt, files)
     first = files[0]
     from .io import filesystem_for
 
@@ -168,13 +175,7 @@ def source_columns(path: str, fmt: str | None = None, table: str | None = None) 
         with fs.open_input_file(where) as f:
             return list(pq.read_schema(f).names), first
     except (OSError, pa.ArrowInvalid) as e:
-        raise InputError(f"input {first}: cannot read it as {fmt}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    from .io import first_line
-
-    return first_line(e)
+        raise InputError(f"input {first}: cannot read it as {fmt}: {first_line(e)}") from None
 
 
 def user_names(schema: pa.Schema, columns: dict[str, str]) -> dict[str, str]:

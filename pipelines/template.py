@@ -213,14 +213,14 @@ class Template:
         section = getattr(cfg, "input", None)
         if section is None or not self.inputs:
             return
-        from .input import check_input, check_mapping, source_format
+        from .input import check_input, check_mapping, is_mysql
 
         check_mapping(section.columns, list(self.inputs.values()))
         for key, schema in self.inputs.items():
             path = getattr(section, key, None)
             if not path:
                 continue
-            if section.workers_read(path) and source_format(path, section.format) != "mysql":
+            if section.workers_read(path) and not is_mysql(path, section.format):
                 require_cluster_readable(path, f"input.{key}", "--input" if key == "path" else f"--set input.{key}=",
                                          address)
             if section.is_table(path):
