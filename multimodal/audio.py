@@ -1,11 +1,14 @@
-"""Audio stage: WAV/FLAC/OGG decode with soundfile, mono, resample to 16 kHz, duration,
-loudness (RMS dBFS), silence ratio, log-mel features (the encoder's input) and their mean.
+"""Audio stage: decode (WAV/FLAC/OGG/MP3 with soundfile, M4A/AAC with PyAV), mono, resample to
+16 kHz, duration, loudness (RMS dBFS), silence ratio, log-mel features and their mean, and the
+encoder's input: the builtin encoder's fixed-size log-mel, or the first ``embed_seconds`` of the
+16 kHz wave for a hub model (its own feature extractor turns that into the model's input).
 
 libsndfile silently clamps a WAV whose header claims more data than the file holds, so WAV
 headers are checked first (:func:`check_wav_header`): a header that lies is a reject.
 """
 from __future__ import annotations
 
+import os
 import struct
 import time
 from functools import lru_cache
@@ -15,10 +18,13 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from pipelines.io import first_line
+
 from .batches import fill_rows
 from .sources import local_path, read_head
 
 HOP_S, WIN_S = 0.010, 0.025
+SOUNDFILE_FORMATS = {"wav", "flac", "ogg", "mp3"}  # libsndfile reads these; PyAV the rest (m4a, aac)
 
 
 class AudioError(ValueError):
@@ -109,18 +115,59 @@ def fixed_frames(mel: np.ndarray, frames: int) -> np.ndarray:
     return np.concatenate([mel, np.full((frames - len(mel), mel.shape[1]), floor, np.float32)])
 
 
+def read_soundfile(local: str, max_seconds: float) -> tuple[int, int, int, np.ndarray]:
+    """``(rate, channels, total frames, samples (frames, channels) float32)`` of the first
+    ``max_seconds`` of a file libsndfile reads (WAV, FLAC, OGG, MP3)."""
+    try:
+        with sf.SoundFile(local) as f:
+            rate, channels, total = f.samplerate, f.channels, f.frames
+            samples = f.read(frames=int(max_seconds * rate), dtype="float32", always_2d=True)
+    except sf.LibsndfileError as e:  # its message names the (possibly temporary) local file: drop that
+        msg = e.error_string
+        if "does not exist" in msg and os.path.isfile(local):  # what libsndfile says of a file it cannot parse
+            msg = "no readable audio stream"
+        raise AudioError(f"cannot decode audio: {first_line(RuntimeError(msg))}") from None
+    except (RuntimeError, TypeError) as e:
+        raise AudioError(f"cannot decode audio: {first_line(e)}") from None
+    return rate, channels, total, samples
+
+
+def read_av(local: str, max_seconds: float) -> tuple[int, int, int, np.ndarray]:
+    """Like :func:`read_soundfile`, through FFmpeg (PyAV) for what libsndfile lacks (M4A, AAC):
+    the first audio stream, as float32 at its own rate and channel count."""
+    import av
+
+    try:
+        with av.open(local) as container:
+            if not container.streams.audio:
+                raise AudioError("no audio stream")
+            stream = container.streams.audio[0]
+            rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+            if not rate or not channels:
+                raise AudioError(f"audio stream of {channels} channels at {rate} Hz")
+            limit, parts, got = int(max_seconds * rate), [], 0
+            resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray())
+                    got += parts[-1].shape[1]
+                if got >= limit:
+                    break
+            total = got if got < limit else round((container.duration or 0) / 1e6 * rate) or got
+    except av.error.FFmpegError as e:  # strerror: FFmpeg's message without the errno and the file name
+        raise AudioError(f"cannot decode audio: {first_line(RuntimeError(e.strerror or e))}") from None
+    samples = np.concatenate(parts, axis=1).T[:limit] if parts else np.zeros((0, channels), np.float32)
+    return rate, channels, total, np.ascontiguousarray(samples, np.float32)
+
+
 def process_audio(path: str, fmt: str, size: int, rate: int, n_mels: int, silence_db: float,
                   max_seconds: float, embed_frames: int, endpoint: str | None = None) -> dict:
     """Decode one file and compute its features (see module doc)."""
     if fmt == "wav":
         check_wav_header(read_head(path, 4096, endpoint), size)
     with local_path(path, endpoint) as local:
-        try:
-            with sf.SoundFile(local) as f:
-                src_rate, channels, total = f.samplerate, f.channels, f.frames
-                samples = f.read(frames=int(max_seconds * src_rate), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-            raise AudioError(f"cannot decode audio: {str(e).splitlines()[0]}") from None
+        read = read_soundfile if fmt in SOUNDFILE_FORMATS else read_av
+        src_rate, channels, total, samples = read(local, max_seconds)
     if samples.size == 0:
         raise AudioError("no audio samples")
     wave = to_mono_16k(samples, src_rate, rate)

@@ -28,9 +28,10 @@ from pipelines.io import filesystem_for, first_line, is_remote
 EXTENSIONS = {
     "images": {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"},
     "video": {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm"},
-    "audio": {".wav", ".flac", ".ogg", ".oga"},
+    "audio": {".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac"},
     "text": {".txt", ".jsonl"},
 }
+AUDIO_BRANDS = {b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "}  # ISO-BMFF major brands of audio-only files
 ROUTED_SCHEMA = pa.schema([
     ("path", pa.string()), ("size", pa.int64()), ("modality", pa.string()),
     ("format", pa.string()), ("reason", pa.string()),
@@ -278,8 +279,12 @@ def sniff(head: bytes) -> tuple[str | None, str]:
         return "audio", "flac"
     if head.startswith(b"OggS"):
         return "audio", "ogg"
+    if head.startswith(b"ID3"):
+        return "audio", "mp3"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # MPEG audio frame sync
+        return "audio", ("aac" if head[1] & 0x06 == 0 else "mp3")   # layer bits 00: AAC in ADTS
     if head[4:8] == b"ftyp":
-        return "video", "mp4"
+        return ("audio", "m4a") if head[8:12] in AUDIO_BRANDS else ("video", "mp4")
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         return "video", "matroska"
     if looks_like_text(head):
@@ -309,6 +314,8 @@ def route_one(path: str, size: int, head: bytes) -> dict:
         rec["reason"] = "empty file (0 bytes)"
         return rec
     found, fmt = sniff(head)
+    if want == "audio" and fmt == "mp4":  # an ISO-BMFF file of a generic brand: .m4a says audio
+        found, fmt = "audio", "m4a"
     rec["format"] = fmt
     if found != want:
         what = "text" if found == "text" else (f"{found} ({fmt})" if found else "unrecognised bytes")
