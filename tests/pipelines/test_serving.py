@@ -43,3 +43,82 @@ def test_deploy_app_returns_only_when_every_proxy_routes(hello_app):
     for base in urls.values():  # right away, no retry: every proxy already knows the route
         r = httpx.get(f"{base}/hello", timeout=10)
         assert r.status_code == 200 and r.text == "hello", (base, r.status_code, r.text[:200])
+
+
+# the open-loop load generator, against a local HTTP server that answers at once (no Ray)
+
+@pytest.fixture(scope="module")
+def instant_server():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else each answer waits ~40 ms for a delayed ACK
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # a burst of late requests connects at once
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_latency_counts_from_the_scheduled_send_time(instant_server):
+    """The client stalls for 0.5 s building request 5: the ~25 requests due meanwhile leave late, and their
+    latency includes that wait (timing each from when it was sent shows the instant server's ~1 ms)."""
+    import time as _time
+
+    from pipelines.serving import load_test
+
+    def payloads(i):
+        if i == 5:
+            _time.sleep(0.5)
+        return {"i": i}
+
+    result = load_test(instant_server, payloads, rps=50, seconds=1.5)
+    assert result["requests"] == 75 and result["errors"] == 0, result
+    # ~25 of the 75 waited 0..500 ms behind their schedule: ~85 ms on average over all 75
+    assert result["p99_ms"] >= 400 and result["mean_ms"] >= 50, result
+    assert result["send_lag_max_ms"] >= 400, result
+    assert result["p50_ms"] < result["p99_ms"] / 2, result  # most requests left on time
+
+
+def test_a_client_slower_than_the_target_rate_marks_the_run_invalid(instant_server):
+    import time as _time
+
+    from pipelines.serving import load_test
+
+    def payloads(i):  # 40 ms to build each request: at most 25 of the 50 req/s asked for
+        _time.sleep(0.04)
+        return {"i": i}
+
+    result = load_test(instant_server, payloads, rps=50, seconds=0.5)
+    assert result["target_rps"] == 50 and result["achieved_rps"] < 27, result
+    assert result["valid"] is False, result
+
+
+def test_the_send_rate_threshold_is_95_percent():
+    from pipelines.serving import send_stats
+
+    rps, n = 100.0, 100
+    on_time = [(i / rps, i / rps) for i in range(n)]
+    assert send_stats(0.0, rps, on_time) == {"target_rps": rps, "achieved_rps": 100.0, "valid": True,
+                                               "send_lag_max_ms": 0.0}
+    for rate, valid in ((96.0, True), (94.0, False)):  # every send stretched to ``rate`` req/s
+        sends = [(i / rps, (i + 1) / rate - 1 / rps) for i in range(n)]
+        stats = send_stats(0.0, rps, sends)
+        assert stats["achieved_rps"] == pytest.approx(rate) and stats["valid"] is valid, stats
+    assert send_stats(0.0, rps, [])["valid"] is False
