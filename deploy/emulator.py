@@ -9,7 +9,9 @@ against the configured access key, the service's error body
 ``creating -> ok`` once its local-provider cluster is up (``deploy.local.up``
 with the group's ``AuthToken`` as the Ray token), and ``deleting -> deleted``
 once that cluster is stopped. ``DescribeDBResourceGroup`` returns the cluster's
-dashboard, ray:// and metrics addresses.
+dashboard, ray:// and metrics addresses, and its Serve address
+(``RayServePublicAddress``: 127.0.0.1 and a port chosen per group, where
+``adbray serve`` starts the group's Serve proxy).
 
 Hardening (the emulator listens on a port anyone on the machine can reach): the
 body is read only after its ``Content-Length`` is checked (a non-negative
@@ -76,6 +78,7 @@ class Group:
     created: str = field(default_factory=lambda: _now())
     updated: str = field(default_factory=lambda: _now())
     cluster: local.ClusterState | None = None
+    serve_port: int = field(default_factory=local.free_port)  # its RayServePublicAddress
 
     @property
     def local_name(self) -> str:
@@ -104,6 +107,7 @@ def describe_entry(group: Group) -> dict:
             RayDashboardAddress=c.dashboard_url,
             RayClusterAddress=c.client_address,
             RayGrafanaAddress=f"{c.dashboard_url}/#/metrics",
+            RayServePublicAddress=f"http://127.0.0.1:{group.serve_port}",
         )
     return {
         "GroupName": spec.name,
