@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench bench-table lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,8 +22,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/adbray demo
 
+# benchmarks run alone: each waits for the last one's load to fade, refuses a busy machine, and appends
+# its result to benchmarks/results/<template>.jsonl; the table compares the latest results with the targets
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/*.py; do $(PY) -m pipelines.bench wait-quiet && $(PY) $$b || exit 1; done
+	$(PY) -m pipelines.bench table
+
+bench-table: $(STAMP)
+	$(PY) -m pipelines.bench table
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from embodied import config as config_mod
 from embodied.envs import env_facts
 from embodied.policies import build_mlp, make_policy, mlp_weights, policy_spec
-from pipelines.bench import emit, timer
+from pipelines.bench import emit, guard, timer
 
 
 def random_mlp(env_id: str, hidden, seed: int = 0) -> dict:
@@ -99,6 +99,7 @@ def measure(cfg, policy: dict, steps: int, rounds: int) -> dict:
 @click.option("--set", "overrides", multiple=True, help="config override, e.g. simulator.envs_per_actor=32")
 @click.option("--address", default=None, help="Ray address (default: a local in-process Ray)")
 def main(env_id, steps, rounds, overrides, address):
+    run = guard("embodied")
     from embodied.template import TEMPLATE
 
     cfg = config_mod.load(None, [f"env.id={env_id}", "simulator.envs_per_actor=32", *overrides])
@@ -108,7 +109,7 @@ def main(env_id, steps, rounds, overrides, address):
     ray_rate, bare_rate = result.pop("steps_per_s"), result.pop("bare_steps_per_s")
     emit({"env": env_id, "steps_per_s": round(ray_rate, 1), "bare_steps_per_s": round(bare_rate, 1),
           "ratio": round(ray_rate / bare_rate, 3), "envs": cfg.simulator.max_actors * cfg.simulator.envs_per_actor,
-          "simulators": cfg.simulator.max_actors, "steps_per_call": cfg.simulator.steps_per_call, **result})
+          "simulators": cfg.simulator.max_actors, "steps_per_call": cfg.simulator.steps_per_call, **result}, run)
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from multimodal.config import load
 from multimodal.images import process_image
 from multimodal.sample import _photo
-from pipelines.bench import emit, timer
+from pipelines.bench import emit, guard, timer
 
 SIZE, ANALYSIS = 64, 256
 
@@ -105,6 +105,7 @@ def ray_images(cfg, paths: list[str], out: str) -> float:
               help="Ray address (default: a local in-process Ray sized by local_ray in configs/local.yaml).")
 def main(n, width, height, repeat, address):
     """Run the image-path benchmark and print its JSON line last."""
+    run = guard("multimodal")
     from pipelines.connect import connect
 
     tmp = Path(tempfile.mkdtemp(prefix="mm-bench-"))
@@ -143,7 +144,7 @@ def main(n, width, height, repeat, address):
         shutil.rmtree(tmp, ignore_errors=True)
     emit({"images_per_s": round(ray_plain, 1), "images_per_s_embed": round(ray_embed, 1),
           "bare_1proc_per_s": round(one, 1), "bare_2proc_per_s": round(two, 1),
-          "ratio_vs_2proc": round(ray_plain / two, 3)})
+          "ratio_vs_2proc": round(ray_plain / two, 3), "images": n, "width": width, "height": height}, run)
 
 
 if __name__ == "__main__":

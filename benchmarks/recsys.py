@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # throughput-optimized Serve (Ray 2.60); must be set before Ray/Serve start
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
-from pipelines.bench import emit
+from pipelines.bench import emit, guard, log
 from pipelines.report import write_summary
 
 
@@ -78,7 +78,8 @@ def online(cfg, run_dir: str, seconds: float) -> dict:
     finally:
         serve.delete(cfg.serve.app_name)
     return {"p50": fixed["p50_ms"], "p99": fixed["p99_ms"], "errors": fixed["errors"] + peak["errors"],
-            "max_rps": peak["rps"]}
+            "max_rps": peak["rps"], "target_rps": fixed["target_rps"], "achieved_rps": fixed["achieved_rps"],
+            "valid": fixed["valid"]}
 
 
 @click.command()
@@ -86,6 +87,7 @@ def online(cfg, run_dir: str, seconds: float) -> dict:
 @click.option("--seconds", default=10.0, help="Length of the fixed-rate online test.")
 def main(run_dir, seconds):
     """Run the benchmark and print its JSON line last."""
+    run = guard("recsys")
     from pipelines.io import join, read_json
     from pipelines.template import prepare_run_dir
     from recsys import config as C
@@ -106,13 +108,17 @@ def main(run_dir, seconds):
     net = online(cfg, out, seconds)
     if net["errors"]:
         print(f"warning: {net['errors']} failed online requests", file=sys.stderr)
+    if not net["valid"]:
+        log(f"online run INVALID: sent {net['achieved_rps']:.1f} of {net['target_rps']} req/s (< 95%)")
     emit({
         "train_samples_per_s": m["ranker_samples_per_s"],
         "train_ratio": m["ranker_samples_per_s"] / bare,
         "online_p50_ms": net["p50"], "online_p99_ms": net["p99"], "online_max_rps": net["max_rps"],
+        "online_target_rps": net["target_rps"], "online_achieved_rps": net["achieved_rps"],
+        "online_valid": net["valid"],
         "batch_users_per_s": m["batch_users_per_s"],
         "ndcg10_ranker": m["ndcg10_ranker"], "ndcg10_popularity": m["ndcg10_popularity"],
-    })
+    }, run)
 
 
 if __name__ == "__main__":

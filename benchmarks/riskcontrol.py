@@ -3,16 +3,20 @@
 (a) training on ``--rows`` generated transactions (default 2M): LightGBMTrainer with 2 workers
     vs in-process LightGBM on the same features (wall time, AUPRC on the later slice);
 (b) batch scoring rows/s: Ray Data actors over the features Parquet vs a bare pyarrow+lightgbm loop;
-(c) online: p50/p99 at a fixed 100 req/s and max req/s, Ray Serve (FastAPI + @serve.batch + in-process
-    feature store) vs a bare FastAPI+uvicorn process serving the same model and features.
+(c) online: p50/p99 at a fixed 100 req/s (latency from each request's scheduled send time; the run is
+    invalid when the client sent under 95% of that rate) and max req/s, Ray Serve (FastAPI + @serve.batch +
+    in-process feature store) vs a bare FastAPI+uvicorn process serving the same model and features; the
+    same Serve app with the Redis feature store is reported beside it (online_redis_*) when Redis answers.
 
 Everything Ray runs on a local 2-worker cluster started with ``deploy.local.up`` and Serve's fast
 settings (``FAST_SERVE_ENV``); ``--serve-default`` also measures Serve's default mode (stderr only).
 
     python benchmarks/riskcontrol.py [--rows 2000000] [--serve-default]
 
-Prints one JSON line last: train_wall_ratio, auprc_ray, auprc_inprocess, batch_rows_per_s, batch_ratio,
-online_p50_ms, online_p99_ms, online_max_rps, online_rps_ratio (+ machine).
+Prints one JSON line last: rows, train_wall_ratio, auprc_ray, auprc_inprocess, auprc_gap, batch_rows_per_s,
+batch_ratio, online_p50_ms, online_p99_ms, online_max_rps, online_rps_ratio, online_target_rps,
+online_achieved_rps, online_valid, online_redis_p50_ms, online_redis_p99_ms, online_redis_valid (+ machine,
+commit, load), and appends it to benchmarks/results/riskcontrol.jsonl.
 """
 
 import os
@@ -28,12 +32,8 @@ import click
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.bench import emit, timer
+from pipelines.bench import emit, guard, log, timer
 from riskcontrol.config import FAST_SERVE_ENV, RiskConfig, ServeConfig
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def make_features(cfg: RiskConfig, out: str) -> str:
@@ -57,8 +57,9 @@ def bench_training(cfg: RiskConfig, features: str, out: str) -> dict:
         run_training(cfg, features, out, num_workers=0, name="model_inprocess")
     report = evaluate(f"{out}/model", test, cfg.eval, out, {"inprocess": f"{out}/model_inprocess"})
     log(f"train: ray {t_ray():.1f}s, in-process {t_local():.1f}s")
-    return {"train_wall_ratio": t_ray() / t_local(), "auprc_ray": report["model"]["auprc"],
-            "auprc_inprocess": report["inprocess"]["auprc"]}
+    ray_auprc, local_auprc = report["model"]["auprc"], report["inprocess"]["auprc"]
+    return {"train_wall_ratio": t_ray() / t_local(), "auprc_ray": ray_auprc, "auprc_inprocess": local_auprc,
+            "auprc_gap": abs(ray_auprc - local_auprc)}
 
 
 def bare_batch(features: str, model_dir: str, out: str) -> float:
@@ -116,8 +117,11 @@ def measure_online(url: str, payloads: list, seconds: float) -> dict:
     load_test(f"{url}/score", payloads, rps=100, seconds=2)  # warm-up
     fixed = load_test(f"{url}/score", payloads, rps=100, seconds=seconds)
     peak = max_rps(f"{url}/score", payloads, seconds=seconds, concurrency=32)
+    if not fixed["valid"]:
+        log(f"online run INVALID: sent {fixed['achieved_rps']:.1f} of {fixed['target_rps']} req/s (< 95%)")
     return {"p50_ms": fixed["p50_ms"], "p99_ms": fixed["p99_ms"], "errors": fixed["errors"] + peak["errors"],
-            "max_rps": peak["rps"]}
+            "max_rps": peak["rps"], "target_rps": fixed["target_rps"], "achieved_rps": fixed["achieved_rps"],
+            "valid": fixed["valid"]}
 
 
 def _free_port() -> int:
@@ -177,17 +181,35 @@ def bare_app(model_dir: str):
     return app
 
 
-def serve_online(model_dir: str, payloads: list, seconds: float) -> dict:
+def serve_online(model_dir: str, payloads: list, seconds: float, cfg: ServeConfig | None = None) -> dict:
     from ray import serve
 
     from riskcontrol.serve import deploy
 
-    cfg = ServeConfig()
+    cfg = cfg or ServeConfig()
     url = deploy(cfg, model_dir)
     try:
         return measure_online(url, payloads, seconds)
     finally:
         serve.delete(cfg.app_name)
+
+
+def redis_online(model_dir: str, payloads: list, seconds: float) -> dict | None:
+    """The same Serve app with the Redis feature store (a fresh key prefix), or None when Redis does not answer."""
+    import redis
+
+    from riskcontrol.serve import RedisStore
+
+    cfg = ServeConfig(store="redis", redis_prefix=f"riskcontrol-bench-{os.getpid()}")
+    try:
+        redis.Redis.from_url(cfg.redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:  # no Redis here: the memory-store figures stand alone
+        log(f"online (redis store): not measured, {cfg.redis_url} does not answer ({type(e).__name__})")
+        return None
+    try:
+        return serve_online(model_dir, payloads, seconds, cfg)
+    finally:
+        RedisStore(cfg.redis_url, cfg.redis_prefix).clear()
 
 
 def start_cluster(env: dict):
@@ -228,7 +250,10 @@ def serve_mode_main(mode: str, model_dir: str, features: str, seconds: float) ->
     state = start_cluster(FAST_SERVE_ENV if mode == "fast" else {})
     try:
         attach(state)
-        result = serve_online(model_dir, replay_payloads(features, 5000), seconds)
+        payloads = replay_payloads(features, 5000)
+        result = serve_online(model_dir, payloads, seconds)
+        if mode == "fast":
+            result["redis"] = redis_online(model_dir, payloads, seconds)
     finally:
         local.down(state.name, log=lambda *_: None)
     print(json.dumps(result), flush=True)
@@ -252,6 +277,7 @@ def main(rows, online_seconds, serve_default, bare_server, serve_mode, model_dir
     if serve_mode:
         serve_mode_main(serve_mode, model_dir, features_path, online_seconds)
         return
+    run = guard("riskcontrol")
     import ray
 
     from deploy import local
@@ -261,7 +287,7 @@ def main(rows, online_seconds, serve_default, bare_server, serve_mode, model_dir
                      features={"blocks": 8}, train={"num_workers": 2, "num_cpus": 1},
                      score={"max_actors": 2, "batch_size": 4096})
     out = tempfile.mkdtemp(prefix="rc-bench-")
-    result = {}
+    result = {"rows": rows}
     state = start_cluster({})
     try:
         attach(state)
@@ -284,8 +310,12 @@ def main(rows, online_seconds, serve_default, bare_server, serve_mode, model_dir
     if serve_default:
         log(f"online (default serve): {online_in_subprocess('default', model, features, online_seconds)}")
     result.update(online_p50_ms=fast["p50_ms"], online_p99_ms=fast["p99_ms"], online_max_rps=fast["max_rps"],
-                  online_rps_ratio=fast["max_rps"] / bare["max_rps"])
-    emit(result)
+                  online_rps_ratio=fast["max_rps"] / bare["max_rps"], online_target_rps=fast["target_rps"],
+                  online_achieved_rps=fast["achieved_rps"], online_valid=fast["valid"])
+    redis = fast.get("redis") or {}
+    result.update(online_redis_p50_ms=redis.get("p50_ms"), online_redis_p99_ms=redis.get("p99_ms"),
+                  online_redis_valid=redis.get("valid"))
+    emit(result, run)
 
 
 if __name__ == "__main__":
