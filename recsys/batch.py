@@ -45,12 +45,13 @@ class BatchRecommender:
         users = np.asarray(batch["user_id"], dtype=np.int64)
         ids, scores = self.rec.recommend(users, self.k)
         k = ids.shape[1]
-        user_col, item_col = np.repeat(users, k), ids.ravel().astype(np.int64)
+        keep = np.isfinite(scores).ravel()  # a user with fewer than k unseen items gets fewer rows
+        user_col, item_col = np.repeat(users, k)[keep], ids.ravel().astype(np.int64)[keep]
         if self.keys is not None:
             user_col, item_col = self.keys["user"][user_col], self.keys["item"][item_col]
-        return {"user_id": user_col, "rank": np.tile(np.arange(k, dtype=np.int64), len(users)),
-                "item_id": item_col, "score": scores.ravel().astype(np.float64),
-                "model_version": np.full(ids.size, self.rec.ranker.version, dtype=object)}
+        return {"user_id": user_col, "rank": np.tile(np.arange(k, dtype=np.int64), len(users))[keep],
+                "item_id": item_col, "score": scores.ravel().astype(np.float64)[keep],
+                "model_version": np.full(int(keep.sum()), self.rec.ranker.version, dtype=object)}
 
 
 class MySQLWriter:

@@ -86,9 +86,10 @@ class RetrievalConfig(TrainWorkers):
     logq_correction: bool = True
     anonymous_rate: float = Field(0.3, ge=0, le=1, description="share of search pairs trained without the user")
     candidates: int = Field(100, ge=1, description="items retrieved per request for the ranker")
-    index: Literal["exact", "ivf"] = "exact"
-    ivf_lists: int = Field(16, ge=1)
-    ivf_probe: int = Field(4, ge=1)
+    exact_max_items: int = Field(1_000_000, ge=0, description="exact top-k search (faiss IndexFlatIP) up to "
+                                 "this many items; a faiss IVF index beyond")
+    ivf_lists: int | None = Field(None, ge=1, description="IVF cells (default ~sqrt(items))")
+    ivf_probe: int | None = Field(None, ge=1, description="IVF cells searched per query (default cells/16, >= 8)")
     embed_batch_size: int = Field(1024, ge=1)
     max_actors: int = Field(1, ge=1, description="item/user embedding actor pool size")
 

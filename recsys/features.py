@@ -289,39 +289,34 @@ class CandidateExamples(RankerExamples):
     retriever's top ``candidates`` items as a list: sparse [C, 4], dense [C, 7], label [C]
     (clicked in the window). Users with no clicked item among their candidates are dropped.
 
-    The ranker then learns to re-order exactly what it will see: the retriever's candidates.
+    The ranker then learns to re-order exactly what it will see: the retriever's candidates, from
+    the same index (``index``: :func:`recsys.index.index_options`), built once per actor.
     """
 
-    def __init__(self, features_dir: str, embeddings_dir: str, candidates: int, val_fraction: float = 0.0):
+    def __init__(self, features_dir: str, embeddings_dir: str, candidates: int, index: dict,
+                 val_fraction: float = 0.0):
+        from .index import VectorIndex
+
         super().__init__(features_dir, embeddings_dir, val_fraction)
         self.candidates = candidates
+        self.index = VectorIndex(self.item_vec, **index)
 
     def __call__(self, batch: dict) -> dict:
         users = np.asarray(batch["user_id"], dtype=np.int64)
-        scores = exclude(self.user_vec[users] @ self.item_vec.T, self.store.users.exclusions(users))
-        k = min(self.candidates, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top, scores = self.index.search(self.user_vec[users], self.candidates,
+                                        excluded=self.store.users.exclusions(users))
+        k = top.shape[1]
         label = np.stack([np.isin(cand, np.asarray(clicked, dtype=np.int64))
                           for cand, clicked in zip(top, batch["clicked"])]).astype(np.float32)
         keep = label.sum(1) > 0
         users, top, label = users[keep], top[keep], label[keep]
         u = np.repeat(users, k)
-        cand_scores = np.maximum(np.take_along_axis(scores[keep], top, 1), -1.0)  # excluded (-inf): cosine floor
+        top = np.maximum(top, 0)  # empty slots (id -1, never labelled): item 0 at the cosine floor
+        cand_scores = np.maximum(scores[keep], -1.0)
         sparse, dense = self.store.ranker_inputs(u, top.ravel(), cand_scores.ravel())
         return {"user_id": users, "items": top, "sparse": sparse.reshape(len(users), k, -1),
                 "dense": dense.reshape(len(users), k, -1), "label": label,
                 "is_val": is_validation(users, self.val_fraction)}
-
-
-def exclude(scores: np.ndarray, items: list[np.ndarray] | None) -> np.ndarray:
-    """``scores`` [B, I] with -inf where row b's item is in ``items[b]`` (unchanged when ``items`` is None)."""
-    if items is None:
-        return scores
-    rows = np.repeat(np.arange(len(items)), [len(i) for i in items])
-    if len(rows):
-        scores = scores.copy()
-        scores[rows, np.concatenate(items)] = -np.inf
-    return scores
 
 
 def column_matrix(column) -> np.ndarray:

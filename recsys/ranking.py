@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from pipelines.io import join, read_table, rejects_table, write_bytes, write_table
 from pipelines.metrics import ndcg_at_k, roc_auc
+from pipelines.progress import progress
 from pipelines.template import Run, StepResult
 
 from . import config as C
@@ -30,6 +31,7 @@ from .features import (
     snapshot,
     validate_impressions,
 )
+from .index import index_options
 from .models import DENSE_FEATURES, DeepFM, listwise_loss, save_model
 from .training import (
     batches_per_epoch,
@@ -148,7 +150,7 @@ def write_snapshots(cfg: C.RecsysConfig, out: str, shape: DataShape | None = Non
     items = read_table(f"{out}/items")
     impressions, bad = validate_impressions(read_table(f"{out}/impressions"), shape.num_users, items.num_rows)
     write_table(rejects_table(bad), f"{out}/rejects")
-    for name, until in zip(SNAPSHOTS, shape.bounds):
+    for name, until in progress(list(zip(SNAPSHOTS, shape.bounds)), "snapshots", unit="snapshots"):
         users_t, items_t = snapshot(impressions, items, shape.num_users, shape.num_categories, until,
                                     seen=shape.exclude_seen)
         write_table(users_t, f"{out}/features/{name}/users")
@@ -176,11 +178,11 @@ def impression_examples(part: pa.Table, out: str, snapshot_name: str, val_fracti
                                          "embeddings_dir": out, "val_fraction": val_fraction}, 4096)
 
 
-def candidate_examples(users: pa.Table, out: str, snapshot_name: str, candidates: int, val_fraction: float):
+def candidate_examples(users: pa.Table, out: str, snapshot_name: str, r: C.RetrievalConfig, val_fraction: float):
     """Lazy Ray Dataset of ranker rows: each user's retrieved candidates, labelled by later clicks."""
     return _stage(CandidateExamples, users, {"features_dir": f"{out}/features/{snapshot_name}",
-                                             "embeddings_dir": out, "candidates": candidates,
-                                             "val_fraction": val_fraction}, 256)
+                                             "embeddings_dir": out, "candidates": r.candidates,
+                                             "index": index_options(r), "val_fraction": val_fraction}, 256)
 
 
 def train(cfg: C.RecsysConfig, out: str, impressions: pa.Table, storage_path: str | None = None,
@@ -198,7 +200,7 @@ def train(cfg: C.RecsysConfig, out: str, impressions: pa.Table, storage_path: st
     k = cfg.ranker
     shape = data_shape(cfg, out)
     t1, t2 = shape.t1, shape.t2
-    rows = candidate_examples(clicked_by_user(impressions, t1, t2), out, "ranker", cfg.retrieval.candidates,
+    rows = candidate_examples(clicked_by_user(impressions, t1, t2), out, "ranker", cfg.retrieval,
                               k.val_fraction).materialize()
     train_ds = rows.filter(expr=col("is_val") == False).drop_columns(["is_val"])
     val_ds = rows.filter(expr=col("is_val") == True).drop_columns(["is_val"])

@@ -2,8 +2,8 @@
 
 Positive pairs are clicks (user -> item) and search queries (user or anonymous +
 query tokens -> item) before t1. Item and user embeddings are computed by Ray
-Data batch inference into ``item_embeddings`` / ``user_embeddings``; ``VectorIndex``
-searches them exactly (default) or with an IVF approximation.
+Data batch inference into ``item_embeddings`` / ``user_embeddings``; ``recsys.index.VectorIndex``
+searches them (faiss: exact up to ``retrieval.exact_max_items`` items, IVF beyond).
 """
 from __future__ import annotations
 
@@ -130,51 +130,6 @@ def embed(ids_table: pa.Table, model_uri: str, kind: str, r: C.RetrievalConfig):
         Encoder, fn_constructor_kwargs={"model_uri": model_uri, "kind": kind}, batch_size=r.embed_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=r.max_actors), num_cpus=r.num_cpus,
         num_gpus=r.num_gpus or None)
-
-
-class VectorIndex:
-    """Top-k inner-product search over item vectors: exact, or IVF (k-means lists, probe a few)."""
-
-    def __init__(self, vectors: np.ndarray, kind: str = "exact", lists: int = 16, probe: int = 4, seed: int = 0):
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.kind = kind
-        self.probe = min(probe, lists)
-        if kind == "ivf":
-            self.centroids, self.assign = kmeans(self.vectors, min(lists, len(vectors)), seed)
-
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               excluded: list[np.ndarray] | None = None):
-        """(ids [B, k], scores [B, k]) best first; ``allowed`` is a bool mask over items, ``excluded`` the
-        item ids each query row must not get (scored -inf, so last)."""
-        from .features import exclude
-
-        scores = exclude(np.asarray(queries, dtype=np.float32) @ self.vectors.T, excluded)
-        if self.kind == "ivf":
-            near = np.argsort(-(queries @ self.centroids.T), axis=1)[:, :self.probe]
-            in_probe = (self.assign[None, None, :] == near[:, :, None]).any(1)
-            scores = np.where(in_probe, scores, -np.inf)
-        if allowed is not None:
-            scores = np.where(allowed[None, :], scores, -np.inf)
-        k = min(k, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        part = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-part, axis=1, kind="stable")
-        ids = np.take_along_axis(top, order, axis=1)
-        return ids, np.take_along_axis(part, order, axis=1)
-
-
-def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means: (centroids [k, d], assignment [n])."""
-    rng = np.random.default_rng(seed)
-    cent = x[rng.choice(len(x), k, replace=False)].copy()
-    for _ in range(iters):
-        assign = np.argmax(x @ cent.T, axis=1)
-        for j in range(k):
-            members = x[assign == j]
-            if len(members):
-                c = members.sum(0)
-                cent[j] = c / (np.linalg.norm(c) + 1e-9)
-    return cent, np.argmax(x @ cent.T, axis=1)
 
 
 def run(cfg: C.RecsysConfig, run: Run) -> StepResult:

@@ -11,10 +11,10 @@ from pipelines.io import read_table
 
 from .config import RetrievalConfig
 from .features import FeatureStore, embedding_matrix
+from .index import VectorIndex, index_options
 from .models import DeepFM, TwoTower, device, load_model, tokenize
 from .ranking import MODEL_FILE as RANKER_FILE
 from .retrieval import MODEL_FILE as RETRIEVER_FILE
-from .retrieval import VectorIndex
 
 
 class Retriever:
@@ -26,7 +26,7 @@ class Retriever:
         self.torch = torch
         self.item_vec = embedding_matrix(read_table(f"{run_dir}/item_embeddings"), "item_id")
         self.user_vec = embedding_matrix(read_table(f"{run_dir}/user_embeddings"), "user_id")
-        self.index = VectorIndex(self.item_vec, r.index, r.ivf_lists, r.ivf_probe)
+        self.index = VectorIndex(self.item_vec, **index_options(r))  # built once per actor / replica
         self.model = load_model(TwoTower, f"{run_dir}/{RETRIEVER_FILE}")[0]
         self.buckets, self.max_tokens = r.vocab_buckets, r.max_tokens
         items = read_table(f"{run_dir}/items", columns=["category", "price"])
@@ -59,7 +59,7 @@ class Retriever:
 
     def for_users(self, user_ids, n: int, allowed=None, excluded=None):
         """(item ids [B, n], cosine scores [B, n]) for known user ids; ``excluded``: item ids per user
-        that come last with score -inf (items the user already interacted with)."""
+        never returned (items the user already interacted with). Empty slots: id -1, score -inf."""
         return self.index.search(self.user_vec[np.asarray(user_ids, dtype=np.int64)], n, allowed, excluded)
 
     def for_queries(self, user_ids, queries, n: int, allowed=None):
@@ -97,9 +97,9 @@ class Recommender:
         """Re-order candidate rows [B, C] by ranker score; returns (ids, scores) best first."""
         b, c = cand.shape
         users = np.repeat(np.asarray(user_ids, dtype=np.int64), c)
-        sparse, dense = self.store.ranker_inputs(users, cand.ravel(), cand_scores.ravel())
+        sparse, dense = self.store.ranker_inputs(users, np.maximum(cand, 0).ravel(), cand_scores.ravel())
         scores = self.ranker(sparse, dense).reshape(b, c)
-        scores = np.where(np.isfinite(cand_scores), scores, -np.inf)  # filtered-out slots stay last
+        scores = np.where(np.isfinite(cand_scores), scores, -np.inf)  # empty slots (id -1) stay last
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(cand, order, axis=1), np.take_along_axis(scores, order, axis=1)
 

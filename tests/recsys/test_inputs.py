@@ -16,7 +16,8 @@ import pytest
 from pipelines.input import InputError, conform, schema_markdown, split_table, user_names
 from recsys import config as C
 from recsys.common import DataShape
-from recsys.features import exclude, item_static, snapshot
+from recsys.features import item_static, snapshot
+from recsys.index import VectorIndex
 from recsys.inputs import INTERACTIONS, ITEMS, build_tables, positives, time_split
 from recsys.template import TEMPLATE
 
@@ -109,11 +110,18 @@ def test_time_split_needs_distinct_times_and_positives_in_every_slice():
         build_tables(inter, None, C.load().input)
 
 
-def test_exclusions_score_seen_items_last():
-    scores = np.arange(12, dtype=np.float32).reshape(2, 6)
-    out = exclude(scores, [np.array([5, 1]), np.array([], dtype=np.int64)])
-    assert np.isneginf(out[0, [1, 5]]).all() and np.isfinite(out[0, [0, 2, 3, 4]]).all()
-    assert (out[1] == scores[1]).all() and exclude(scores, None) is scores
+@pytest.mark.parametrize("exact_max_items", [1000, 0])
+def test_exclusions_never_return_seen_items(exact_max_items):
+    """Exact and IVF alike: a row's excluded items are skipped, the rest keep their order; when the
+    catalogue runs out the slots are empty (id -1, score -inf), so nothing seen fills them."""
+    vecs = np.eye(6, dtype=np.float32)[::-1] + np.linspace(0, 0.5, 6, dtype=np.float32)[:, None]
+    index = VectorIndex(vecs / np.linalg.norm(vecs, axis=1, keepdims=True), exact_max_items=exact_max_items)
+    q = np.ones((2, 6), dtype=np.float32)
+    plain, _ = index.search(q, 6)
+    ids, scores = index.search(q, 6, excluded=[np.array([5, 1]), np.array([], dtype=np.int64)])
+    assert ids[0, :4].tolist() == [i for i in plain[0] if i not in (5, 1)] and ids[0, 4:].tolist() == [-1, -1]
+    assert np.isneginf(scores[0, 4:]).all() and np.isfinite(scores[0, :4]).all()
+    assert (ids[1] == plain[1]).all()
 
 
 def test_input_section_is_checked_before_any_cluster_work(movielens, monkeypatch):
