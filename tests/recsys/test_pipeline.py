@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -95,6 +96,27 @@ def test_batch_recommendations_cover_every_user_once(e2e):
     assert (recs.model_version == s["metrics"]["model_version"]).all()
     first = recs.sort_values(["user_id", "rank"]).groupby("user_id").score.apply(lambda x: x.is_monotonic_decreasing)
     assert first.all()
+
+
+def test_ivf_index_is_built_once_per_actor_and_recommends_like_exact(e2e, monkeypatch):
+    """The batch stage over the run's embeddings with IVF forced (``exact_max_items=0``): one index per
+    actor, however many batches it serves, and top-10 lists that keep >= 80% of exact search's items."""
+    from recsys import index
+
+    out, _, _ = e2e
+    r = C.load().retrieval
+    builds, build = [], index.VectorIndex.__init__
+    monkeypatch.setattr(index.VectorIndex, "__init__", lambda self, *a, **kw: builds.append(build(self, *a, **kw)))
+    ivf = batch.BatchRecommender(out, r.model_copy(update={"exact_max_items": 0}).model_dump(), k=10)
+    exact = batch.BatchRecommender(out, r.model_dump(), k=10)
+    assert (ivf.rec.retriever.index.kind, exact.rec.retriever.index.kind) == ("ivf", "exact")
+    users = [np.arange(lo, lo + 100) for lo in (0, 100, 200)]
+    got = [ivf({"user_id": u}) for u in users]
+    want = [exact({"user_id": u}) for u in users]
+    assert len(builds) == 2
+    overlap = [len(set(a) & set(b)) / 10 for g, w in zip(got, want)
+               for a, b in zip(g["item_id"].reshape(-1, 10), w["item_id"].reshape(-1, 10))]
+    assert np.mean(overlap) >= 0.8, np.mean(overlap)
 
 
 def test_batch_to_mysql_is_idempotent(e2e, mysql_url):
