@@ -178,18 +178,21 @@ def process_audio(path: str, fmt: str, size: int, rate: int, n_mels: int, silenc
         "duration_s": total / src_rate, "source_rate": src_rate, "channels": channels,
         "loudness_dbfs": 20 * np.log10(rms + 1e-12), "peak": float(np.abs(wave).max()),
         "silence_ratio": float(np.mean(levels < silence_db)),
-        "logmel_mean": mel.mean(axis=0), "logmel": fixed_frames(mel, embed_frames),
+        "logmel_mean": mel.mean(axis=0), "logmel": fixed_frames(mel, embed_frames), "wave": wave,
     }
 
 
 class AudioDecoder:
-    """``map_batches`` stage: audio paths -> features + fixed-size log-mel; failures keep a ``reason``."""
+    """``map_batches`` stage: audio paths -> features + the encoder's input (``model_input``: ``logmel``
+    for the builtin encoder, ``wave`` for a hub model, None without embedding); failures keep a
+    ``reason``."""
 
     def __init__(self, sample_rate: int, n_mels: int, silence_db: float, max_seconds: float,
-                 embed_seconds: float, endpoint: str | None = None, keep_logmel: bool = True):
+                 embed_seconds: float, endpoint: str | None = None, model_input: str | None = "logmel"):
         self.rate, self.n_mels, self.silence_db = sample_rate, n_mels, silence_db
-        self.max_seconds, self.endpoint, self.keep_logmel = max_seconds, endpoint, keep_logmel
+        self.max_seconds, self.endpoint, self.model_input = max_seconds, endpoint, model_input
         self.embed_frames = embed_frames(embed_seconds)
+        self.embed_samples = round(embed_seconds * sample_rate)
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
@@ -202,11 +205,21 @@ class AudioDecoder:
                "peak": np.zeros(n, np.float32), "silence_ratio": np.zeros(n, np.float32),
                "logmel_mean": np.zeros((n, m), np.float32),
                "logmel": np.zeros((n, self.embed_frames, m), np.float32)}
-        return fill_rows(
-            out, paths,
-            lambda i, path: process_audio(path, str(batch["format"][i]), int(batch["size"][i]), self.rate, m,
-                                          self.silence_db, self.max_seconds, self.embed_frames, self.endpoint),
-            (AudioError, OSError, ValueError), start, drop=None if self.keep_logmel else "logmel")
+        if self.model_input == "wave":
+            out["wave"] = np.zeros((n, self.embed_samples), np.float32)
+
+        def work(i, path):
+            row = process_audio(path, str(batch["format"][i]), int(batch["size"][i]), self.rate, m,
+                                self.silence_db, self.max_seconds, self.embed_frames, self.endpoint)
+            if self.model_input == "wave":  # the first embed_seconds, zero-padded
+                row["wave"] = np.pad(row["wave"][:self.embed_samples],
+                                     (0, max(0, self.embed_samples - len(row["wave"]))))
+            else:
+                del row["wave"]
+            return row
+
+        return fill_rows(out, paths, work, (AudioError, OSError, ValueError), start,
+                         drop=None if self.model_input == "logmel" else "logmel")
 
 
 def embed_frames(embed_seconds: float) -> int:

@@ -71,6 +71,9 @@ class EmbedConfig(StrictModel):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
+    # auto: the model's own (multimodal.embed.pooling_of); pooler = pooler_output (else CLS)
+    pooling: Literal["auto", "pooler", "cls", "mean"] = "auto"
+    normalize: bool | None = None     # L2-normalise the embeddings; unset: the model's own (auto)
 
 
 class ImageConfig(StrictModel):

@@ -29,13 +29,14 @@ import pyarrow.parquet as pq
 from pipelines.cli import RunFailed
 from pipelines.input import REASON
 from pipelines.io import filesystem_for, reject, rejects_table, replace_dir, write_table
+from pipelines.progress import progress
 from pipelines.template import Run, StepResult, require_cluster_readable
 
 from . import dedup
 from .audio import AudioDecoder, embed_frames
 from .batches import ok_mask
 from .config import MODALITIES, MultimodalConfig, is_manifest
-from .embed import embed_stage
+from .embed import embed_stage, input_column
 from .images import ImageDecoder
 from .report import duplicate_groups, write_plots
 from .sources import MANIFEST_SCHEMA, ROUTED_SCHEMA, Manifest, Router, blocks, list_files, read_manifest
@@ -136,9 +137,10 @@ def build_modality(cfg: MultimodalConfig, modality: str, files: pa.Table):
         c = cfg.audio
         ds = ray.data.from_arrow(blocks(files, c.batch_size)).map_batches(
             AudioDecoder(c.sample_rate, c.n_mels, c.silence_db, c.max_seconds, c.embed_seconds, ep,
-                         c.embed.enabled),
+                         input_column("audio", c.embed.model) if c.embed.enabled else None),
             batch_size=c.batch_size, batch_format="numpy", **decode_args(cfg, modality))
-        return embed_stage(ds, "audio", c.embed, (embed_frames(c.embed_seconds), c.n_mels))
+        return embed_stage(ds, "audio", c.embed, (embed_frames(c.embed_seconds), c.n_mels),
+                           sample_rate=c.sample_rate)
     if modality == "text":
         c = cfg.text
         ds = ray.data.from_arrow(blocks(files, c.batch_size)).map_batches(
@@ -186,10 +188,12 @@ def to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     return out
 
 
-def collect(uri: str, columns: list[str]) -> dict[str, np.ndarray]:
-    """Selected (small) columns of a staging folder, read file by file on the driver."""
+def collect(uri: str, columns: list[str], label: str = "collect") -> dict[str, np.ndarray]:
+    """Selected (small) columns of a staging folder, read file by file on the driver (progress
+    lines under ``label`` on a terminal)."""
     fs, files = staging_files(uri)
-    parts = [to_numpy(pq.read_table(f, columns=columns, filesystem=fs)) for f in files]
+    parts = [to_numpy(pq.read_table(f, columns=columns, filesystem=fs))
+             for f in progress(files, label, unit="staging files")]
     return {c: np.concatenate([p[c] for p in parts]) if parts else np.array([], dtype=object) for c in columns}
 
 
@@ -237,15 +241,16 @@ def finalize_batch(batch: dict[str, np.ndarray], schema: pa.Schema, dups: dict |
 
 
 def finalize(staging: str, target: str, schema: pa.Schema, dups: dict | None,
-             manifest: Manifest | None = None) -> None:
+             manifest: Manifest | None = None, label: str = "finalize") -> None:
     """Rewrite a staging folder into ``target`` (replacing it), one staging file at a time,
-    so memory stays bounded by the largest staging file."""
+    so memory stays bounded by the largest staging file (progress lines under ``label`` on a
+    terminal: :mod:`pipelines.progress`)."""
     fs, files = staging_files(staging)
     out_fs, out_path = filesystem_for(target)
 
     def write(folder: str) -> None:
         with pq.ParquetWriter(f"{folder}/part-0.parquet", schema, filesystem=out_fs) as writer:
-            for f in files:
+            for f in progress(files, label, unit="staging files"):
                 writer.write_table(finalize_batch(to_numpy(pq.read_table(f, filesystem=fs)), schema, dups,
                                                   manifest))
 
@@ -303,10 +308,10 @@ def run_modality(cfg: MultimodalConfig, modality: str, files: pa.Table, out_dir:
     pass1 = time.perf_counter() - t0
     small = ["path", "reason", "decode_s"] + (["embed_s"] if _embeds(cfg, modality) else [])
     small += {"images": ["sha256", "phash"], "text": ["record", "sha256", "minhash"]}.get(modality, [])
-    cols = collect(staging, small)
+    cols = collect(staging, small, f"{modality}: read keys")
     t1 = time.perf_counter()
     dups = dup_columns(cfg, modality, cols) if modality in ("images", "text") else None
-    finalize(staging, target, schema, dups, manifest)
+    finalize(staging, target, schema, dups, manifest, f"{modality}: write")
     pass2 = time.perf_counter() - t1
     _remove(staging)
     good = ok_mask(cols["reason"])

@@ -222,7 +222,7 @@ def test_encoder_loads_from_the_object_store(storage, tmp_path):
     """``embed.model`` may be an oss:// folder: each embedding actor copies it to its own node."""
     import numpy as np
     import torch
-    from transformers import ViTConfig, ViTModel
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     from multimodal.config import EmbedConfig
     from multimodal.embed import Embedder
@@ -231,6 +231,7 @@ def test_encoder_loads_from_the_object_store(storage, tmp_path):
     torch.manual_seed(0)
     ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
     remote = upload_dir(str(tmp_path / "vit"), join(storage, "models", "vit"))
     batch = {"pixels": np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8),
              "reason": np.array(["", ""], dtype=object)}

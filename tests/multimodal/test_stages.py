@@ -332,11 +332,12 @@ def test_listing_and_manifests(tmp_path):
 
 def test_encoder_from_a_local_path_and_dim_check(tmp_path):
     import torch
-    from transformers import ViTConfig, ViTModel
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
     ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
     cfg = EmbedConfig(model=str(tmp_path / "vit"), dim=32).model_dump()
     pixels = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     out = Embedder("images", cfg, (32, 32, 3))({"pixels": pixels, "reason": np.array(["", ""], dtype=object)})
