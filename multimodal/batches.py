@@ -7,11 +7,7 @@ import time
 
 import numpy as np
 
-
-def one_line(error: BaseException) -> str:
-    """The first line of an error message (the exception type when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+from pipelines.io import first_line
 
 
 def fill_rows(out: dict, paths: list[str], work, errors: tuple, start: float, drop: str | None = None) -> dict:
@@ -22,7 +18,7 @@ def fill_rows(out: dict, paths: list[str], work, errors: tuple, start: float, dr
         try:
             row = work(i, path)
         except errors as e:
-            out["reason"][i] = one_line(e)
+            out["reason"][i] = first_line(e)
             continue
         for k, v in row.items():
             out[k][i] = v

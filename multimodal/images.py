@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import time
 import warnings
 
@@ -15,11 +16,14 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipelines.io import first_line
+
 from .batches import fill_rows
 from .sources import read_bytes
 
 cv2.setNumThreads(1)  # Ray runs one task per core; OpenCV's own threads would oversubscribe
 EXIF_SWAPS_AXES = (5, 6, 7, 8)
+OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class ImageError(ValueError):
@@ -57,7 +61,8 @@ def decode_pillow(data: bytes, min_side: int) -> tuple[np.ndarray, int, int, str
             im.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
-        raise ImageError(f"cannot decode image: {e}") from None
+        # Pillow names the buffer by its repr (<_io.BytesIO object at 0x7f...>): noise in a reason
+        raise ImageError("cannot decode image: " + OBJECT_REPR.sub("", first_line(e))) from None
     if orientation in EXIF_SWAPS_AXES:
         width, height = height, width
     im = ImageOps.exif_transpose(im)

@@ -14,7 +14,8 @@ from collections import Counter
 
 import numpy as np
 
-from .batches import one_line
+from pipelines.io import first_line
+
 from .dedup import minhash
 from .sources import FileTooLarge, read_bytes
 
@@ -180,7 +181,7 @@ class TextReader:
             docs = list(iter_documents(path, read_bytes(path, self.endpoint, self.max_bytes), self.encodings,
                                        self.jsonl_field))
         except (TextError, FileTooLarge, OSError) as e:
-            yield {"path": path, "record": 0, "reason": one_line(e)}
+            yield {"path": path, "record": 0, "reason": first_line(e)}
             return
         for record, raw, enc, error in docs:
             if error:

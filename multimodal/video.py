@@ -12,7 +12,8 @@ import time
 import cv2
 import numpy as np
 
-from .batches import one_line
+from pipelines.io import first_line
+
 from .images import fit
 from .sources import local_path
 
@@ -128,4 +129,4 @@ class VideoDecoder:
                         yield self._batch(row, time.perf_counter() - start)
                         start = time.perf_counter()
             except (VideoError, OSError, cv2.error) as e:
-                yield self._batch({"path": path, "reason": one_line(e)}, time.perf_counter() - start)
+                yield self._batch({"path": path, "reason": first_line(e)}, time.perf_counter() - start)

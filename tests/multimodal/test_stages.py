@@ -92,6 +92,21 @@ def test_truncated_jpeg_is_an_error_and_batch_keeps_good_rows(tmp_path):
     assert out["width"][0] == 120 and out["pixels"][0].std() > 0
 
 
+def test_reject_reasons_are_one_short_line_without_object_addresses():
+    from multimodal.batches import fill_rows
+
+    for data in (b"\x89PNG\r\n\x1a\n" + b"\x13" * 300, b"GIF89a" + b"\x00" * 5):
+        with pytest.raises(ImageError) as e:
+            process_image(data, 32, 64)
+        assert str(e.value) == "cannot decode image: cannot identify image file"  # no <_io.BytesIO at 0x...>
+
+    def work(i, path):
+        raise ValueError("\n  first line\nTraceback (most recent call last):\n  File x")
+
+    out = fill_rows({"reason": np.array([""], dtype=object)}, ["/p"], work, (ValueError,), 0.0)
+    assert out["reason"][0] == "first line"
+
+
 def test_fit_resizes_shorter_side_and_center_crops():
     assert fit(gradient(200, 100), 50).shape == (50, 50, 3)
     assert fit(gradient(50, 60), 64).shape == (64, 64, 3)
