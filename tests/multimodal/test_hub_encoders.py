@@ -18,6 +18,12 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "cats",
 TEXTS = ["hello world", "cats and dogs run", "dogs"]
 
 
+@pytest.fixture(autouse=True)
+def fp32_on_cpu(monkeypatch):
+    """What is compared is preprocessing and pooling: in fp32 on the CPU, also on a CUDA machine."""
+    monkeypatch.setattr("multimodal.embed.pick_device_dtype", lambda setting: ("cpu", torch.float32))
+
+
 def good(n: int) -> np.ndarray:
     return np.array([""] * n, dtype=object)
 
