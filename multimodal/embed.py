@@ -129,6 +129,26 @@ def pooling_of(model: str, modality: str) -> tuple[str, bool]:
                      "(cls or mean tokens are): set text.embed.pooling")
 
 
+def pixel_scaling(processor) -> tuple[float, list, list] | None:
+    """``(rescale_factor, mean, std)`` an image processor applies (identity where its flags are off),
+    or None when it has no such attributes."""
+    if not hasattr(processor, "do_normalize") or not hasattr(processor, "do_rescale"):
+        return None
+    scale = float(processor.rescale_factor) if processor.do_rescale else 1.0
+    mean, std = (processor.image_mean, processor.image_std) if processor.do_normalize else (0.0, 1.0)
+    mean, std = (np.broadcast_to(np.asarray(v, np.float32), (3,)).tolist() for v in (mean, std))
+    return scale, mean, std
+
+
+def scale_pixels(pixels: np.ndarray, scale: float, mean: list, std: list, device):
+    """uint8 NHWC pixels -> float32 NCHW ``(x * scale - mean) / std`` on ``device``."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2).float()
+    m, sd = (torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
+    return (t * scale - m) / sd
+
+
 def load_pretrained(model: str, modality: str):
     """``(model, preprocessor, (pooling, normalise))`` from a hub id, a local folder, or an
     ``oss://``/``s3://`` folder (copied through :mod:`pipelines.io` into a temp folder on this node,
@@ -171,7 +191,7 @@ class Embedder:
         self.device, self.dtype = pick_device_dtype(self.cfg.dtype)
         if self.device == "cpu":
             torch.set_num_threads(max(1, num_threads))
-        self.processor = None
+        self.processor, self.scaling = None, None
         if self.cfg.model == "builtin":
             self.model = builtin_model(modality, self.cfg, input_shape)
             pooling = ("mean" if modality == "text" else "pooler"), False
@@ -213,11 +233,24 @@ class Embedder:
         import torch
 
         if self.processor is not None:  # the model's own resize, rescale and mean/std
-            inputs = self._inputs(self.processor(images=list(pixels), return_tensors="pt"))
-            return pool(self.model(pixel_values=inputs["pixel_values"]), self.pooling)
+            return pool(self.model(pixel_values=self._pixel_values(pixels)), self.pooling)
         t = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
         t = t.permute(0, 3, 1, 2).to(self.dtype).div_(127.5).sub_(1.0)  # [-1, 1], NCHW
         return pool(self.model(pixel_values=t), self.pooling)
+
+    def _pixel_values(self, pixels: np.ndarray):
+        """The image processor's ``pixel_values``. When, on the first batch, the processor turns out to
+        only rescale and normalise (the decoder already made the model's input size), later batches
+        get that same arithmetic on the device instead of the processor's per-image CPU work."""
+        if self.scaling:
+            return scale_pixels(pixels, *self.scaling, self.device).to(self.dtype)
+        ref = self.processor(images=list(pixels), return_tensors="pt")["pixel_values"]
+        if self.scaling is None:
+            guess = pixel_scaling(self.processor)
+            same = guess is not None and tuple(ref.shape[-2:]) == pixels.shape[1:3] and \
+                np.allclose(scale_pixels(pixels, *guess, "cpu").numpy(), ref.float().numpy(), atol=1e-4)
+            self.scaling = guess if same else False
+        return ref.to(self.device, self.dtype)
 
     def _encode_audio(self, x: np.ndarray):
         import torch

@@ -87,6 +87,26 @@ def test_images_and_video_get_the_model_image_processor(vit):
     np.testing.assert_allclose(video, want.mean(0, keepdims=True).repeat(2, 0), rtol=1e-4, atol=1e-5)
 
 
+def test_pixels_at_the_model_size_are_scaled_on_the_device_as_the_processor_would(vit):
+    """Once the first batch shows the processor only rescales and normalises (no resize or crop
+    left to do), later batches skip its per-image CPU work: the same vectors, without it."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    rng = np.random.default_rng(1)
+    model, proc = AutoModel.from_pretrained(vit).eval(), AutoImageProcessor.from_pretrained(vit)
+    at_size = Embedder("images", cfg(vit), (32, 32, 3))
+    for _ in range(2):
+        pixels = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+        got = at_size({"pixels": pixels, "reason": good(4)})["embedding"]
+        with torch.inference_mode():
+            want = model(**proc(images=list(pixels), return_tensors="pt")).pooler_output.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert at_size.scaling and at_size.scaling[1] == pytest.approx([0.2, 0.4, 0.6])
+    larger = Embedder("images", cfg(vit), (48, 48, 3))
+    larger({"pixels": rng.integers(0, 255, (2, 48, 48, 3), dtype=np.uint8), "reason": good(2)})
+    assert larger.scaling is False  # a resize is left to do: the processor keeps doing it
+
+
 def test_text_cls_then_l2_when_the_sentence_transformers_config_says_so(tmp_path):
     folder = bert(tmp_path / "bge", {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
     assert pooling_of(str(folder), "text") == ("cls", True)
