@@ -158,3 +158,14 @@ def test_make_bench_runs_every_benchmark_then_the_table_and_bench_table_only_pri
     assert "for b in benchmarks/*.py" in run_all[0] and "pipelines.bench wait-quiet" in run_all[0]
     assert run_all[1].endswith("-m pipelines.bench table")
     assert [x.split("python ", 1)[-1] for x in dry("bench-table")] == ["-m pipelines.bench table"]
+
+
+def test_wait_quiet_waits_for_the_load_to_fade_and_gives_up_in_one_line(monkeypatch):
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    fake_load(monkeypatch, 3.1, 2.4, 1.9)
+    assert CliRunner().invoke(bench.main, ["wait-quiet"]).exit_code == 0
+    fake_load(monkeypatch, *[2.6] * 3)
+    result = CliRunner().invoke(bench.main, ["wait-quiet", "--timeout", "0"])
+    assert result.exit_code == 1
+    assert result.output == ("machine still busy after 0s: load average 2.60 is above the 2 cores; "
+                             "run benchmarks alone\n")
