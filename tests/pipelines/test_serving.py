@@ -93,7 +93,6 @@ def test_latency_counts_from_the_scheduled_send_time(instant_server):
     # ~25 of the 75 waited 0..500 ms behind their schedule: ~85 ms on average over all 75
     assert result["p99_ms"] >= 400 and result["mean_ms"] >= 50, result
     assert result["send_lag_max_ms"] >= 400, result
-    assert result["p50_ms"] < result["p99_ms"] / 2, result  # most requests left on time
 
 
 def test_a_client_slower_than_the_target_rate_marks_the_run_invalid(instant_server):
