@@ -433,30 +433,100 @@ def group_list(cluster_id, region, endpoint, as_json):
         click.echo(f"{name:<32} {kind:<12} {status}")
 
 
+def _running_jobs(name, cluster_id, region, endpoint):
+    """(jobs not ended on the group, None) or ([], why they could not be listed)."""
+    from .jobs import SubmitError, redact_command, resolve_target, running_jobs
+    from .openapi import ApiError
+
+    try:
+        target = resolve_target(group=name, cluster_id=cluster_id, endpoint=endpoint, region=region)
+        rows = running_jobs(target)
+    except (SubmitError, ApiError, ConfigError) as e:
+        return [], str(e)
+    for j in rows:
+        click.echo(f"  running job {j.submission_id or j.job_id} ({getattr(j.status, 'value', j.status)}): "
+                   f"{redact_command(j.entrypoint)}", err=True)
+    return rows, None
+
+
+def _confirm_node_loss(what, nodes, name, cluster_id, region, endpoint, yes):
+    """Refuse (exit 1, one line) a change that deletes or restarts ``nodes`` nodes while jobs run, unless
+    ``yes``; also when the jobs cannot be listed."""
+    rows, unknown = _running_jobs(name, cluster_id, region, endpoint)
+    if not nodes or yes:
+        return
+    if unknown:
+        fail(f"{what} deletes or restarts {nodes} node(s) of group {name} and its jobs could not be listed "
+             f"({unknown}); pass --yes to apply it anyway", 1)
+    if rows:
+        fail(f"{what} deletes or restarts {nodes} node(s) of group {name} while {len(rows)} job(s) run "
+             "(listed above); pass --yes to apply it anyway", 1)
+
+
 @group.command("modify")
 @click.argument("template_or_spec")
 @_api_options
 @click.option("--name", default=None)
-def group_modify(template_or_spec, cluster_id, region, endpoint, name):
-    """Apply a changed spec (worker counts, specs, requirements) to a group (ModifyDBResourceGroup)."""
+@click.option("--yes", is_flag=True, help="Apply a change that deletes or restarts nodes while jobs run.")
+@click.option("--wait/--no-wait", default=True, help="Wait until the group is ok again (default).")
+@click.option("--timeout", default=1800.0, show_default=True)
+def group_modify(template_or_spec, cluster_id, region, endpoint, name, yes, wait, timeout):
+    """Apply a changed spec to a group (ModifyDBResourceGroup): prints the diff, what it does to nodes and
+    the running jobs; a change that deletes or restarts nodes while jobs run needs --yes."""
+    from .openapi import spec_from_ray_config
+    from .spec import RESTART_NOTE, spec_changes
+
     try:
         spec = load_spec(template_or_spec, name=name)
     except ConfigError as e:
         fail(str(e))
-    body = _api(_client(cluster_id, region, endpoint).modify, spec)
+    client = _client(cluster_id, region, endpoint)
+    info = _api(client.describe, spec.name)
+    try:
+        current = spec_from_ray_config(spec.name, info.get("RayConfig") or {})
+    except ConfigError as e:
+        fail(f"group {spec.name} reports a RayConfig adbray cannot read: {e}", 1)
+    changes = spec_changes(current, spec)
+    if not changes:
+        click.echo(f"group {spec.name}: no change", err=True)
+        return
+    click.echo(f"group {spec.name}: changes", err=True)
+    for c in changes:
+        click.echo(f"  {c.text}" + (f": {c.does}" if c.does else ""), err=True)
+    nodes = sum(c.nodes for c in changes)
+    if nodes:
+        click.echo(f"  {RESTART_NOTE}", err=True)
+    _confirm_node_loss("this change", nodes, spec.name, cluster_id, region, endpoint, yes)
+    body = _api(client.modify, spec)
     click.echo(f"modified group {spec.name} (request id {body.get('RequestId')})", err=True)
+    if wait:
+        _api(client.wait, spec.name, timeout=timeout, log=lambda m: click.echo(m, err=True))
+        click.echo(f"group {spec.name}: ok", err=True)
 
 
 @group.command("delete")
 @click.argument("name")
 @_api_options
+@click.option("--yes", is_flag=True, help="Delete the group even while jobs run on it.")
 @click.option("--wait/--no-wait", default=False, help="Wait until the group is gone.")
 @click.option("--timeout", default=600.0, show_default=True)
-def group_delete(name, cluster_id, region, endpoint, wait, timeout):
-    """Delete a group (DeleteDBResourceGroup); its stored token is removed."""
+def group_delete(name, cluster_id, region, endpoint, yes, wait, timeout):
+    """Delete a group (DeleteDBResourceGroup); its stored token is removed. Lists the running jobs (deleting
+    interrupts them immediately) and needs --yes while any run."""
     from .openapi import ApiError, token_path
+    from .spec import DELETE_NOTE
 
     client = _client(cluster_id, region, endpoint)
+    info = _api(client.describe, name)
+    if str(info.get("Status", "")).lower() == "ok":
+        rows, unknown = _running_jobs(name, cluster_id, region, endpoint)
+        if rows or unknown:
+            click.echo(f"  {DELETE_NOTE}", err=True)
+        if rows and not yes:
+            fail(f"deleting group {name} interrupts {len(rows)} running job(s) (listed above); "
+                 "pass --yes to delete it anyway", 1)
+        if unknown and not yes:
+            fail(f"the jobs of group {name} could not be listed ({unknown}); pass --yes to delete it anyway", 1)
     body = _api(client.delete, name)
     click.echo(f"deleting group {name} (request id {body.get('RequestId')})", err=True)
     deadline = time.time() + timeout

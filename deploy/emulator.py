@@ -11,7 +11,17 @@ with the group's ``AuthToken`` as the Ray token), and ``deleting -> deleted``
 once that cluster is stopped. ``DescribeDBResourceGroup`` returns the cluster's
 dashboard, ray:// and metrics addresses, and its Serve address
 (``RayServePublicAddress``: 127.0.0.1 and a port chosen per group, where
-``adbray serve`` starts the group's Serve proxy).
+``adbray serve`` starts the group's Serve proxy). ``ModifyDBResourceGroup`` moves
+the group ``ok -> modifying -> ok`` while the change is applied to the backing
+cluster for real (:func:`deploy.local.apply_change`: workers restarted for a new
+spec or type, deleted above a new max or with their group, started up to a new min).
+
+Versions: a real group's Ray and Python versions are whatever its image runs, read
+by clients from its dashboard (``/api/v0/cluster_metadata``, ``/api/version``) and
+the Ray client handshake. Locally they always match, so :meth:`Emulator.report_versions`
+puts a :class:`DashboardProxy` in front of a group's dashboard that answers those two
+endpoints with other versions (everything else passes through); Describe then gives
+the proxy as ``RayDashboardAddress``, as a group on another image would be seen.
 
 Hardening (the emulator listens on a port anyone on the machine can reach): the
 body is read only after its ``Content-Length`` is checked (a non-negative
@@ -37,10 +47,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
 
 from pipelines.config import ConfigError
+from pipelines.connect import cluster_versions, local_versions
 
 from . import local
 from .openapi import API_VERSION, ray_config, spec_from_ray_config
@@ -79,6 +91,8 @@ class Group:
     updated: str = field(default_factory=lambda: _now())
     cluster: local.ClusterState | None = None
     serve_port: int = field(default_factory=local.free_port)  # its RayServePublicAddress
+    proxy: DashboardProxy | None = None  # set by Emulator.report_versions
+    changes: list[str] = field(default_factory=list)  # what the last modify did to the nodes
 
     @property
     def local_name(self) -> str:
@@ -101,10 +115,10 @@ def describe_entry(group: Group) -> dict:
     """A ``GroupsInfo`` entry as DescribeDBResourceGroup returns it (never the AuthToken)."""
     spec = group.spec
     rc = ray_config(spec, token=None)
-    if group.status == "ok" and group.cluster:
+    if group.status in ("ok", "modifying") and group.cluster:
         c = group.cluster
         rc.update(
-            RayDashboardAddress=c.dashboard_url,
+            RayDashboardAddress=group.proxy.url if group.proxy else c.dashboard_url,
             RayClusterAddress=c.client_address,
             RayGrafanaAddress=f"{c.dashboard_url}/#/metrics",
             RayServePublicAddress=f"http://127.0.0.1:{group.serve_port}",
@@ -458,7 +472,12 @@ class Emulator:
             spec = checked_spec(group.spec.name, self._ray_config(query))
             if spec.category != group.spec.category:
                 raise ApiFault(400, "OperationDenied.Category", "Category cannot be changed after creation.")
+            before = group.spec
             group.spec, group.updated = spec, _now()
+            if group.cluster is not None:
+                group.status = "modifying"
+        if group.cluster is not None:
+            self._background(lambda g: self._apply(g, before, spec), group)
         return {}
 
     def delete_group(self, query: dict) -> dict:
@@ -491,6 +510,34 @@ class Emulator:
             group.cluster, group.status, group.message, group.updated = cluster, status, message, _now()
         self.log(f"group {group.spec.name}: {status} {message}".rstrip())
 
+    def _apply(self, group: Group, old: ResourceGroupSpec, new: ResourceGroupSpec) -> None:
+        """Apply a modify to the backing cluster; the group is ``ok`` again after, ``failed`` if it broke."""
+        local_old = old.model_copy(update={"name": group.local_name})
+        local_new = new.model_copy(update={"name": group.local_name})
+        try:
+            done = local.apply_change(group.cluster, local_old, local_new, log=self.log)
+            status, message = "ok", ""
+        except Exception as e:  # noqa: BLE001 - said in the group's status, as the service would
+            done, status, message = [], "failed", " ".join(str(e).split())
+        with self.lock:
+            group.changes, group.status, group.message, group.updated = done, status, message, _now()
+
+    def report_versions(self, cluster_id: str, name: str, ray: str | None = None,
+                        python: str | None = None) -> str | None:
+        """Make a group look like one whose image runs other Ray/Python versions: its dashboard is then seen
+        through a :class:`DashboardProxy` that reports them (None for both: the real dashboard again).
+        Returns the address Describe now gives."""
+        with self.lock:
+            group = self.groups[(cluster_id, name)]
+            if group.proxy:
+                group.proxy.stop()
+                group.proxy = None
+            if (ray or python) and group.cluster:
+                real = cluster_versions(group.cluster.dashboard_url, group.cluster.headers()) or local_versions()
+                group.proxy = DashboardProxy(group.cluster.dashboard_url,
+                                             {"ray": ray or real["ray"], "python": python or real["python"]}).start()
+            return group.proxy.url if group.proxy else (group.cluster.dashboard_url if group.cluster else None)
+
     def _teardown(self, group: Group) -> None:
         try:
             if group.cluster:
@@ -498,7 +545,86 @@ class Emulator:
         except local.LocalClusterError as e:
             self.log(f"group {group.spec.name}: {e}")
         with self.lock:
-            group.cluster, group.status, group.updated = None, "deleted", _now()
+            if group.proxy:
+                group.proxy.stop()
+            group.cluster, group.proxy, group.status, group.updated = None, None, "deleted", _now()
+
+
+class DashboardProxy:
+    """A pass-through HTTP proxy in front of a Ray dashboard that reports other Ray and Python versions on
+    ``/api/version`` and ``/api/v0/cluster_metadata`` (where clients read them). WebSocket upgrades (log
+    tailing) are refused with 501, so clients fall back to polling."""
+
+    def __init__(self, upstream: str, versions: dict):
+        self.upstream, self.versions = urlsplit(upstream), dict(versions)
+        self.server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> DashboardProxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = 60
+
+            def _forward(self):
+                proxy.forward(self)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, name="adbray-dashboard-proxy", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def rewrite(self, path: str, body: bytes) -> bytes:
+        """The upstream answer with this proxy's versions in it (the two version endpoints only)."""
+        route = path.split("?", 1)[0]
+        if route not in ("/api/version", "/api/v0/cluster_metadata"):
+            return body
+        data = json.loads(body)
+        if route == "/api/version":
+            data["ray_version"] = self.versions["ray"]
+        else:
+            data.setdefault("data", {}).update(rayVersion=self.versions["ray"], pythonVersion=self.versions["python"])
+        return json.dumps(data).encode()
+
+    def forward(self, http: BaseHTTPRequestHandler) -> None:
+        if "upgrade" in (http.headers.get("connection") or "").lower():
+            http.send_error(501, "WebSocket is not proxied")
+            return
+        length = int(http.headers.get("content-length") or 0)
+        body = http.rfile.read(length) if length else None
+        headers = {k: v for k, v in http.headers.items() if k.lower() not in ("host", "connection")}
+        conn = HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=120)
+        try:
+            conn.request(http.command, http.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            out = resp.read()
+            if resp.status == 200:
+                out = self.rewrite(http.path, out)
+            http.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    http.send_header(k, v)
+            http.send_header("Content-Length", str(len(out)))
+            http.end_headers()
+            if http.command != "HEAD":
+                http.wfile.write(out)
+        except OSError as e:
+            http.send_error(502, f"dashboard unreachable: {e}")
+        finally:
+            conn.close()
 
 
 class _Server(ThreadingHTTPServer):

@@ -37,7 +37,15 @@ from pipelines.config import (
     read_yaml,
     redact,
 )
-from pipelines.connect import CLIENT_PORT, DASHBOARD_PORT, to_client_address, to_dashboard_url
+from pipelines.connect import (
+    CLIENT_PORT,
+    DASHBOARD_PORT,
+    cluster_versions,
+    to_client_address,
+    to_dashboard_url,
+    version_mismatch,
+    versions_line,
+)
 
 from . import preflight, workdir
 from .spec import REPO_ROOT, ResourceGroupSpec, load_spec
@@ -469,6 +477,16 @@ def cluster_check(target: Target, timeout: float = 10.0) -> str:
     )
     if not workers:
         raise SubmitError(line + ": no worker node is alive")
+    versions = cluster_versions(target.dashboard_url, target.headers(), timeout=timeout)
+    if versions:
+        line += f"; {versions_line(versions)}"
+        problem = version_mismatch(versions)
+        if problem:  # a CTL job runs on the cluster's own Python: said, not refused
+            target.warnings.append(problem.replace("a ray:// or ray.init client must run",
+                                                   "the job runs on the cluster's; a ray:// or ray.init "
+                                                   "client from here would be refused, it must run"))
+    else:
+        line += "; the cluster's Ray and Python versions are unknown (no /api/v0/cluster_metadata)"
     if target.spec:
         expected = {g.name for g in target.spec.worker_groups}
         unknown = set(groups) - expected - {"?"}
@@ -484,6 +502,16 @@ def cluster_check(target: Target, timeout: float = 10.0) -> str:
         if not unknown and not too_many:
             line += f"; matches group {target.spec.name}"
     return line
+
+
+def running_jobs(target: Target) -> list:
+    """The target's jobs that have not ended (PENDING or RUNNING); SubmitError when they cannot be listed."""
+    client = client_for(target)
+    try:
+        rows = client.list_jobs()
+    except Exception as e:  # noqa: BLE001 - the job client raises its own exception tree
+        raise SubmitError(error_line(e, target)) from None
+    return [j for j in rows if status_name(j) not in TERMINAL]
 
 
 def client_for(target: Target):

@@ -639,3 +639,127 @@ def _clear_redis(namespace: str) -> None:
             r.delete(key)
     except Exception as e:  # the cluster is down either way; a stale namespace is harmless
         print(f"warning: could not clear Redis namespace {namespace}: {e}", file=sys.stderr)
+
+
+# -- changes to a running cluster (what ModifyDBResourceGroup does to the nodes) ---------------------
+
+
+def node_processes(state: ClusterState, node_id: str) -> list:
+    """The processes of one node of this cluster: its raylet (``--node_id=<id>``), the agents and services
+    started for it (``--node-id=<id>``, or its session folder on their command line), and their descendants."""
+    import psutil
+
+    procs = processes(state)
+    mine = {}
+    for p in procs:
+        try:
+            line = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if f"--node_id={node_id}" in line or f"--node-id={node_id}" in line:
+            mine[p.pid] = p
+            session = next((a.split("=", 1)[1] for a in p.cmdline()
+                            if a.startswith(("--session_dir=", "--session-dir="))), None)
+            if session:
+                for q in procs:
+                    try:
+                        if session in " ".join(q.cmdline()):
+                            mine.setdefault(q.pid, q)
+                    except psutil.Error:
+                        continue
+    for p in list(mine.values()):
+        try:
+            for child in p.children(recursive=True):
+                mine.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+    return list(mine.values())
+
+
+def stop_node(state: ClusterState, node_id: str) -> int:
+    """Stop one worker node (as the service does when it deletes or restarts it); how many processes."""
+    procs = node_processes(state, node_id)
+    if not procs:
+        raise LocalClusterError(f"cluster {state.name}: no processes of node {node_id[:12]}")
+    kill_processes(procs)
+    return len(procs)
+
+
+def next_worker_index(state: ClusterState) -> int:
+    """A worker temp-dir index (``<temp_dir>/w<N>``) no raylet of this cluster has used."""
+    used = [int(p.name[1:]) for p in Path(state.temp_dir).glob("w*") if p.name[1:].isdigit()]
+    return max(used, default=len(state.nodes) - 1) + 1
+
+
+def wait_for_count(state: ClusterState, count: int, timeout: float = 90.0) -> list[dict]:
+    """Block until exactly ``count`` nodes are alive (stopped ones reported dead); LocalClusterError on timeout."""
+    deadline, last = time.time() + timeout, "no answer"
+    while time.time() < deadline:
+        try:
+            nodes = alive_nodes(state)
+            if len(nodes) == count:
+                return nodes
+            last = f"{len(nodes)} nodes alive, waiting for {count}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(1)
+    raise LocalClusterError(f"cluster {state.name}: {last} after {timeout:.0f}s")
+
+
+def apply_change(state: ClusterState, old: ResourceGroupSpec, new: ResourceGroupSpec, log=print) -> list[str]:
+    """Change a running cluster from ``old`` to ``new`` the way the service does, on real raylets: a group's
+    workers restart (stopped, started with the new shape) when its spec or type changes, workers above the
+    new max are deleted (and missing ones up to the new min started), a removed group's workers are deleted,
+    an added group's min workers started. The head is not restarted locally (said in the result). An
+    autoscaling cluster gets the new config (Ray's autoscaler reloads it) and its changed groups' nodes
+    stopped, which the autoscaler replaces. Returns one line per node action."""
+    nodes = [n for n in alive_nodes(state) if not n.get("is_head_node")]
+    by_group: dict[str, list[dict]] = {}
+    for n in nodes:
+        by_group.setdefault((n.get("labels") or {}).get("group", "?"), []).append(n)
+    olds, news = {g.name: g for g in old.worker_groups}, {g.name: g for g in new.worker_groups}
+    done, stop, start = [], [], []
+    if old.head.spec != new.head.spec:
+        done.append(f"head: spec {old.head.spec} -> {new.head.spec} recorded (the local head is not restarted)")
+    for name, running in sorted(by_group.items()):
+        g, n = olds.get(name), news.get(name)
+        if g is None and n is None:  # not a worker group of either spec: left alone
+            continue
+        if n is None:
+            stop += [(name, x, "deleted (group removed)") for x in running]
+            continue
+        if g is not None and (g.type, g.spec) != (n.type, n.spec):
+            stop += [(name, x, f"restarted ({g.spec} -> {n.spec})") for x in running]
+            keep = 0
+            want = min(max(len(running), n.min_workers), n.max_workers, LOCAL_MAX_WORKERS_PER_GROUP)
+        else:
+            want = min(max(len(running), min(n.min_workers, LOCAL_MAX_WORKERS_PER_GROUP)), n.max_workers)
+            keep = min(len(running), want)
+            stop += [(name, x, f"deleted (above the new max {n.max_workers})") for x in running[keep:]]
+        start += [n] * (want - keep)
+    for name, n in news.items():
+        if name not in by_group:
+            start += [n] * min(n.min_workers, LOCAL_MAX_WORKERS_PER_GROUP)
+    if state.autoscaling_config:
+        cfg = autoscaling_config(new, state.gcs_address, state.temp_dir)
+        write_private(Path(state.autoscaling_config), json.dumps(cfg, indent=2))
+        done.append("autoscaling config updated (Ray's autoscaler reloads it)")
+        start = []  # the autoscaler launches what the new config asks for
+    for name, node, what in stop:
+        stop_node(state, node["node_id"])
+        done.append(f"{name}: worker {node['node_id'][:12]} {what}")
+    plans = []
+    for g in start:
+        plan = NodePlan(g.name, g.type, min(g.cores, LOCAL_MAX_CPUS_PER_WORKER),
+                        max(1, int(g.gpus)) if g.type == "GPU" else 0)
+        start_worker(state, plan, next_worker_index(state))
+        plans.append(plan)
+        done.append(f"{g.name}: worker started ({g.type} {g.spec})")
+    if not state.autoscaling_config:
+        remaining = len(nodes) - len(stop) + len(plans)
+        wait_for_count(state, 1 + remaining)
+        state.nodes = [n for n in state.nodes if n["group"] in news] + [asdict(p) for p in plans]
+    record_processes(state)
+    for line in done:
+        log(f"{state.name}: {line}")
+    return done

@@ -227,3 +227,68 @@ def load_spec(template_or_path: str, name: str | None = None, overrides=()) -> R
     if name:
         data["name"] = name
     return validate(ResourceGroupSpec, data, source=str(path))
+
+
+# -- what a change to a group does (the service's documented consequences) ----------------------------
+
+RESTART_NOTE = ("on a restarted or deleted worker, its running drivers, actors and tasks fail; Ray redeploys "
+                "actors and retries tasks on the nodes left, and the objects in that node's object store are lost")
+DELETE_NOTE = "deleting the group deletes every node: running jobs and tasks are interrupted immediately"
+
+
+class Change(StrictModel):
+    """One difference between a group's spec and a new one; ``nodes`` is how many nodes it restarts or
+    deletes (0: none), ``does`` what the service does to them."""
+
+    text: str
+    nodes: int = 0
+    does: str = ""
+
+
+def _counts(g: WorkerGroup) -> str:
+    return f"{g.min_workers}..{g.max_workers}"
+
+
+def spec_changes(old: ResourceGroupSpec, new: ResourceGroupSpec) -> list[Change]:
+    """What ModifyDBResourceGroup would change, with the nodes each change restarts or deletes: a new head
+    spec restarts the head; a new worker spec or type restarts that group's workers; a new max below the
+    old min deletes the workers above it; a removed worker group deletes its workers."""
+    out: list[Change] = []
+    if old.category != new.category:
+        out.append(Change(text=f"category {old.category} -> {new.category} (the service refuses this)"))
+    if old.head.spec != new.head.spec:
+        out.append(Change(text=f"head: spec {old.head.spec} -> {new.head.spec}", nodes=1,
+                          does="restarts the head node"))
+    if old.head.disk_gb != new.head.disk_gb:
+        out.append(Change(text=f"head: disk {old.head.disk_gb} -> {new.head.disk_gb} GB"))
+    olds, news = {g.name: g for g in old.worker_groups}, {g.name: g for g in new.worker_groups}
+    for name, g in olds.items():
+        if name not in news:
+            out.append(Change(text=f"worker group {name}: removed ({g.type} {g.spec} x{_counts(g)})",
+                              nodes=g.min_workers, does=f"deletes its workers ({g.min_workers} or more)"))
+            continue
+        n = news[name]
+        if (g.type, g.spec) != (n.type, n.spec):
+            out.append(Change(text=f"worker group {name}: {g.type} {g.spec} -> {n.type} {n.spec}",
+                              nodes=g.min_workers, does=f"restarts its workers ({g.min_workers} or more)"))
+        if (g.min_workers, g.max_workers) != (n.min_workers, n.max_workers):
+            gone = g.min_workers - n.max_workers
+            out.append(Change(text=f"worker group {name}: workers {_counts(g)} -> {_counts(n)}",
+                              nodes=max(gone, 0),
+                              does=f"deletes {gone} worker(s): the new max is below the old min" if gone > 0
+                              else ""))
+        if g.disk_gb != n.disk_gb:
+            out.append(Change(text=f"worker group {name}: disk {g.disk_gb} -> {n.disk_gb} GB"))
+        if g.distribution_unit != n.distribution_unit:
+            out.append(Change(text=f"worker group {name}: distribution unit {g.distribution_unit} -> "
+                                   f"{n.distribution_unit}"))
+    for name, n in news.items():
+        if name not in olds:
+            out.append(Change(text=f"worker group {name}: added ({n.type} {n.spec} x{_counts(n)})"))
+    added = [r for r in new.requirements if r not in old.requirements]
+    dropped = [r for r in old.requirements if r not in new.requirements]
+    if added or dropped:
+        out.append(Change(text="requirements: " + ", ".join([f"+{r}" for r in added] + [f"-{r}" for r in dropped])))
+    if old.storage != new.storage:
+        out.append(Change(text=f"storage: {old.storage} -> {new.storage}"))
+    return out

@@ -4,12 +4,22 @@
 ``ray://host:10001``, a dashboard URL ``http://host:8265`` (converted to
 ``ray://host:10001``) or a GCS address ``host:port``. When an address is given
 and cannot be reached, :class:`ClusterUnreachable` is raised.
+
+Versions: a client outside the cluster must run the cluster's Ray version and
+Python major.minor (Ray's client refuses otherwise). The cluster's versions are
+read from its dashboard, ``GET /api/v0/cluster_metadata`` (what the GCS recorded
+when the head started, the record Ray's own check compares against); where no
+dashboard answers, the Ray client handshake reports them. Either way a mismatch
+is one line, :class:`VersionMismatch`, naming both.
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
 import socket
 import sys
+import urllib.request
 from urllib.parse import urlparse
 
 DASHBOARD_PORT = 8265
@@ -24,6 +34,58 @@ class ClusterUnreachable(ConnectionError):
 
 class MissingToken(ConnectionError):
     """Token auth is on but this client has no token."""
+
+
+class VersionMismatch(ConnectionError):
+    """The cluster runs another Ray version, or another Python major.minor, than this process."""
+
+
+def local_versions() -> dict:
+    """This process's Ray and Python versions: ``{"ray": "2.60.0", "python": "3.11.9"}``."""
+    import ray
+
+    return {"ray": ray.__version__, "python": platform.python_version()}
+
+
+def cluster_versions(dashboard: str, headers: dict | None = None, timeout: float = 5.0) -> dict | None:
+    """The cluster's Ray and Python versions from its dashboard (``/api/v0/cluster_metadata``), or None when
+    the dashboard does not answer with them."""
+    req = urllib.request.Request(f"{dashboard.rstrip('/')}/api/v0/cluster_metadata", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data = json.loads(resp.read()).get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    ray_version = data.get("rayVersion") or data.get("ray_version")  # the dashboard answers in camelCase
+    python_version = data.get("pythonVersion") or data.get("python_version")
+    if not (ray_version and python_version):
+        return None
+    return {"ray": str(ray_version), "python": str(python_version)}
+
+
+def versions_line(cluster: dict, mine: dict | None = None) -> str:
+    """``cluster Ray 2.60.0 / Python 3.11.9, here Ray 2.60.0 / Python 3.11.9``."""
+    mine = mine or local_versions()
+    return (f"cluster Ray {cluster['ray']} / Python {cluster['python']}, "
+            f"here Ray {mine['ray']} / Python {mine['python']}")
+
+
+def version_mismatch(cluster: dict, mine: dict | None = None) -> str | None:
+    """One line naming both versions when Ray differs or Python's major.minor differs (what Ray's client
+    refuses), else None."""
+    mine = mine or local_versions()
+    if cluster["ray"] == mine["ray"] and cluster["python"].split(".")[:2] == mine["python"].split(".")[:2]:
+        return None
+    return (f"version mismatch: {versions_line(cluster, mine)}; a ray:// or ray.init client must run the "
+            "cluster's Ray and Python versions (submit it as a job instead, or install them here)")
+
+
+def _handshake_versions(message: str) -> dict | None:
+    """The cluster's versions from Ray's own "Version mismatch" error (the client handshake)."""
+    import re
+
+    m = re.search(r"cluster was started with:\s*Ray: (\S+)\s*Python: (\S+)", message)
+    return {"ray": m.group(1), "python": m.group(2)} if m else None
 
 
 def token_available() -> bool:
@@ -122,13 +184,39 @@ def use_token(token: str | None = None, token_path: str | None = None) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def connect(address: str | None = None, token: str | None = None, quiet: bool = False, **init_kwargs):
+def check_versions(address: str, dashboard: str | None = None) -> dict | None:
+    """Read the cluster's versions from its dashboard (``dashboard``, else the address itself when it is
+    one, else the standard port beside a ``ray://`` address); VersionMismatch (one line) on a mismatch.
+    Returns the versions, or None when no dashboard answered (the Ray client handshake decides then)."""
+    url = dashboard or (address if address.startswith(("http://", "https://")) else to_dashboard_url(address))
+    headers = {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path and os.path.isfile(os.path.expanduser(path)):
+        from pathlib import Path
+
+        token = Path(path).expanduser().read_text().strip()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    found = cluster_versions(url, headers, timeout=3.0)
+    if found:
+        problem = version_mismatch(found)
+        if problem:
+            raise VersionMismatch(problem)
+    return found
+
+
+def connect(address: str | None = None, token: str | None = None, quiet: bool = False,
+            dashboard: str | None = None, **init_kwargs):
     """Attach to a Ray cluster (see module doc) and return ``ray.init``'s context.
 
     ``address=None`` uses ``RAY_ADDRESS`` or, inside a Ray job, the job's cluster;
     with neither it starts an in-process local Ray (the laptop case), which is
     said on stderr, sized by ``num_cpus``/``object_store_memory``/... in
     ``init_kwargs`` (ignored when attaching to a cluster). ``token`` (or ``RAY_AUTH_TOKEN``) is passed for token auth.
+    A client outside the cluster checks the cluster's Ray and Python versions first (:func:`check_versions`;
+    ``dashboard`` is the cluster's dashboard URL where it is not beside the address) and raises
+    :class:`VersionMismatch`, one line naming both, instead of connecting.
     """
     import ray
 
@@ -136,7 +224,7 @@ def connect(address: str | None = None, token: str | None = None, quiet: bool = 
         use_token(token)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":  # checked even when attached: a bad address is always an error
-        address = to_client_address(address)
+        original, address = address, to_client_address(address)
         # inside a Ray job the job's own environment says how to reach its cluster (a group made in the
         # console has no token and its jobs connect without one): only a client outside needs one here
         if os.environ.get("RAY_AUTH_MODE", "token").lower() != "disabled" and not token_available() \
@@ -144,6 +232,8 @@ def connect(address: str | None = None, token: str | None = None, quiet: bool = 
             raise MissingToken(f"no Ray auth token for {address}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
                                "(or RAY_AUTH_MODE=disabled for a cluster without token auth)")
         check_reachable(address)
+        if not in_ray_job():  # a job's driver runs on the cluster, with the cluster's versions
+            check_versions(original, dashboard)
     if ray.is_initialized():
         return None
     if address is not None:  # attaching: sizing only applies to a Ray we start ourselves
@@ -157,6 +247,11 @@ def connect(address: str | None = None, token: str | None = None, quiet: bool = 
         try:
             ctx = ray.init(address=address, **init_kwargs)
             break
+        except RuntimeError as e:  # Ray's client handshake: "Version mismatch: ..." (several lines)
+            found = _handshake_versions(str(e))
+            if not found:
+                raise
+            raise VersionMismatch(version_mismatch(found) or f"version mismatch: {versions_line(found)}") from None
         except ConnectionError as e:
             first = str(e).splitlines()[0]
             # Ray client's proxier answers an empty "Initialization failure" when the per-client server

@@ -81,3 +81,24 @@ def test_connect_through_ray_client_with_token(ray_cluster):
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "cpus 4.0" in proc.stdout
     assert "joined Ray cluster: 3 nodes, 4 CPUs, 0 GPUs" in proc.stderr
+
+
+def test_version_mismatch_names_both_versions_in_one_line():
+    from pipelines.connect import _handshake_versions, version_mismatch
+
+    mine = {"ray": "2.60.0", "python": "3.11.7"}
+    assert version_mismatch({"ray": "2.60.0", "python": "3.11.2"}, mine) is None  # patch differs: accepted
+    line = version_mismatch({"ray": "2.60.0", "python": "3.10.14"}, mine)
+    assert "\n" not in line and "cluster Ray 2.60.0 / Python 3.10.14, here Ray 2.60.0 / Python 3.11.7" in line
+    assert "cluster Ray 2.59.0 / Python 3.11.7" in version_mismatch({"ray": "2.59.0", "python": "3.11.7"}, mine)
+    # Ray's own several-line handshake error, read back into the same one line
+    ray_error = ("Version mismatch: The cluster was started with:\n    Ray: 2.59.0\n    Python: 3.10.14\n"
+                 "This process on Ray Client was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n")
+    assert _handshake_versions(ray_error) == {"ray": "2.59.0", "python": "3.10.14"}
+
+
+def test_cluster_versions_is_none_where_no_dashboard_answers():
+    from pipelines.connect import check_versions, cluster_versions
+
+    assert cluster_versions("http://127.0.0.1:9", timeout=0.5) is None
+    assert check_versions("ray://127.0.0.1:9", dashboard="http://127.0.0.1:9") is None
