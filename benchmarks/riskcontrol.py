@@ -217,7 +217,8 @@ def start_cluster(env: dict):
     from deploy.spec import load_spec
 
     spec = load_spec(str(ROOT / "deploy" / "demo_cluster.yaml"), name=f"rc-bench-{os.getpid()}")
-    return local.up(spec, log=lambda *_: None, env=env)
+    # shared disks: the bare baselines read the same local files (the benchmark measures compute, not storage)
+    return local.up(spec, log=lambda *_: None, env=env, disks="shared", storage=False)
 
 
 def attach(state) -> None:
@@ -250,6 +251,7 @@ def serve_mode_main(mode: str, model_dir: str, features: str, seconds: float) ->
     state = start_cluster(FAST_SERVE_ENV if mode == "fast" else {})
     try:
         attach(state)
+        os.environ["RAY_ADDRESS"] = state.gcs_address  # Serve's routing check lists actors: this cluster's
         payloads = replay_payloads(features, 5000)
         result = serve_online(model_dir, payloads, seconds)
         if mode == "fast":
@@ -299,8 +301,8 @@ def main(rows, online_seconds, serve_default, bare_server, serve_mode, model_dir
         ray_rps = ray_batch(features, f"{out}/model", out, cfg)
         log(f"batch: ray {ray_rps:.0f} rows/s, bare {bare_rps:.0f} rows/s")
         result.update(batch_rows_per_s=ray_rps, batch_ratio=ray_rps / bare_rps)
-        ray.shutdown()
     finally:
+        ray.shutdown()  # before the cluster goes: a driver left attached waits 60 s and hides the traceback
         local.down(state.name, log=lambda *_: None)
     model = f"{out}/model"
     fast = online_in_subprocess("fast", model, features, online_seconds)
