@@ -1,9 +1,12 @@
 """Distributed LightGBM with Ray Train (truly data-parallel), or in-process for comparison.
 
 ``LightGBMTrainer`` runs :func:`train_loop_per_worker` on ``num_workers`` workers;
-each gets a shard of the training slice and the whole validation slice, and the
-workers form one LightGBM network (``get_network_params()``,
-``tree_learner=data_parallel``) so every worker's rows count. The checkpoint is
+each reads its own share of the features' Parquet row groups (the training window) and
+the whole validation window straight from storage, the time filter pushed into the read
+(no Ray Data hop, nothing materialised on the driver, which reads only the time and label
+columns to place the split), and the workers form one LightGBM network
+(``get_network_params()``, ``tree_learner=data_parallel``) so every worker's rows count.
+Every worker needs the same validation rows: early stopping must stop them together. The checkpoint is
 a folder: ``model.txt`` + ``model.json`` (feature list, metadata, the number of
 training rows the model saw). ``--set train.num_workers=0`` trains in-process.
 """
@@ -19,10 +22,10 @@ import pandas as pd
 
 from pipelines.io import (
     exists,
+    filesystem_for,
     join,
     read_bytes,
     read_json,
-    read_parquet,
     train_storage,
     upload_dir,
     write_bytes,
@@ -125,35 +128,81 @@ def load_model(uri: str):
     return lgb.Booster(model_str=read_bytes(join(uri, "model.txt")).decode()), meta
 
 
+def row_groups(features_path: str) -> list:
+    """The features' Parquet row groups (fragments), in a stable order: the units workers share out."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem_for(features_path)
+    dataset = pads.dataset(path, format="parquet", filesystem=fs)
+    fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
+    return [group for fragment in fragments for group in fragment.split_by_row_group()]
+
+
+def read_window(fragments: list, columns: list[str], start=None, end=None) -> pd.DataFrame:
+    """Rows with ``start <= event_time < end`` of these row groups, the filter pushed into the Parquet
+    read (a row group outside the window is skipped from its statistics)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not fragments:
+        return pd.DataFrame(columns=columns)
+    kind = fragments[0].physical_schema.field("event_time").type
+    tz = getattr(kind, "tz", None)
+
+    def at(t):  # the bound in the column's own type (naive timestamps stay naive)
+        t = pd.Timestamp(t)
+        return pa.scalar(t.tz_convert(tz) if tz else t.tz_convert("UTC").tz_localize(None), type=kind)
+
+    where = pc.scalar(True)
+    if start is not None:
+        where &= pc.field("event_time") >= at(start)
+    if end is not None:
+        where &= pc.field("event_time") < at(end)
+    tables = [f.to_table(columns=columns, filter=where) for f in fragments]
+    return pa.concat_tables(tables).to_pandas(ignore_metadata=True)
+
+
+def my_share(items: list, rank: int, world: int) -> list:
+    """Round-robin share of ``items`` for worker ``rank`` of ``world``."""
+    return items[rank::world]
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: its shard of the training slice, the whole validation slice."""
+    """One Ray Train worker: reads its own share of the training row groups and the whole validation
+    window straight from Parquet (no Ray Data hop), then joins the LightGBM network."""
     import ray.train
     from ray.train.lightgbm import get_network_params
 
     cfg = TrainConfig(**config["train"])
-    train_df = ray.train.get_dataset_shard("train").materialize().to_pandas()
-    valid_df = ray.train.get_dataset_shard("validation").materialize().to_pandas()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    groups = row_groups(config["features"])
+    mine = my_share(groups, rank, world)
+    train_df = read_window(mine, config["columns"], end=config["t1"])
+    if len(groups) < world:  # fewer row groups than workers: share the rows instead
+        train_df = read_window(groups, config["columns"], end=config["t1"]).iloc[rank::world]
+    valid_df = read_window(groups, config["columns"], start=config["t1"], end=config["t2"])
     network = get_network_params()
     params = {**lgb_params(cfg, config["pos_weight"], max(1, int(cfg.num_cpus))),
               **network, "tree_learner": "data_parallel"}
     booster = fit_booster(train_df, valid_df, params, cfg)
-    ctx = ray.train.get_context()
     metrics = {"rows_worker": len(train_df), "best_iteration": int(booster.best_iteration), "rows_seen": rows_seen(booster),
                "valid_average_precision": float(booster.best_score["valid"]["average_precision"])}
     # rank 0 saves the model (identical on every worker) with its own shard size as evidence
-    if ctx.get_world_rank() == 0:
+    if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            save_model(booster, tmp, {"trainer": "ray", "num_workers": ctx.get_world_size(),
+            save_model(booster, tmp, {"trainer": "ray", "num_workers": world,
                                       "rows_worker_0": len(train_df), **config["meta"]})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics)
 
 
-def train_ray(train_ds, valid_ds, cfg: TrainConfig, pos_weight: float, out_dir: str, meta: dict) -> dict:
-    """Fit with ``LightGBMTrainer`` on ``cfg.num_workers`` workers; the model lands in ``out_dir``
-    (local path or ``oss://``). Ray Train's storage: ``train.storage_path``, else ``ray_train`` beside
-    ``out_dir``."""
+def train_ray(features_path: str, t1, t2, cfg: TrainConfig, pos_weight: float, out_dir: str, meta: dict) -> dict:
+    """Fit with ``LightGBMTrainer`` on ``cfg.num_workers`` workers, each reading its share of
+    ``features_path`` (rows before ``t1``) and the validation window ``[t1, t2)`` itself; the model lands
+    in ``out_dir`` (local path or ``oss://``). Ray Train's storage: ``train.storage_path``, else
+    ``ray_train`` beside ``out_dir``."""
     import ray.train
     from ray.train.lightgbm import LightGBMTrainer
 
@@ -161,9 +210,9 @@ def train_ray(train_ds, valid_ds, cfg: TrainConfig, pos_weight: float, out_dir: 
     storage, storage_fs = train_storage(cfg.storage_path or join(parent, "ray_train"))
     trainer = LightGBMTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(), "pos_weight": pos_weight, "meta": meta},
-        datasets={"train": train_ds, "validation": valid_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        train_loop_config={"train": cfg.model_dump(), "pos_weight": pos_weight, "meta": meta,
+                           "features": features_path, "t1": str(t1), "t2": str(t2),
+                           "columns": ["event_time", LABEL] + FEATURE_COLUMNS},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,
                                                resources_per_worker={"CPU": cfg.num_cpus}),
         run_config=ray.train.RunConfig(name=f"riskcontrol-{posixpath.basename(parent)}-{int(time.time())}",
@@ -191,38 +240,41 @@ def read_features(path: str, columns=None) -> pd.DataFrame:
     return read_table(path, columns=columns).to_pandas(ignore_metadata=True)
 
 
+def label_counts(features_path: str, tcfg: TrainConfig) -> dict:
+    """The time split and what training needs to know before it starts, from two columns only
+    (``event_time``, the label) read on the driver: cut times, training labels, validation positives."""
+    from pipelines.io import read_table
+
+    table = read_table(features_path, columns=["event_time", LABEL])
+    times = pd.to_datetime(table.column("event_time").to_pandas(), utc=True)
+    labels = table.column(LABEL).to_pandas()
+    t1, t2 = split_times(times.min(), times.max(), tcfg)
+    valid = (times >= t1) & (times < t2)
+    return {"t1": t1, "t2": t2, "train_labels": labels[times < t1], "valid_positives": int(labels[valid].sum())}
+
+
 def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers: int | None = None,
                  name: str = "model") -> dict:
     """Time-split the features, train (Ray Train, or in-process with 0 workers); the model's metadata."""
     tcfg = cfg.train if num_workers is None else cfg.train.model_copy(update={"num_workers": num_workers})
     cols = ["transaction_id", "event_time", LABEL] + FEATURE_COLUMNS
     model_dir = f"{out_dir}/{name}"
-    if tcfg.num_workers == 0:
-        frame = read_features(features_path, cols)
-        t1, t2 = split_times(frame["event_time"].min(), frame["event_time"].max(), tcfg)
-        train_df, valid_df = slice_frame(frame, None, t1), slice_frame(frame, t1, t2)
-        labels, n_valid_pos = train_df[LABEL], int(valid_df[LABEL].sum())
-    else:
-        ds = read_parquet(features_path, columns=cols)
-        t1, t2 = split_times(ds.min("event_time"), ds.max("event_time"), tcfg)
-        train_ds = ds.map_batches(slice_frame, fn_kwargs={"start": None, "end": t1},
-                                  batch_format="pandas").materialize()
-        valid_ds = ds.map_batches(slice_frame, fn_kwargs={"start": t1, "end": t2},
-                                  batch_format="pandas").materialize()
-        labels = train_ds.select_columns([LABEL]).to_pandas()[LABEL]
-        n_valid_pos = int(valid_ds.sum(LABEL) or 0)
+    split = label_counts(features_path, tcfg)
+    t1, t2, labels = split["t1"], split["t2"], split["train_labels"]
     if len(labels) and labels.isna().all():
         raise ValueError("train: the transactions have no labels: give is_fraud in input.path "
                          "(--set input.columns.is_fraud=YOURS) or input.labels_path; to score them with a "
                          "trained model: python -m riskcontrol score --model DIR --input ...")
-    if labels.sum() == 0 or n_valid_pos == 0:
+    if labels.sum() == 0 or split["valid_positives"] == 0:
         raise ValueError("the training or validation slice has no fraud: generate more rows")
     pos_weight = positive_weight(tcfg, labels)
     meta = {"version": f"{name}-{time.strftime('%Y%m%d%H%M%S')}", "train_end": str(t1),
             "valid_end": str(t2), "train_rows": len(labels), "pos_weight": pos_weight}
     if tcfg.num_workers == 0:
-        return train_inprocess(train_df, valid_df, tcfg, pos_weight, model_dir, meta)
-    return train_ray(train_ds, valid_ds, tcfg, pos_weight, model_dir, meta)
+        groups = row_groups(features_path)
+        return train_inprocess(read_window(groups, cols, end=t1), read_window(groups, cols, t1, t2), tcfg,
+                               pos_weight, model_dir, meta)
+    return train_ray(features_path, t1, t2, tcfg, pos_weight, model_dir, meta)
 
 
 def run(cfg: RiskConfig, run: Run) -> StepResult:
