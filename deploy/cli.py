@@ -328,6 +328,8 @@ def _print_addresses(info, cluster_id, as_json):
     click.echo(f"  dashboard  {addr['dashboard']}    (ray job submit --address ...)")
     click.echo(f"  cluster    {addr['cluster']}    (ray.init(address=...))")
     click.echo(f"  grafana    {addr['grafana']}")
+    if addr.get("serve"):
+        click.echo(f"  serve      {addr['serve']}    (adbray serve TEMPLATE --group ...)")
     if path.is_file():
         click.echo(f"  token      {path}    (RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...)")
     else:
@@ -707,6 +709,71 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
         message = message if len(message) <= 400 else message[:150] + " ... " + message[-250:]
         fail(f"job {job_id} {status}: {message}", 1)
     click.echo(f"job {job_id} SUCCEEDED", err=True)
+
+
+@cli.command("serve")
+@click.argument("template")
+@click.option("--run-dir", default=None,
+              help="Run folder holding the trained model, on storage every node reads (oss://BUCKET/runs/...).")
+@click.option("--config", default=None, help="Template config whose serve section to use (default: its local.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (serve.KEY=VALUE).")
+@_target_options
+@click.option("--delete", "remove", is_flag=True, help="Remove the template's app (the serve section's app_name).")
+@click.option("--print-config", is_flag=True,
+              help="Print the Serve config (for `serve deploy FILE -a URL`) instead of deploying; with a target, "
+                   "its working dir is uploaded there.")
+@click.option("--host", default=None,
+              help="Proxy host (default: 127.0.0.1 on a local cluster, 0.0.0.0 on a group); a running Serve keeps its own.")
+@click.option("--port", default=None, type=int,
+              help="Proxy port (default: the group's Serve address's, else 8000; a free one on a local cluster).")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait until the app answers.")
+@click.option("--json", "as_json", is_flag=True, help="Print {app, route_prefix, urls} as JSON.")
+def serve_cmd(template, run_dir, config, overrides, address, group_name, cluster_id, region, endpoint, token_file,
+              remove, print_config, host, port, timeout, as_json):
+    """Deploy TEMPLATE's Serve app to a group (--group) or cluster (--address) from a run folder and print
+    the URLs a client calls; --delete removes it."""
+    from pipelines.template import load_template
+
+    from . import serve as deploy_serve
+    from .jobs import SubmitError
+
+    try:
+        tpl = load_template(template)
+        section = deploy_serve.serve_section(tpl, config, overrides)
+        if print_config and not (address or group_name):
+            click.echo(deploy_serve.print_config(None, tpl, section, run_dir, None, host, port), nl=False)
+            return
+    except click.BadParameter as e:
+        fail(e.format_message())
+    except (deploy_serve.ServeError, ConfigError) as e:
+        fail(str(e))
+    target = _target(address, group_name, cluster_id, region, endpoint, token_file)
+    info = _api(_client(cluster_id, region, endpoint).describe, group_name) if group_name else None
+    st = deploy_serve.serve_target(target, info)
+    try:
+        if remove:
+            deploy_serve.delete(st, section.app_name)
+            click.echo(f"deleted Serve app {section.app_name}", err=True)
+            return
+        run_dir = deploy_serve.check_run_dir(run_dir, shared_disk=target.disks == "shared")
+        runtime_env, findings = deploy_serve.runtime_env_for(tpl, config, overrides, target)
+        for f in findings:
+            if f.level != "ok":  # (the ok line sizes the template's batch run, not the app)
+                click.echo(f"preflight {f.level}: {f.message}", err=True)
+        runtime_env = deploy_serve.upload_runtime_env(st, runtime_env)
+        if print_config:
+            click.echo(deploy_serve.print_config(st, tpl, section, run_dir, runtime_env, host, port), nl=False)
+            return
+        result = deploy_serve.deploy(st, tpl, section, run_dir, runtime_env, host, port, timeout,
+                                     log=lambda m: click.echo(m, err=True))
+    except (deploy_serve.ServeError, SubmitError, ConfigError) as e:
+        fail(str(e), 1)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"Serve app {result['app']} is up; call it at:", err=True)
+    for what, url in result["urls"].items():
+        click.echo(f"{url}    ({what})")
 
 
 @cli.group()

@@ -1,13 +1,17 @@
 """Ray Serve helpers shared by the online templates, and an HTTP load generator.
 
-``start_serve()`` starts Serve's HTTP proxy on 127.0.0.1 and a free port (never
-the default 8000, which may be taken) unless Serve already runs, and returns the
-base URL. ``load_test`` drives a fixed request rate (open loop) and reports
-latency percentiles and the error rate; ``max_rps`` measures throughput.
+``start_serve()`` starts Serve's HTTP proxy unless Serve already runs, and returns the
+base URL: on a cluster whose nodes all live on this machine (in-process Ray, a local
+cluster) on 127.0.0.1 and a free port (never the default 8000, which may be taken),
+elsewhere (a group's nodes) on all interfaces and Serve's port 8000, so that the app
+can be reached from outside its node (:func:`http_options`). ``load_test`` drives a
+fixed request rate (open loop) and reports latency percentiles and the error rate;
+``max_rps`` measures throughput.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import time
@@ -17,6 +21,13 @@ import numpy as np
 
 from .io import first_line
 
+class AppFailed(RuntimeError):
+    """A Serve app that will not come up (its status says why); stops :func:`wait_until_routed`."""
+
+
+SERVE_HTTP_PORT = 8000  # Serve's own default, where a group's proxies listen
+ALL_INTERFACES = ("0.0.0.0", "", "::")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,8 +35,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(host: str = "127.0.0.1", port: int | None = None) -> str:
-    """Start Serve (if not running) on ``host:port`` and return ``http://host:port``."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or name) is this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+LOCAL_CLUSTER_ENV = ("ADBRAY_CLUSTER_DIR", "ADBRAY_DISKS")  # set by deploy.local in its clusters and their clients
+
+
+def http_options(node_addresses: Sequence[str]) -> dict:
+    """Serve's HTTP options for a cluster whose nodes have ``node_addresses``: a cluster on this machine
+    (no address, one on loopback, or this process marked as a local cluster's by ``LOCAL_CLUSTER_ENV``) ->
+    ``127.0.0.1`` and a free port (``$ADBRAY_SERVE_PORT`` when set); else all interfaces and port 8000."""
+    port = int(os.environ.get("ADBRAY_SERVE_PORT", "0"))
+    if (not node_addresses or any(is_loopback(a) for a in node_addresses)
+            or any(os.environ.get(k) for k in LOCAL_CLUSTER_ENV)):
+        return {"host": "127.0.0.1", "port": port or free_port()}
+    return {"host": "0.0.0.0", "port": port or SERVE_HTTP_PORT}
+
+
+def start_serve(host: str | None = None, port: int | None = None) -> str:
+    """Start Serve (if not running) on ``host:port`` (default: :func:`http_options` for this cluster's
+    nodes) and return ``http://host:port``."""
     from ray import serve
 
     try:
@@ -37,10 +71,11 @@ def start_serve(host: str = "127.0.0.1", port: int | None = None) -> str:
     if client is None:
         import ray
 
-        port = port or int(os.environ.get("ADBRAY_SERVE_PORT", "0")) or free_port()
+        options = http_options([n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")])
+        options = {"host": host or options["host"], "port": port or options["port"]}
         for attempt in range(3):
             try:
-                serve.start(http_options={"host": host, "port": port})
+                serve.start(http_options=options)
                 break
             except ray.exceptions.ActorDiedError:
                 # on a busy node the controller may replace a proxy that missed its health check
@@ -58,36 +93,31 @@ def serve_base_url() -> str:
     from ray.serve.context import _get_global_client
 
     cfg = _get_global_client().http_config
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    host = "127.0.0.1" if cfg.host in ALL_INTERFACES else cfg.host
     return f"http://{host}:{cfg.port}"
 
 
 SERVE_PORT_LABEL = "serve-port"  # node label (deploy.local): the port of a worker raylet's own proxy
 
 
-def proxy_urls() -> dict[str, str]:
-    """``{node_id: base URL}`` of every running Serve HTTP proxy.
+def proxy_url(node_address: str, labels: dict | None, host: str, port: int) -> str:
+    """Where a node's Serve proxy answers: a proxy bound to all interfaces at its node's address, else where
+    it is bound; on Serve's HTTP port, or the port in the node's ``serve-port`` label (local clusters give
+    each worker raylet's proxy its own port, as each node of a real group has its own address)."""
+    where = node_address if host in ALL_INTERFACES else host
+    return f"http://{where}:{(labels or {}).get(SERVE_PORT_LABEL) or port}"
 
-    A node's proxy listens on the node's address and Serve's HTTP port, or on the
-    port in the node's ``serve-port`` label (local clusters give each worker
-    raylet's proxy its own port, as each node of a real group has its own address).
-    """
+
+def proxy_urls() -> dict[str, str]:
+    """``{node_id: base URL}`` of every running Serve HTTP proxy (see :func:`proxy_url`)."""
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
 
     proxies = serve.status().proxies
     cfg = _get_global_client().http_config
-    urls = {}
-    for node in ray.nodes():
-        nid = node["NodeID"]
-        if not node.get("Alive") or nid not in proxies:
-            continue
-        # a proxy bound to all interfaces is reached at its node's address, else where it is bound
-        host = node["NodeManagerAddress"] if cfg.host in ("0.0.0.0", "", "::") else cfg.host
-        port = (node.get("Labels") or {}).get(SERVE_PORT_LABEL) or cfg.port
-        urls[nid] = f"http://{host}:{port}"
-    return urls
+    return {node["NodeID"]: proxy_url(node["NodeManagerAddress"], node.get("Labels"), cfg.host, cfg.port)
+            for node in ray.nodes() if node.get("Alive") and node["NodeID"] in proxies}
 
 
 def _replica_nodes(app_name: str) -> set[str]:
@@ -99,30 +129,40 @@ def _replica_nodes(app_name: str) -> set[str]:
     return {a.node_id for a in actors if (a.class_name or "").startswith(prefix)}
 
 
+def driver_snapshot(app_name: str) -> tuple[set[str], dict[str, str], dict[str, str]]:
+    """From a driver: (nodes holding a replica of ``app_name``, ``{node_id: proxy status}``,
+    :func:`proxy_urls`)."""
+    from ray import serve
+
+    proxies = {n: str(getattr(s, "value", s)) for n, s in serve.status().proxies.items()}
+    return _replica_nodes(app_name), proxies, proxy_urls()
+
+
 def wait_until_routed(app_name: str, route_prefix: str, health_path: str = "/healthz",
-                      timeout: float = 90.0) -> list[str]:
+                      timeout: float = 90.0, snapshot: Callable | None = None) -> list[str]:
     """Block until EVERY Serve proxy answers 200 on ``route_prefix + health_path``; returns their URLs.
 
     A Serve app is RUNNING before each proxy knows its route, and Serve starts a
     proxy on a node only once a replica lands there: so wait until every node that
     holds a replica has a healthy proxy, and every proxy (head's included) routes
-    the app. Raises TimeoutError naming the proxies that did not.
+    the app. ``snapshot(app_name)`` says where replicas and proxies are
+    (:func:`driver_snapshot` by default; ``deploy.serve`` reads the same from the
+    dashboard's REST API); it raises :class:`AppFailed` to stop waiting. Raises TimeoutError naming the proxies that did not.
     """
     import httpx
-    from ray import serve
 
+    snapshot = snapshot or driver_snapshot
     deadline, last = time.time() + timeout, "no proxy yet"
     while time.time() < deadline:
         try:
-            proxies = serve.status().proxies
-            missing = _replica_nodes(app_name) - set(proxies)
-            unhealthy = [n for n, s in proxies.items() if str(getattr(s, "value", s)) != "HEALTHY"]
+            replica_nodes, proxies, urls = snapshot(app_name)
+            missing = replica_nodes - set(proxies)
+            unhealthy = [n for n, s in proxies.items() if s != "HEALTHY"]
             if missing or unhealthy:
                 last = f"{len(missing)} replica node(s) without a proxy, {len(unhealthy)} proxy(ies) not healthy"
             else:
-                urls = list(proxy_urls().values())
                 bad = []
-                for base in urls:
+                for base in urls.values():
                     try:
                         code = httpx.get(f"{base}{route_prefix}{health_path}", timeout=5).status_code
                     except httpx.HTTPError as e:
@@ -130,8 +170,10 @@ def wait_until_routed(app_name: str, route_prefix: str, health_path: str = "/hea
                     if code != 200:
                         bad.append(f"{base} -> {code}")
                 if urls and not bad:
-                    return urls
+                    return list(urls.values())
                 last = "; ".join(bad) or "no proxy URL"
+        except AppFailed:
+            raise
         except Exception as e:  # controller busy, state API starting: keep waiting until the deadline
             last = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
         time.sleep(0.25)

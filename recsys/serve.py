@@ -12,7 +12,9 @@ A ranked answer says in ``batch_size`` how many requests the ranker call that sc
 has ``serve.request_timeout_s`` (504); Redis lookups run off the event loop; ``/healthz`` is a 503 when
 the Redis feature store does not answer.
 
-Deploy with ``python -m recsys.serve --run-dir RUN`` or ``serve run recsys/serve_config.yaml``.
+Deploy with ``python -m recsys.serve --run-dir RUN``, or without a driver ``adbray serve recsys --run-dir URI
+--group G`` (or ``serve deploy`` of the config it prints; recsys/serve_config.yaml is that config, generated
+from the ``serve`` section).
 """
 
 import asyncio
@@ -252,11 +254,15 @@ def build_app(cfg: C.RecsysConfig, run_dir: str):
 
 
 def app_builder(args: dict):
-    """For ``serve run``/Serve config files: args ``run_dir`` (required), ``config``, ``overrides``."""
+    """For Serve config files (``adbray serve``, ``serve deploy``, serve_config.yaml): ``args.run_dir``
+    (required: a run folder with trained models), ``args.serve`` (the ``serve`` config section), and
+    ``config``/``overrides`` for the other sections (default: the default config)."""
     if not args.get("run_dir"):
         raise ValueError("recsys serve app needs args.run_dir: a run folder with trained models")
     cfg = C.load(args.get("config"), args.get("overrides", ()))
-    return build_app(cfg, str(args["run_dir"]))
+    if args.get("serve") is not None:
+        cfg = cfg.model_copy(update={"serve": C.ServeConfig(**args["serve"])})
+    return build_app(cfg, str(args["run_dir"]).rstrip("/"))
 
 
 def deploy(cfg: C.RecsysConfig, run_dir: str) -> str:

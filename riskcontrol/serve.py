@@ -15,8 +15,9 @@ update. Bounds: ``MAX_ITEMS`` per request, ``MAX_TEXT`` characters per string,
 ids in ``[0, 2**63)`` (422 otherwise); ``serve.max_card_recent`` /
 ``serve.max_merchant_events`` cap the kept history (the windowed counts
 saturate there, unlike the batch path); ``serve.request_timeout_s`` per request
-(504; a list may be partly applied). ``serve run riskcontrol/serve_config.yaml``
-deploys it without a driver.
+(504; a list may be partly applied). ``adbray serve riskcontrol --run-dir URI --group G``
+(or ``serve deploy`` of the config it prints) deploys it without a driver; riskcontrol/serve_config.yaml
+is that config, generated from the ``serve`` section.
 """
 
 import asyncio
@@ -309,11 +310,23 @@ class RiskScorer:
 
 
 def build_app(args: dict):
-    """Application builder for ``serve run riskcontrol.serve:build_app model_dir=...`` / serve_config.yaml."""
-    cfg = ServeConfig(**{k: v for k, v in args.items() if k in ServeConfig.model_fields})
-    if not cfg.model_dir:
-        raise ValueError("serve.model_dir: the online scorer needs a trained model folder")
-    return application(cfg, cfg.model_dir)
+    """Application builder for Serve config files (``adbray serve``, ``serve deploy``, serve_config.yaml):
+    ``args.serve`` is the ``serve`` config section, ``args.run_dir`` a run folder whose model it serves
+    (the one its manifest records, else ``<run_dir>/model``; ``serve.model_dir`` wins)."""
+    cfg = ServeConfig(**(args.get("serve") or {}))
+    model_dir = cfg.model_dir or (args.get("run_dir") and run_model(str(args["run_dir"])))
+    if not model_dir:
+        raise ValueError("riskcontrol serve app: give args.run_dir (a run folder with a trained model) "
+                         "or args.serve.model_dir")
+    return application(cfg, model_dir)
+
+
+def run_model(run_dir: str) -> str:
+    """The model folder of a run: its manifest's ``model`` output, else ``<run_dir>/model``."""
+    from pipelines.io import join
+    from pipelines.template import read_manifest
+
+    return read_manifest(run_dir.rstrip("/")).get("model") or join(run_dir.rstrip("/"), "model")
 
 
 def application(cfg: ServeConfig, model_dir: str):
