@@ -115,9 +115,10 @@ def score(base: str) -> dict:
     return r.json()
 
 
-def test_serve_on_a_local_cluster_every_proxy_then_serve_deploy_of_the_printed_config(ray_connected):
-    """`adbray serve --address` deploys from an oss:// run folder and prints every node's proxy, each of which
-    scores; the config `--print-config` writes deploys with Ray's own `serve deploy`; `--delete` removes it."""
+def test_serve_deploy_of_the_printed_config_then_adbray_serve_on_a_local_cluster(ray_connected):
+    """The config `adbray serve --address --print-config` writes deploys with Ray's own `serve deploy`; `adbray
+    serve --address` of the same settings (the same config) then prints every node's proxy, each of which
+    scores; `--delete` removes it."""
     import ray
 
     from deploy.jobs import resolve_target
@@ -131,23 +132,11 @@ def test_serve_on_a_local_cluster_every_proxy_then_serve_deploy_of_the_printed_c
     env = {**cluster.auth_env(), "RAY_ADDRESS": None}
     dash = cluster.dashboard_url
     head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and (n.get("Labels") or {}).get("group") == "head")
+    settings = ["--address", dash, "--run-dir", run_dir, "--set", "serve.max_batch_size=8"]
     try:
-        proc = adbray(env, "serve", "riskcontrol", "--address", dash, "--run-dir", run_dir, "--json")
-        assert proc.returncode == 0, proc.output[-3000:]
-        urls = json.loads(proc.stdout.strip().splitlines()[-1])["urls"]
-        # the head's proxy and one per node holding a replica (replicas need CPU: never on the head), each its
-        # own port, all on 127.0.0.1 (a local cluster)
-        assert f"proxy:{head}" in urls and len(set(urls.values())) == len(urls) >= 2, urls
-        assert all(u.startswith("http://127.0.0.1:") and u.endswith("/riskcontrol") for u in urls.values())
-        for base in urls.values():
-            reply = score(base)
-            assert 0 <= reply["probability"] <= 1 and reply["model_version"].startswith("model-")
-
-        printed = adbray(env, "serve", "riskcontrol", "--address", dash, "--run-dir", run_dir, "--print-config",
-                         "--set", "serve.max_batch_size=8")
+        printed = adbray(env, "serve", "riskcontrol", *settings, "--print-config")
         assert printed.returncode == 0, printed.output[-2000:]
-        config = yaml.safe_load(printed.stdout)
-        app = config["applications"][0]
+        app = yaml.safe_load(printed.stdout)["applications"][0]
         assert app["runtime_env"]["working_dir"].startswith("gcs://") and app["args"]["run_dir"] == run_dir
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-config-{os.getpid()}.yaml"
         path.write_text(printed.stdout)
@@ -157,10 +146,21 @@ def test_serve_on_a_local_cluster_every_proxy_then_serve_deploy_of_the_printed_c
                                   env=shell_env, capture_output=True, text=True, timeout=120, check=False)
         assert deployed.returncode == 0, deployed.stderr[-2000:]
         st = serve_target(resolve_target(dash, token_file=cluster.token_path or None))
-        live = details(st)["applications"]["riskcontrol"]["deployed_app_config"]
-        assert live["args"]["serve"]["max_batch_size"] == 8  # serve deploy's config is the one deployed
         for base in wait_until_routed("riskcontrol", "/riskcontrol", "/healthz", 120, rest_snapshot(st)):
             score(f"{base}/riskcontrol")
+        live = details(st)["applications"]["riskcontrol"]
+        assert live["deployed_app_config"]["args"]["serve"]["max_batch_size"] == 8  # serve deploy's config runs
+
+        proc = adbray(env, "serve", "riskcontrol", *settings, "--json")
+        assert proc.returncode == 0, proc.output[-3000:]
+        urls = json.loads(proc.stdout.strip().splitlines()[-1])["urls"]
+        # the head's proxy and one per node holding a replica (replicas need CPU: never on the head), each its
+        # own port, all on 127.0.0.1 (a local cluster)
+        assert f"proxy:{head}" in urls and len(set(urls.values())) == len(urls) >= 2, urls
+        assert all(u.startswith("http://127.0.0.1:") and u.endswith("/riskcontrol") for u in urls.values())
+        for base in urls.values():
+            reply = score(base)
+            assert 0 <= reply["probability"] <= 1 and reply["model_version"].startswith("model-")
     finally:
         gone = adbray(env, "serve", "riskcontrol", "--address", dash, "--delete")
     assert gone.returncode == 0, gone.output[-2000:]
