@@ -115,7 +115,7 @@ def score(base: str) -> dict:
     return r.json()
 
 
-def test_serve_deploy_of_the_printed_config_then_adbray_serve_on_a_local_cluster(ray_connected):
+def test_serve_deploy_of_the_printed_config_then_adbray_serve_on_a_local_cluster(ray_connected, tmp_path):
     """The config `adbray serve --address --print-config` writes deploys with Ray's own `serve deploy`; `adbray
     serve --address` of the same settings (the same config) then prints every node's proxy, each of which
     scores; `--delete` removes it."""
@@ -138,7 +138,7 @@ def test_serve_deploy_of_the_printed_config_then_adbray_serve_on_a_local_cluster
         assert printed.returncode == 0, printed.output[-2000:]
         app = yaml.safe_load(printed.stdout)["applications"][0]
         assert app["runtime_env"]["working_dir"].startswith("gcs://") and app["args"]["run_dir"] == run_dir
-        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-config-{os.getpid()}.yaml"
+        path = tmp_path / "serve_config.yaml"
         path.write_text(printed.stdout)
         shell_env = {**os.environ, **cluster.auth_env()}
         shell_env.pop("RAY_ADDRESS", None)
