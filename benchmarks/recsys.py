@@ -36,13 +36,15 @@ def bare_train_samples_per_s(cfg, run_dir: str, epochs: int = 2) -> float:
     from pipelines.io import read_table
     from recsys.common import slice_bounds
     from recsys.features import CandidateExamples, clicked_by_user
+    from recsys.index import index_options
     from recsys.models import DeepFM, device
     from recsys.ranking import model_kwargs, train_epoch, validate_impressions
 
     t1, t2, _ = slice_bounds(cfg)
     imp, _ = validate_impressions(read_table(f"{run_dir}/impressions"), cfg.data.num_users, cfg.data.num_items)
     users = clicked_by_user(imp, t1, t2)
-    rows = CandidateExamples(f"{run_dir}/features/ranker", run_dir, cfg.retrieval.candidates, cfg.ranker.val_fraction)(
+    rows = CandidateExamples(f"{run_dir}/features/ranker", run_dir, cfg.retrieval.candidates,
+                             index_options(cfg.retrieval), cfg.ranker.val_fraction)(
         {c: users.column(c).to_numpy(zero_copy_only=False) for c in users.column_names})
     data = {k: v[~rows["is_val"]] for k, v in rows.items()}
     torch.manual_seed(cfg.data.seed)

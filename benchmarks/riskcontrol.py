@@ -75,30 +75,24 @@ def bare_batch(features: str, model_dir: str, out: str) -> float:
     with timer() as t:
         writer = None
         for batch in pads.dataset(features, format="parquet").to_batches(batch_size=4096):
-            frame = batch.to_pandas()
-            table = pa.Table.from_pandas(scorer(frame), preserve_index=False)
+            table = scorer(pa.Table.from_batches([batch]))
             writer = writer or pq.ParquetWriter(f"{out}/bare_scores.parquet", table.schema)
             writer.write_table(table)
-            rows += len(frame)
+            rows += batch.num_rows
         writer.close()
     return rows / t()
 
 
 def ray_batch(features: str, model_dir: str, out: str, cfg: RiskConfig) -> float:
-    """Rows/s of the template's scoring actors over the same Parquet (read -> score -> write)."""
-    import ray
-
-    from pipelines.io import write_dataset
-    from riskcontrol.score import Scorer
-
-    ds = ray.data.read_parquet(features).map_batches(
-        Scorer, batch_format="pandas", batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus,
-        fn_constructor_kwargs={"model_dir": model_dir},
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.score.max_actors, max_size=cfg.score.max_actors))
-    with timer() as t:
-        write_dataset(ds, f"{out}/ray_scores")
+    """Rows/s of the template's scoring (``score_dataset``: its actor pool) over the same Parquet
+    (read -> score -> write), actor start included."""
     import pyarrow.dataset as pads
 
+    from pipelines.io import read_parquet, write_dataset
+    from riskcontrol.score import score_dataset
+
+    with timer() as t:
+        write_dataset(score_dataset(read_parquet(features), model_dir, cfg.score), f"{out}/ray_scores")
     return pads.dataset(f"{out}/ray_scores", format="parquet").count_rows() / t()
 
 
@@ -265,11 +259,13 @@ def serve_mode_main(mode: str, model_dir: str, features: str, seconds: float) ->
 @click.option("--rows", default=2_000_000, help="Generated transactions for the training benchmark.")
 @click.option("--online-seconds", default=10.0, help="Seconds per online measurement.")
 @click.option("--serve-default", is_flag=True, help="Also measure Serve's default mode (stderr).")
+@click.option("--online/--no-online", default=True, show_default=True,
+              help="Measure online scoring (--no-online: training and batch only, e.g. a size sweep).")
 @click.option("--bare-server", type=int, default=None, hidden=True)
 @click.option("--serve-mode", type=click.Choice(["fast", "default"]), default=None, hidden=True)
 @click.option("--model", "model_dir", default=None, hidden=True)
 @click.option("--features", "features_path", default=None, hidden=True)
-def main(rows, online_seconds, serve_default, bare_server, serve_mode, model_dir, features_path):
+def main(rows, online_seconds, serve_default, online, bare_server, serve_mode, model_dir, features_path):
     """Benchmark riskcontrol against bare baselines."""
     if bare_server:
         import uvicorn
@@ -304,6 +300,9 @@ def main(rows, online_seconds, serve_default, bare_server, serve_mode, model_dir
     finally:
         ray.shutdown()  # before the cluster goes: a driver left attached waits 60 s and hides the traceback
         local.down(state.name, log=lambda *_: None)
+    if not online:
+        emit(result, run)
+        return
     model = f"{out}/model"
     fast = online_in_subprocess("fast", model, features, online_seconds)
     log(f"online (fast serve): {fast}")

@@ -41,14 +41,18 @@ def tiers(prob: np.ndarray, high: float, medium: float) -> np.ndarray:
     return np.where(prob >= high, "high", np.where(prob >= medium, "medium", "low"))
 
 
-def top_reasons(contrib: np.ndarray, names: list[str], k: int = 3) -> list[list[str]]:
-    """The ``k`` features that pushed each row's score up the most (by SHAP-style contribution)."""
-    order = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
-    return [[names[j] for j in row] for row in order]
+def arrow_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
+    """The named columns of an Arrow table as one float matrix (nulls as NaN), without pandas."""
+    import pyarrow.compute as pc
+
+    out = np.empty((table.num_rows, len(names)))
+    for j, name in enumerate(names):
+        out[:, j] = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+    return out
 
 
 class Scorer:
-    """A Ray Data actor: loads the model once, scores feature batches."""
+    """A Ray Data actor: loads the model once, scores Arrow batches of feature rows."""
 
     def __init__(self, model_dir: str, high: float | None = None, medium: float | None = None):
         self.booster, self.meta = load_model(model_dir)
@@ -60,31 +64,36 @@ class Scorer:
         """Probability, tier and reasons for a frame of feature rows."""
         return self.score_matrix(feature_matrix(feats, self.features))
 
-    def score_matrix(self, X: np.ndarray) -> dict:
-        """Probability, tier and reasons for a float matrix in ``self.features`` order.
+    def score_arrays(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(probability, reasons)`` for a float matrix in ``self.features`` order; ``reasons`` is an
+        ``(n, 3)`` array of feature names.
 
         Reason codes (TreeSHAP contributions, the costly part) are computed for
         the rows at or above the medium tier, the ones an analyst looks at;
         low-risk rows get empty reasons.
         """
         prob = self.booster.predict(X)
-        reasons = [["", "", ""] for _ in range(len(prob))]
+        reasons = np.full((len(prob), 3), "", dtype=object)
         explain = np.flatnonzero(prob >= self.medium)
         if len(explain):
             contrib = self.booster.predict(X[explain], pred_contrib=True)[:, :-1]
-            for i, r in zip(explain, top_reasons(contrib, self.features)):
-                reasons[i] = r
-        return {"probability": prob, "risk_tier": tiers(prob, self.high, self.medium), "reasons": reasons}
+            order = np.argsort(-contrib, axis=1, kind="stable")[:, :3]
+            reasons[explain] = np.asarray(self.features, dtype=object)[order]
+        return prob, reasons
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        s = self.score_frame(batch)
-        out = batch[SCORE_COLUMNS[:5]].copy()
-        out["probability"] = s["probability"]
-        out["risk_tier"] = s["risk_tier"]
+    def score_matrix(self, X: np.ndarray) -> dict:
+        """Probability, tier and reasons (a list of 3 names per row) for a float matrix."""
+        prob, reasons = self.score_arrays(X)
+        return {"probability": prob, "risk_tier": tiers(prob, self.high, self.medium), "reasons": reasons.tolist()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prob, reasons = self.score_arrays(arrow_matrix(batch, self.features))
+        columns = {name: batch.column(name) for name in SCORE_COLUMNS[:5]}
+        columns.update(probability=pa.array(prob), risk_tier=pa.array(tiers(prob, self.high, self.medium)))
         for i in range(3):
-            out[f"reason_{i + 1}"] = [r[i] for r in s["reasons"]]
-        out["model_version"] = self.meta["version"]
-        return out
+            columns[f"reason_{i + 1}"] = pa.array(reasons[:, i], type=pa.string())
+        columns["model_version"] = pa.array(np.full(len(prob), self.meta["version"], dtype=object), type=pa.string())
+        return pa.table(columns)
 
 
 def score_dataset(features, model_dir: str, cfg: ScoreConfig):
@@ -92,7 +101,7 @@ def score_dataset(features, model_dir: str, cfg: ScoreConfig):
     import ray
 
     return features.map_batches(
-        Scorer, batch_format="pandas", batch_size=cfg.batch_size, num_cpus=cfg.num_cpus,
+        Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.num_cpus,
         fn_constructor_kwargs={"model_dir": model_dir, "high": cfg.high_threshold,
                                "medium": cfg.medium_threshold},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.max_actors))
