@@ -796,7 +796,7 @@ def _job_call(target, fn, *args):
 
     try:
         return fn(*args)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure of an API call becomes one line
         fail(error_line(e, target), 1)
 
 

@@ -287,7 +287,7 @@ class Emulator:
             http.close_connection = True
             fault = ApiFault(408, "RequestTimeout", "The request was not received in time.")
             self._answer(http, 408, self._error_payload(request_id, fault))
-        except Exception as e:  # an emulator bug must still answer like the service would
+        except Exception as e:  # noqa: BLE001 - an emulator bug must still answer like the service would
             self.log(f"InternalError: {type(e).__name__}: {e}")
             self._answer(
                 http,
@@ -504,7 +504,7 @@ class Emulator:
             cluster = local.up(spec, token=group.token or None, log=self.log, autoscale=scale,
                                auth=bool(group.token))
             status, message = "ok", ""
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a group that cannot start is 'failed', as on the service
             cluster, status, message = None, "failed", " ".join(str(e).split())
         with self.lock:
             group.cluster, group.status, group.message, group.updated = cluster, status, message, _now()

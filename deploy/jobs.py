@@ -519,7 +519,7 @@ def client_for(target: Target):
 
     try:
         return JobSubmissionClient(target.dashboard_url, headers=target.headers())
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - Ray's client raises many types; one line each
         raise SubmitError(error_line(e, target)) from None
 
 
@@ -556,7 +556,7 @@ def submit(
             submission_id=submission_id,
             metadata={"adbray_template": plan.template},
         )
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - Ray's client raises many types; one line each
         raise SubmitError(error_line(e, target)) from None
     return client, job_id
 

@@ -238,7 +238,7 @@ def _start_env(state: ClusterState, ha: bool) -> dict:
 
 
 def _run(cmd: list[str], env: dict, what: str) -> None:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise LocalClusterError(f"{what} failed: {' | '.join(tail)}")
@@ -567,14 +567,22 @@ def processes(state: ClusterState) -> list:
         if p.pid not in found and _carries(p, state.temp_dir):
             found[p.pid] = p
     # agents, dashboard modules and workers rename themselves: take every descendant too
+    found = _with_descendants(found)
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _with_descendants(found: dict) -> dict:
+    """``found`` (pid -> process) plus every descendant of its processes."""
+    import psutil
+
     for p in list(found.values()):
         try:
             for child in p.children(recursive=True):
                 found.setdefault(child.pid, child)
         except psutil.Error:
             pass
-    found.pop(os.getpid(), None)
-    return list(found.values())
+    return found
 
 
 def record_processes(state: ClusterState) -> None:
@@ -637,7 +645,7 @@ def _clear_redis(namespace: str) -> None:
         r = redis.Redis(host=host, port=int(port), socket_timeout=3)
         for key in r.scan_iter(match=f"*{namespace}*", count=1000):
             r.delete(key)
-    except Exception as e:  # the cluster is down either way; a stale namespace is harmless
+    except Exception as e:  # noqa: BLE001 - the cluster is down either way; a stale namespace is harmless
         print(f"warning: could not clear Redis namespace {namespace}: {e}", file=sys.stderr)
 
 
@@ -667,13 +675,7 @@ def node_processes(state: ClusterState, node_id: str) -> list:
                             mine.setdefault(q.pid, q)
                     except psutil.Error:
                         continue
-    for p in list(mine.values()):
-        try:
-            for child in p.children(recursive=True):
-                mine.setdefault(child.pid, child)
-        except psutil.Error:
-            pass
-    return list(mine.values())
+    return list(_with_descendants(mine).values())
 
 
 def stop_node(state: ClusterState, node_id: str) -> int:

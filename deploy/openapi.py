@@ -228,7 +228,7 @@ class GroupClient:
         for attempt in range(self.retries + 1):
             try:
                 return getattr(self.client, method)(request).body.to_map()
-            except Exception as e:  # the SDK raises its own exception tree; normalise it
+            except Exception as e:  # noqa: BLE001 - the SDK raises its own exception tree; normalise it
                 err = _one_line(e)
                 transient = (
                     err.code.startswith(RETRYABLE_CODES)

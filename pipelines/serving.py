@@ -21,6 +21,7 @@ import numpy as np
 
 from .io import first_line
 
+
 class AppFailed(RuntimeError):
     """A Serve app that will not come up (its status says why); stops :func:`wait_until_routed`."""
 
@@ -66,7 +67,7 @@ def start_serve(host: str | None = None, port: int | None = None) -> str:
         from ray.serve.context import _get_global_client
 
         client = _get_global_client(raise_if_no_controller_running=False)
-    except Exception:  # pragma: no cover - private API moved
+    except Exception:  # noqa: BLE001 - pragma: no cover - private API moved
         client = None
     if client is None:
         import ray
@@ -174,7 +175,7 @@ def wait_until_routed(app_name: str, route_prefix: str, health_path: str = "/hea
                 last = "; ".join(bad) or "no proxy URL"
         except AppFailed:
             raise
-        except Exception as e:  # controller busy, state API starting: keep waiting until the deadline
+        except Exception as e:  # noqa: BLE001 - controller busy, state API starting: keep waiting until the deadline
             last = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
         time.sleep(0.25)
     raise TimeoutError(f"Serve app {app_name!r} not routed by every proxy within {timeout:.0f}s: {last}")
@@ -209,7 +210,7 @@ async def _fire(client, method, url, body, lat, errors):
             errors.append(r.status_code)
         else:
             lat.append(time.perf_counter() - t0)
-    except Exception as e:  # connection reset while a replica dies, timeouts
+    except Exception as e:  # noqa: BLE001 - connection reset while a replica dies, timeouts
         errors.append(type(e).__name__)
 
 

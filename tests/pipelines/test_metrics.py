@@ -38,3 +38,4 @@ def test_ndcg_and_recall_at_k():
 def test_calibration_curve_bins():
     pred, obs = M.calibration_curve([0, 1, 1, 0], [0.05, 0.95, 0.9, 0.15], bins=10)
     assert list(obs) == [0.0, 0.0, 1.0]
+    assert len(pred) == len(obs) and all(0 <= x <= 1 for x in pred)

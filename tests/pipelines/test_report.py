@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -24,4 +25,4 @@ def test_plots_are_png(tmp_path):
     s = report.plot_scatter(tmp_path / "s.png", {"text": ([0, 1], [1, 0]), "image": ([2], [3])}, "x", "y", "s")
     g = report.plot_images(tmp_path / "g.png", [[("a", np.zeros((8, 8, 3), np.uint8)), ("b", np.ones((8, 8)))]], "g")
     for path in (p, b, h, s, g):
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
