@@ -281,6 +281,8 @@ def sniff(head: bytes) -> tuple[str | None, str]:
         return "audio", "ogg"
     if head.startswith(b"ID3"):
         return "audio", "mp3"
+    if head.startswith(b"\xff\xfe"):  # a UTF-16/32 LE byte-order mark (also an MPEG-1 Layer I sync, which is rare)
+        return "text", "text"
     if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # MPEG audio frame sync
         return "audio", ("aac" if head[1] & 0x06 == 0 else "mp3")   # layer bits 00: AAC in ADTS
     if head[4:8] == b"ftyp":

@@ -18,7 +18,7 @@ import sys
 import click
 
 from .config import ConfigError
-from .connect import ClusterUnreachable, MissingToken
+from .connect import ClusterUnreachable, MissingToken, VersionMismatch
 from .io import CorruptParquet, corrupt_parquet_error
 
 
@@ -63,7 +63,7 @@ def run_main(command: click.Command, argv=None) -> int:
     except (ConfigError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         return 2
-    except (ClusterUnreachable, MissingToken, RunFailed, FileNotFoundError, CorruptParquet) as e:
+    except (ClusterUnreachable, MissingToken, VersionMismatch, RunFailed, FileNotFoundError, CorruptParquet) as e:
         click.echo(f"error: {e}", err=True)
         return 1
 

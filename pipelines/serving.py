@@ -47,12 +47,25 @@ def is_loopback(host: str) -> bool:
 LOCAL_CLUSTER_ENV = ("ADBRAY_CLUSTER_DIR", "ADBRAY_DISKS")  # set by deploy.local in its clusters and their clients
 
 
+def started_ray_here() -> bool:
+    """Whether this process started the Ray it is attached to (in-process Ray: a laptop run, a test), whose
+    nodes report the machine's own address rather than loopback."""
+    try:
+        from ray._private.worker import global_worker
+
+        node = getattr(global_worker, "node", None)
+        return bool(node is not None and node.head)
+    except ImportError:  # pragma: no cover - private API moved
+        return False
+
+
 def http_options(node_addresses: Sequence[str]) -> dict:
     """Serve's HTTP options for a cluster whose nodes have ``node_addresses``: a cluster on this machine
-    (no address, one on loopback, or this process marked as a local cluster's by ``LOCAL_CLUSTER_ENV``) ->
-    ``127.0.0.1`` and a free port (``$ADBRAY_SERVE_PORT`` when set); else all interfaces and port 8000."""
+    (no address, one on loopback, Ray started by this process, or this process marked as a local
+    cluster's by ``LOCAL_CLUSTER_ENV``) -> ``127.0.0.1`` and a free port (``$ADBRAY_SERVE_PORT`` when set);
+    else all interfaces and port 8000."""
     port = int(os.environ.get("ADBRAY_SERVE_PORT", "0"))
-    if (not node_addresses or any(is_loopback(a) for a in node_addresses)
+    if (not node_addresses or any(is_loopback(a) for a in node_addresses) or started_ray_here()
             or any(os.environ.get(k) for k in LOCAL_CLUSTER_ENV)):
         return {"host": "127.0.0.1", "port": port or free_port()}
     return {"host": "0.0.0.0", "port": port or SERVE_HTTP_PORT}

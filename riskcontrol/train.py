@@ -16,6 +16,7 @@ import os
 import posixpath
 import tempfile
 import time
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,10 @@ LABEL = "is_fraud"
 def split_times(lo, hi, cfg: TrainConfig) -> tuple[pd.Timestamp, pd.Timestamp]:
     """The two cut times of the time-based split: train < t1 <= validation < t2 <= test."""
     lo, hi = _utc(lo), _utc(hi)
-    return lo + (hi - lo) * cfg.train_frac, lo + (hi - lo) * (cfg.train_frac + cfg.valid_frac)
+    # whole microseconds: Parquet timestamps are in us, so a cut in ns would fall differently on the driver
+    # (pandas, ns) and in the workers' pushed-down filter (us)
+    return ((lo + (hi - lo) * cfg.train_frac).floor("us"),
+            (lo + (hi - lo) * (cfg.train_frac + cfg.valid_frac)).floor("us"))
 
 
 def _utc(value) -> pd.Timestamp:
@@ -177,9 +181,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     groups = row_groups(config["features"])
-    mine = my_share(groups, rank, world)
-    train_df = read_window(mine, config["columns"], end=config["t1"])
-    if len(groups) < world:  # fewer row groups than workers: share the rows instead
+    if config["by_groups"]:
+        train_df = read_window(my_share(groups, rank, world), config["columns"], end=config["t1"])
+    else:  # some worker's share of the row groups has no training rows: share the rows instead
         train_df = read_window(groups, config["columns"], end=config["t1"]).iloc[rank::world]
     valid_df = read_window(groups, config["columns"], start=config["t1"], end=config["t2"])
     network = get_network_params()
@@ -198,7 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics)
 
 
-def train_ray(features_path: str, t1, t2, cfg: TrainConfig, pos_weight: float, out_dir: str, meta: dict) -> dict:
+def train_ray(features_path: str, t1, t2, cfg: TrainConfig, pos_weight: float, out_dir: str, meta: dict,
+              by_groups: bool = True) -> dict:
     """Fit with ``LightGBMTrainer`` on ``cfg.num_workers`` workers, each reading its share of
     ``features_path`` (rows before ``t1``) and the validation window ``[t1, t2)`` itself; the model lands
     in ``out_dir`` (local path or ``oss://``). Ray Train's storage: ``train.storage_path``, else
@@ -211,7 +216,7 @@ def train_ray(features_path: str, t1, t2, cfg: TrainConfig, pos_weight: float, o
     trainer = LightGBMTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "pos_weight": pos_weight, "meta": meta,
-                           "features": features_path, "t1": str(t1), "t2": str(t2),
+                           "features": features_path, "t1": str(t1), "t2": str(t2), "by_groups": by_groups,
                            "columns": ["event_time", LABEL] + FEATURE_COLUMNS},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,
                                                resources_per_worker={"CPU": cfg.num_cpus}),
@@ -242,15 +247,26 @@ def read_features(path: str, columns=None) -> pd.DataFrame:
 
 def label_counts(features_path: str, tcfg: TrainConfig) -> dict:
     """The time split and what training needs to know before it starts, from two columns only
-    (``event_time``, the label) read on the driver: cut times, training labels, validation positives."""
-    from pipelines.io import read_table
+    (``event_time``, the label) read on the driver: cut times, training labels, validation positives,
+    and whether every worker's round-robin share of the row groups holds training rows (``by_groups``;
+    else the workers share the rows)."""
+    import pyarrow as pa
 
-    table = read_table(features_path, columns=["event_time", LABEL])
+    groups = row_groups(features_path)
+    tables = [g.to_table(columns=["event_time", LABEL]) for g in groups]
+    if not tables:
+        raise ValueError(f"train: no feature rows in {features_path}")
+    table = pa.concat_tables(tables)
     times = pd.to_datetime(table.column("event_time").to_pandas(), utc=True)
     labels = table.column(LABEL).to_pandas()
     t1, t2 = split_times(times.min(), times.max(), tcfg)
     valid = (times >= t1) & (times < t2)
-    return {"t1": t1, "t2": t2, "train_labels": labels[times < t1], "valid_positives": int(labels[valid].sum())}
+    sizes = np.cumsum([0] + [t.num_rows for t in tables])
+    train_per_group = [int((times.iloc[a:b] < t1).sum()) for a, b in pairwise(sizes)]
+    world = max(1, tcfg.num_workers)
+    by_groups = all(sum(my_share(train_per_group, rank, world)) > 0 for rank in range(world))
+    return {"t1": t1, "t2": t2, "train_labels": labels[times < t1], "valid_positives": int(labels[valid].sum()),
+            "by_groups": by_groups}
 
 
 def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers: int | None = None,
@@ -274,7 +290,7 @@ def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers:
         groups = row_groups(features_path)
         return train_inprocess(read_window(groups, cols, end=t1), read_window(groups, cols, t1, t2), tcfg,
                                pos_weight, model_dir, meta)
-    return train_ray(features_path, t1, t2, tcfg, pos_weight, model_dir, meta)
+    return train_ray(features_path, t1, t2, tcfg, pos_weight, model_dir, meta, split["by_groups"])
 
 
 def run(cfg: RiskConfig, run: Run) -> StepResult:

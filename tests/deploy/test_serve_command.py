@@ -59,6 +59,15 @@ def test_proxies_bind_loopback_on_this_machine_and_all_interfaces_on_a_group(mon
     local = cluster_http_options(["127.0.0.1", "127.0.0.1"])
     assert local["host"] == "127.0.0.1" and local["port"] != SERVE_HTTP_PORT
     assert cluster_http_options(["10.0.3.7", "10.0.3.8"]) == {"host": "0.0.0.0", "port": SERVE_HTTP_PORT}
+    # Ray started in this process (a laptop run) reports the machine's own address, not loopback
+    from types import SimpleNamespace
+
+    from ray._private.worker import global_worker
+
+    monkeypatch.setattr(global_worker, "node", SimpleNamespace(head=True), raising=False)
+    assert cluster_http_options(["10.0.3.7"])["host"] == "127.0.0.1"
+    monkeypatch.setattr(global_worker, "node", SimpleNamespace(head=False), raising=False)  # a client of a cluster
+    assert cluster_http_options(["10.0.3.7"])["host"] == "0.0.0.0"
     monkeypatch.setenv("ADBRAY_DISKS", "isolated")  # a local cluster's process or client
     assert cluster_http_options(["10.0.3.7"])["host"] == "127.0.0.1"
     assert proxy_url("10.0.3.7", {"serve-port": "41000"}, "0.0.0.0", 8000) == "http://10.0.3.7:41000"

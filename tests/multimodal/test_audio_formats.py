@@ -78,3 +78,13 @@ def test_a_corrupt_file_is_a_one_line_reject(media, ext):
     assert reasons[1] == "" and out["duration_s"][1] > 0.9
     for r in (reasons[0], reasons[2]):
         assert r and "\n" not in r and len(r) < 120 and str(media) not in r, r
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_utf16_and_utf32_text_with_a_bom_is_text_not_mpeg_audio(encoding):
+    """A little-endian byte-order mark (FF FE) is also an MPEG frame sync: the text must not be lost as audio."""
+    data = ("\ufeff" if encoding == "utf-16-le" else "") + "héllo wörld, 你好\n"
+    head = data.encode(encoding)[:64]
+    assert head.startswith(b"\xff\xfe")
+    rec = route_one("/d/notes.txt", len(head), head)
+    assert rec["modality"] == "text" and rec["reason"] is None, rec

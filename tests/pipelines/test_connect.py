@@ -108,3 +108,18 @@ def test_cluster_versions_is_none_where_no_dashboard_answers():
 
     assert cluster_versions("http://127.0.0.1:9", timeout=0.5) is None
     assert check_versions("ray://127.0.0.1:9", dashboard="http://127.0.0.1:9") is None
+
+
+def test_a_version_mismatch_in_a_template_command_is_one_line(capsys):
+    import click
+
+    from pipelines.cli import run_main
+    from pipelines.connect import VersionMismatch
+
+    @click.command()
+    def job():
+        raise VersionMismatch("cluster runs Ray 2.59.0 / Python 3.10, this process Ray 2.60.0 / Python 3.11")
+
+    assert run_main(job, []) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: cluster runs Ray 2.59.0 / Python 3.10, this process Ray 2.60.0 / Python 3.11"]
