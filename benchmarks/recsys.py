@@ -117,7 +117,7 @@ def main(run_dir, seconds):
         "train_ratio": m["ranker_samples_per_s"] / bare,
         "online_p50_ms": net["p50"], "online_p99_ms": net["p99"], "online_max_rps": net["max_rps"],
         "online_target_rps": net["target_rps"], "online_achieved_rps": net["achieved_rps"],
-        "online_valid": net["valid"],
+        "online_valid": net["valid"] and not net["errors"], "online_errors": net["errors"],
         "batch_users_per_s": m["batch_users_per_s"],
         "ndcg10_ranker": m["ndcg10_ranker"], "ndcg10_popularity": m["ndcg10_popularity"],
     }, run)

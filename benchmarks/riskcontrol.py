@@ -312,7 +312,8 @@ def main(rows, online_seconds, serve_default, online, bare_server, serve_mode, m
         log(f"online (default serve): {online_in_subprocess('default', model, features, online_seconds)}")
     result.update(online_p50_ms=fast["p50_ms"], online_p99_ms=fast["p99_ms"], online_max_rps=fast["max_rps"],
                   online_rps_ratio=fast["max_rps"] / bare["max_rps"], online_target_rps=fast["target_rps"],
-                  online_achieved_rps=fast["achieved_rps"], online_valid=fast["valid"])
+                  online_achieved_rps=fast["achieved_rps"], online_valid=fast["valid"] and not fast["errors"],
+                  online_errors=fast["errors"])
     redis = fast.get("redis") or {}
     result.update(online_redis_p50_ms=redis.get("p50_ms"), online_redis_p99_ms=redis.get("p99_ms"),
                   online_redis_valid=redis.get("valid"))

@@ -483,7 +483,7 @@ class Emulator:
     def delete_group(self, query: dict) -> dict:
         with self.lock:
             group = self._group(query)
-            if group.status in ("creating", "deleting"):
+            if group.status in ("creating", "deleting", "modifying"):  # a change still runs on its nodes
                 raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
             group.status, group.updated = "deleting", _now()
         self._background(self._teardown, group)

@@ -260,11 +260,18 @@ def delete(st: ServeTarget, app_name: str, timeout: float = 60.0) -> None:
 
 def print_config(st: ServeTarget | None, template, section, run_dir: str | None, runtime_env: dict | None,
                  host: str | None = None, port: int | None = None) -> str:
-    """The Serve config :func:`deploy` would send to ``st`` (None: :func:`config_yaml` with these values)."""
+    """The Serve config :func:`deploy` would send to ``st`` (None: :func:`config_yaml` with these values),
+    safe to print: URL passwords and secret ``--set`` items in its ``runtime_env`` are masked (put them back,
+    or pass them with ``adbray serve``, which sends them unmasked)."""
+    from pipelines.config import redact
+
+    from .jobs import shown_runtime_env
+
     if st is None:
-        return config_yaml(template, section, run_dir, host or "127.0.0.1", port or SERVE_HTTP_PORT)
+        return redact(config_yaml(template, section, run_dir, host or "127.0.0.1", port or SERVE_HTTP_PORT))
     options = http_options(st, details(st), host, port)
-    return config_yaml(template, section, run_dir, options["host"], options["port"], runtime_env)
+    shown = shown_runtime_env(runtime_env) if runtime_env else runtime_env
+    return redact(config_yaml(template, section, run_dir, options["host"], options["port"], shown))
 
 
 def check_run_dir(run_dir: str | None, shared_disk: bool = False) -> str:

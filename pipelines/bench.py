@@ -93,6 +93,14 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def load_average() -> float:
     """The 1-minute load average."""
     return os.getloadavg()[0]
@@ -101,7 +109,7 @@ def load_average() -> float:
 def guard(template: str) -> dict:
     """Before any work: exit 1 with one line when the 1-minute load average is above the core count
     (benchmarks run alone: no test suite or other benchmark on the machine); else print the load."""
-    cores, load = os.cpu_count() or 1, load_average()
+    cores, load = usable_cores(), load_average()
     if load > cores:
         raise SystemExit(f"{template} benchmark refused: load average {load:.2f} is above the {cores} cores; "
                          "run benchmarks alone (no test suite or other benchmark on this machine)")
@@ -154,9 +162,10 @@ def read_results(folder: Path) -> dict[str, list[dict]]:
 
 
 def latest(target: Target, runs: dict[str, list[dict]]) -> dict | None:
-    """The newest record of the target's template that holds its metric, measured as ``where`` says."""
+    """The newest record of the target's template that measured its metric (a value, or None when that
+    measurement got no answer), measured as ``where`` says."""
     for record in reversed(runs.get(target.template, [])):
-        if record.get(target.metric) is not None and all(record.get(k) == v for k, v in target.where.items()):
+        if target.metric in record and all(record.get(k) == v for k, v in target.where.items()):
             return record
     return None
 
@@ -168,8 +177,12 @@ def verdict(target: Target, record: dict | None) -> str:
     if target.valid and record.get(target.valid) is not True:
         prefix = target.valid[: -len("valid")]
         sent, asked = record.get(f"{prefix}achieved_rps"), record.get(f"{prefix}target_rps")
+        if record.get(f"{prefix}errors"):
+            return f"INVALID ({record[f'{prefix}errors']} failed requests)"
         return f"INVALID (sent {sent:.0f} of {asked:.0f} req/s)" if sent is not None and asked else "INVALID"
     value = record[target.metric]
+    if value is None:
+        return "no value"
     met = value <= target.bound if target.op == "<=" else value >= target.bound
     return "ok" if met else "MISS"
 
@@ -181,7 +194,7 @@ def table(folder: Path = RESULTS) -> str:
     rows = [header]
     for t in TARGETS:
         rec = latest(t, runs)
-        value = "-" if rec is None else f"{rec[t.metric]:.3g}"
+        value = "-" if rec is None or rec[t.metric] is None else f"{rec[t.metric]:.3g}"
         when = commit_id = load = "-"
         if rec is not None:
             when = str(rec.get("timestamp", "-"))[:16].replace("T", " ")
@@ -210,7 +223,7 @@ def table_cmd(folder):
 def wait_quiet(timeout):
     """Wait until the 1-minute load average is at most the core count (a finished benchmark's own load
     decays in about a minute); exit 1 with one line after --timeout."""
-    cores, deadline = os.cpu_count() or 1, time.monotonic() + timeout
+    cores, deadline = usable_cores(), time.monotonic() + timeout
     while (load := load_average()) > cores:
         if time.monotonic() > deadline:
             raise SystemExit(f"machine still busy after {timeout:.0f}s: load average {load:.2f} is above the "

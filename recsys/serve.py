@@ -253,16 +253,32 @@ def build_app(cfg: C.RecsysConfig, run_dir: str):
         retriever, ranker, run_dir, s.model_dump(), version, cfg.retrieval.temperature)
 
 
+def app_config(args: dict) -> C.RecsysConfig:
+    """The config a Serve-config app runs with: ``args.config``/``overrides`` when given, else the run's own
+    resolved ``config.yaml`` (the retrieval settings, vocabulary and index the models were trained with),
+    else the default config; ``args.serve`` (the ``serve`` section) on top."""
+    from pipelines.html_report import CONFIG
+    from pipelines.io import exists, join, read_bytes
+
+    run_config = join(str(args["run_dir"]).rstrip("/"), CONFIG)
+    if args.get("config") is None and not args.get("overrides") and exists(run_config):
+        import yaml
+
+        cfg = C.RecsysConfig.model_validate(yaml.safe_load(read_bytes(run_config)))
+    else:
+        cfg = C.load(args.get("config"), args.get("overrides", ()))
+    if args.get("serve") is not None:
+        cfg = cfg.model_copy(update={"serve": C.ServeConfig(**args["serve"])})
+    return cfg
+
+
 def app_builder(args: dict):
     """For Serve config files (``adbray serve``, ``serve deploy``, serve_config.yaml): ``args.run_dir``
     (required: a run folder with trained models), ``args.serve`` (the ``serve`` config section), and
-    ``config``/``overrides`` for the other sections (default: the default config)."""
+    ``config``/``overrides`` for the other sections (default: the run's own ``config.yaml``)."""
     if not args.get("run_dir"):
         raise ValueError("recsys serve app needs args.run_dir: a run folder with trained models")
-    cfg = C.load(args.get("config"), args.get("overrides", ()))
-    if args.get("serve") is not None:
-        cfg = cfg.model_copy(update={"serve": C.ServeConfig(**args["serve"])})
-    return build_app(cfg, str(args["run_dir"]).rstrip("/"))
+    return build_app(app_config(args), str(args["run_dir"]).rstrip("/"))
 
 
 def deploy(cfg: C.RecsysConfig, run_dir: str) -> str:

@@ -53,3 +53,18 @@ def test_the_proxy_reports_its_versions_on_the_two_version_endpoints_only():
     assert json.loads(proxy.rewrite("/api/version?x=1", json.dumps(version).encode()))["ray_version"] == "2.59.0"
     other = b'{"ray_version": "2.60.0"}'
     assert proxy.rewrite("/api/jobs/", other) == other
+
+
+def test_a_group_cannot_be_deleted_while_a_change_runs_on_its_nodes():
+    """Deleting while modifying would race the change (raylets started after the teardown, a deleted group
+    set back to ok): the service refuses it, and so does the emulator."""
+    import pytest
+
+    from deploy.emulator import ApiFault, Emulator, Group
+
+    emu = Emulator("ak", "sk")
+    emu.groups[("amv-1", "g")] = Group("amv-1", spec(cpu={"min_workers": 1, "max_workers": 1}), "", status="modifying")
+    with pytest.raises(ApiFault) as refused:
+        emu.delete_group({"DBClusterId": "amv-1", "GroupName": "g"})
+    assert refused.value.code == "OperationDenied.GroupStatus" and "modifying" in refused.value.message
+    assert emu.groups[("amv-1", "g")].status == "modifying"

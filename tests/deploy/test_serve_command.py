@@ -51,6 +51,10 @@ def test_serve_config_yaml_is_generated_from_the_serve_section(name):
                                        "--run-dir", "oss://b/runs/x"])
     app = yaml.safe_load(changed.output)["applications"][0]
     assert app["args"]["serve"]["max_batch_size"] == 7 and app["args"]["run_dir"] == "oss://b/runs/x"
+    # a secret given on the command line is never printed
+    secret = CliRunner().invoke(cli, ["serve", name, "--print-config", "--set",
+                                      "serve.redis_url=redis://user:s3cr3t@10.0.0.9:6379/0"])
+    assert secret.exit_code == 0 and "s3cr3t" not in secret.output, secret.output
 
 
 def test_proxies_bind_loopback_on_this_machine_and_all_interfaces_on_a_group(monkeypatch):

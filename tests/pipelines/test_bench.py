@@ -23,6 +23,7 @@ def fake_load(monkeypatch, *loads, cores=2):
     seq = iter(loads)
     monkeypatch.setattr(os, "getloadavg", lambda: (next(seq), 0.0, 0.0))
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
 
 
 def test_a_load_above_the_core_count_is_refused_in_one_line(monkeypatch, capsys):
@@ -136,6 +137,19 @@ def test_the_table_shows_the_latest_result_of_each_target(tmp_path):
     assert "no result" in rows["image path / bare 2-process pool"]
     assert "no result (GPU only)" in rows["GPU embedding / bare PyTorch loop"]
     assert "no result" in rows["rollout steps/s / bare vector env"]
+
+
+def test_failed_requests_or_no_answer_never_show_an_older_good_result(tmp_path):
+    """p99 of the few answered requests is no result: a run with failed requests is INVALID, and a newer run
+    whose measurement got no answer is shown as such, not skipped in favour of an older passing one."""
+    good = {"online_p99_ms": 8.0, "online_valid": True, "online_target_rps": 100, "online_achieved_rps": 100}
+    write(tmp_path, "riskcontrol", good, {**good, "online_valid": False, "online_errors": 37})
+    assert "INVALID (37 failed requests)" in table_rows(tmp_path)["online p99 ms at 100 req/s (memory store)"]
+    write(tmp_path, "recsys", {"online_p99_ms": 20.0, "online_valid": True, "online_target_rps": 50,
+                               "online_achieved_rps": 50}, {"online_p99_ms": None, "online_valid": True,
+                                                             "online_target_rps": 50})
+    row = table_rows(tmp_path)["/recommend p99 ms at 50 req/s"]
+    assert "no value" in row and " ok " not in row, row
 
 
 def test_a_corrupt_results_file_is_one_line(tmp_path):

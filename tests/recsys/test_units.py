@@ -249,3 +249,18 @@ def test_history_outputs_write_the_loss_curve_and_its_history(tmp_path):
                        "plot_ranker_loss": f"{tmp_path}/ranker_loss.png"}
     assert (tmp_path / "ranker_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "ranker_history.json").read_text()) == history
+
+
+def test_a_serve_config_app_uses_the_runs_own_config(tmp_path):
+    """`adbray serve recsys --run-dir R` must query with what R was trained with (vocabulary buckets,
+    candidates), not the defaults; the serve section comes from the Serve config's args."""
+    from pipelines.html_report import config_yaml
+    from recsys import config as C
+    from recsys.serve import app_config
+
+    trained = C.load(None, ["retrieval.vocab_buckets=4321", "retrieval.candidates=77"])
+    (tmp_path / "config.yaml").write_text(config_yaml(trained))
+    serve = {**trained.serve.model_dump(), "max_batch_size": 5}
+    cfg = app_config({"run_dir": str(tmp_path), "serve": serve})
+    assert (cfg.retrieval.vocab_buckets, cfg.retrieval.candidates, cfg.serve.max_batch_size) == (4321, 77, 5)
+    assert app_config({"run_dir": str(tmp_path / "none")}).retrieval.vocab_buckets == C.load().retrieval.vocab_buckets

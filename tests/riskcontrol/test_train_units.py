@@ -9,7 +9,15 @@ import pytest
 from riskcontrol.config import TrainConfig
 from riskcontrol.features import CATEGORICAL_FEATURES, FEATURE_COLUMNS
 from riskcontrol.score import Scorer, arrow_matrix
-from riskcontrol.train import LABEL, fit_booster, label_counts, read_window, row_groups, save_model, split_times
+from riskcontrol.train import (
+    LABEL,
+    fit_booster,
+    label_counts,
+    read_window,
+    row_groups,
+    save_model,
+    split_times,
+)
 
 
 def _features(n: int, start: str, tz: str | None, seed: int = 0) -> pd.DataFrame:
