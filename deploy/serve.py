@@ -219,6 +219,11 @@ def deploy(st: ServeTarget, template, section, run_dir: str, runtime_env: dict, 
     log = log or (lambda m: None)
     current = details(st)
     options = http_options(st, current, host, port)
+    public_port = urlparse(st.public_url).port if st.public_url else None
+    if not st.local and public_port and int(options.get("port") or 0) != public_port:
+        raise ServeError(f"Serve already runs there on port {options.get('port')} (started by a job, e.g. a "
+                         f"template's online step), not on the group's Serve address port {public_port}: "
+                         "`serve shutdown` there (or run jobs with serve.smoke_requests=0) and deploy again")
     if not st.local and options.get("host") not in ALL_INTERFACES:
         log(f"warning: Serve already runs there bound to {options.get('host')} (reachable only on its node); "
             "`serve shutdown` there and deploy again to bind all interfaces")

@@ -87,6 +87,27 @@ def test_proxies_bind_loopback_on_this_machine_and_all_interfaces_on_a_group(mon
     assert http_options(group, running) == {"host": "127.0.0.1", "port": 9}  # a running Serve keeps its own
 
 
+def test_a_group_whose_serve_a_job_started_on_another_port_fails_fast():
+    """A template's job may have started Serve on its own port; the group's Serve address then never
+    answers: one line at once, not a 300 s wait (and nothing is sent)."""
+    from deploy import serve as deploy_serve
+
+    class Rest:
+        sent = []
+
+        def get_serve_details(self):
+            return {"controller_info": {"node_id": "h"}, "http_options": {"host": "127.0.0.1", "port": 41234}}
+
+        def deploy_applications(self, config):
+            self.sent.append(config)
+
+    st = ServeTarget(None, local=False, public_url="http://10.0.0.5:18000", client=Rest())
+    section = load_template("riskcontrol").load_config(None, []).serve
+    with pytest.raises(ServeError, match="port 41234.*port 18000.*serve shutdown"):
+        deploy_serve.deploy(st, load_template("riskcontrol"), section, "oss://b/runs/x", {})
+    assert Rest.sent == []
+
+
 def test_a_local_run_folder_is_refused_in_one_line(tmp_path):
     with pytest.raises(ServeError, match=r"local path; .* give its oss:// URI"):
         check_run_dir(str(tmp_path))
