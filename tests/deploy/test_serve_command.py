@@ -93,7 +93,8 @@ def test_a_group_whose_serve_a_job_started_on_another_port_fails_fast():
     from deploy import serve as deploy_serve
 
     class Rest:
-        sent = []
+        def __init__(self):
+            self.sent = []
 
         def get_serve_details(self):
             return {"controller_info": {"node_id": "h"}, "http_options": {"host": "127.0.0.1", "port": 41234}}
@@ -101,11 +102,12 @@ def test_a_group_whose_serve_a_job_started_on_another_port_fails_fast():
         def deploy_applications(self, config):
             self.sent.append(config)
 
-    st = ServeTarget(None, local=False, public_url="http://10.0.0.5:18000", client=Rest())
+    rest = Rest()
+    st = ServeTarget(None, local=False, public_url="http://10.0.0.5:18000", client=rest)
     section = load_template("riskcontrol").load_config(None, []).serve
     with pytest.raises(ServeError, match="port 41234.*port 18000.*serve shutdown"):
         deploy_serve.deploy(st, load_template("riskcontrol"), section, "oss://b/runs/x", {})
-    assert Rest.sent == []
+    assert rest.sent == []
 
 
 def test_a_local_run_folder_is_refused_in_one_line(tmp_path):
