@@ -166,6 +166,12 @@ def sdk_config(
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         cfg.endpoint = parsed.netloc
         cfg.protocol = parsed.scheme
+    # the environment's keys, read now: the SDK's chain reads them once, when it is first imported, so a
+    # long-lived process (a notebook, a test session) that sets them later would not be seen
+    if not (access_key_id and access_key_secret):
+        access_key_id = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID")
+        access_key_secret = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+        cfg.security_token = os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN") or None
     if access_key_id and access_key_secret:
         cfg.access_key_id, cfg.access_key_secret = access_key_id, access_key_secret
     else:

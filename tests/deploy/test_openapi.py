@@ -287,3 +287,17 @@ def test_cli_create_keeps_the_token_when_the_first_answer_is_lost(quiet_emulator
     stored = tmp_path / "tokens" / "amv-unit1" / "squares.token"
     assert stored.read_text().strip() == quiet_emulator.groups[("amv-unit1", "squares")].token
     assert stat.S_IMODE(os.stat(stored).st_mode) == 0o600
+
+
+def test_keys_set_after_the_sdk_was_imported_are_used(monkeypatch):
+    """The SDK's credential chain reads the environment once, at import; adbray reads it per client, so a
+    long-lived process (a notebook, a test session) that sets the keys later still signs with them."""
+    import alibabacloud_credentials.utils.auth_util  # noqa: F401 - imported before the keys exist
+
+    from deploy.openapi import sdk_config
+
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "late-id")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "late-secret")
+    monkeypatch.setenv("ALIBABA_CLOUD_SECURITY_TOKEN", "late-sts")
+    cfg = sdk_config(endpoint="http://127.0.0.1:1")
+    assert (cfg.access_key_id, cfg.access_key_secret, cfg.security_token) == ("late-id", "late-secret", "late-sts")
