@@ -221,6 +221,7 @@ def attach(state) -> None:
     from pipelines.connect import use_token
 
     use_token(token_path=state.token_path)
+    os.environ["ADBRAY_DISKS"] = state.disks  # a client of a local cluster, as `adbray cluster env` marks it
     ray.init(address=state.gcs_address, log_to_driver=False)
 
 
@@ -251,6 +252,9 @@ def serve_mode_main(mode: str, model_dir: str, features: str, seconds: float) ->
         if mode == "fast":
             result["redis"] = redis_online(model_dir, payloads, seconds)
     finally:
+        import ray
+
+        ray.shutdown()  # before the cluster goes: a driver left attached waits 60 s and hides the traceback
         local.down(state.name, log=lambda *_: None)
     print(json.dumps(result), flush=True)
 
