@@ -52,7 +52,7 @@ def reject_bars(by_reason: dict[str, int]) -> dict[str, int]:
     """Bars for the largest reason classes (numbered, wrapped labels), the rest as ``other``."""
     ranked = sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ranked if len(ranked) <= MAX_REASONS + 1 else ranked[:MAX_REASONS]  # "other" only for 2+
-    bars = {textwrap.fill(f"{i + 1}. " + textwrap.shorten(reason, 30, placeholder="…"), 10): n
+    bars = {textwrap.fill(f"{i + 1}. " + textwrap.shorten(reason, 44, placeholder="…"), 24): n
             for i, (reason, n) in enumerate(shown)}
     if len(shown) < len(ranked):
         bars["other"] = sum(n for _, n in ranked[len(shown):])

@@ -90,8 +90,9 @@ def plot_bars(path: str | Path, values: Mapping[str, float], ylabel: str, title:
               horizontal: bool = False) -> str:
     """One PNG bar chart of named values (``horizontal`` for long names: reasons, features)."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(6 if horizontal else 5, max(4, 0.3 * len(values)) if horizontal else 4),
-                           dpi=100)
+    lines = max((str(k).count("\n") + 1 for k in values), default=1)  # wrapped labels need room per bar
+    fig, ax = plt.subplots(figsize=(7 if horizontal else 5, max(4, 0.28 * lines * len(values) + 1) if horizontal
+                                    else 4), dpi=100)
     if horizontal:
         ax.barh(list(values)[::-1], [float(v) for v in values.values()][::-1])
         ax.set(xlabel=ylabel, title=title)
