@@ -484,15 +484,16 @@ def alive_nodes(state: ClusterState, timeout: float = 10.0) -> list[dict]:
     return [r for r in rows if r.get("state") == "ALIVE"]
 
 
-def wait_for_nodes(state: ClusterState, count: int, timeout: float = 90.0) -> list[dict]:
-    """Block until ``count`` nodes are alive; raise LocalClusterError on timeout."""
+def wait_for_nodes(state: ClusterState, count: int, timeout: float = 90.0, exact: bool = False) -> list[dict]:
+    """Block until ``count`` nodes are alive (``exact``: exactly that many, stopped ones reported dead);
+    raise LocalClusterError on timeout."""
     deadline, last = time.time() + timeout, "no answer"
     while time.time() < deadline:
         try:
             nodes = alive_nodes(state)
-            if len(nodes) >= count:
+            if len(nodes) == count or (len(nodes) > count and not exact):
                 return nodes
-            last = f"{len(nodes)} of {count} nodes alive"
+            last = f"{len(nodes)} nodes alive, waiting for {count}" if exact else f"{len(nodes)} of {count} nodes alive"
         except OSError as e:
             last = str(e)
         time.sleep(1)
@@ -693,21 +694,6 @@ def next_worker_index(state: ClusterState) -> int:
     return max(used, default=len(state.nodes) - 1) + 1
 
 
-def wait_for_count(state: ClusterState, count: int, timeout: float = 90.0) -> list[dict]:
-    """Block until exactly ``count`` nodes are alive (stopped ones reported dead); LocalClusterError on timeout."""
-    deadline, last = time.time() + timeout, "no answer"
-    while time.time() < deadline:
-        try:
-            nodes = alive_nodes(state)
-            if len(nodes) == count:
-                return nodes
-            last = f"{len(nodes)} nodes alive, waiting for {count}"
-        except OSError as e:
-            last = str(e)
-        time.sleep(1)
-    raise LocalClusterError(f"cluster {state.name}: {last} after {timeout:.0f}s")
-
-
 def apply_change(state: ClusterState, old: ResourceGroupSpec, new: ResourceGroupSpec, log=print) -> list[str]:
     """Change a running cluster from ``old`` to ``new`` the way the service does, on real raylets: a group's
     workers restart (stopped, started with the new shape) when its spec or type changes, workers above the
@@ -759,7 +745,7 @@ def apply_change(state: ClusterState, old: ResourceGroupSpec, new: ResourceGroup
         done.append(f"{g.name}: worker started ({g.type} {g.spec})")
     if not state.autoscaling_config:
         remaining = len(nodes) - len(stop) + len(plans)
-        wait_for_count(state, 1 + remaining)
+        wait_for_nodes(state, 1 + remaining, exact=True)
         state.nodes = [n for n in state.nodes if n["group"] in news] + [asdict(p) for p in plans]
     record_processes(state)
     for line in done:
