@@ -266,7 +266,7 @@ def label_counts(features_path: str, tcfg: TrainConfig) -> dict:
     world = max(1, tcfg.num_workers)
     by_groups = all(sum(my_share(train_per_group, rank, world)) > 0 for rank in range(world))
     return {"t1": t1, "t2": t2, "train_labels": labels[times < t1], "valid_positives": int(labels[valid].sum()),
-            "by_groups": by_groups}
+            "by_groups": by_groups, "groups": groups}
 
 
 def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers: int | None = None,
@@ -287,7 +287,7 @@ def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers:
     meta = {"version": f"{name}-{time.strftime('%Y%m%d%H%M%S')}", "train_end": str(t1),
             "valid_end": str(t2), "train_rows": len(labels), "pos_weight": pos_weight}
     if tcfg.num_workers == 0:
-        groups = row_groups(features_path)
+        groups = split["groups"]  # listed once, by label_counts
         return train_inprocess(read_window(groups, cols, end=t1), read_window(groups, cols, t1, t2), tcfg,
                                pos_weight, model_dir, meta)
     return train_ray(features_path, t1, t2, tcfg, pos_weight, model_dir, meta, split["by_groups"])
