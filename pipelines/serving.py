@@ -6,19 +6,24 @@ cluster) on 127.0.0.1 and a free port (never the default 8000, which may be take
 elsewhere (a group's nodes) on all interfaces and Serve's port 8000, so that the app
 can be reached from outside its node (:func:`http_options`). ``load_test`` drives a
 fixed request rate (open loop) and reports latency percentiles and the error rate;
-``max_rps`` measures throughput.
+``max_rps`` measures throughput; ``ramp_test`` drives a rate that changes in stages and reports it per
+time window. ``Autoscaling`` is a deployment's replica autoscaling in a template's ``serve`` section
+(Ray Serve's ``autoscaling_config``), ``replica_options`` the Serve options of fixed or autoscaled replicas.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import os
 import socket
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
 
+from .config import StrictModel
 from .io import first_line
 
 
@@ -206,6 +211,56 @@ def deploy_app(app, name: str, route_prefix: str, health_path: str = "/healthz",
     return f"{base}{route_prefix}"
 
 
+SERVE_METRICS_INTERVAL_S = 10.0  # Serve's default metrics_interval_s: how often replicas report their load
+
+
+class Autoscaling(StrictModel):
+    """A deployment's replica autoscaling (Ray Serve's ``autoscaling_config``): Serve keeps about
+    ``target_ongoing_requests`` requests in flight per replica, between ``min_replicas`` and ``max_replicas``,
+    after the load has stayed up for ``upscale_delay_s`` or down for ``downscale_delay_s`` (Serve's
+    defaults: 30 s and 600 s). Replicas Serve adds ask the cluster for their ``num_cpus``/``num_gpus``:
+    that pending demand is what makes an autoscaling worker group add nodes. ``metrics_interval_s`` (how
+    often replicas report, Serve's default 10 s) and ``look_back_period_s`` (the window averaged, default
+    30 s) are for short rehearsals; unset, Serve's defaults."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float | None = Field(None, gt=0)
+    look_back_period_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        interval = self.metrics_interval_s or SERVE_METRICS_INTERVAL_S
+        if self.look_back_period_s is not None and self.look_back_period_s <= interval:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s:g}) must be above metrics_interval_s "
+                             f"({interval:g}{'' if self.metrics_interval_s else ', Serve default'})")
+        return self
+
+    def serve_config(self) -> dict:
+        """Ray Serve's ``autoscaling_config`` (the fields left unset keep Serve's defaults)."""
+        return self.model_dump(exclude_none=True)
+
+
+def check_replicas(num_replicas: int | None, autoscaling: Autoscaling | None, fixed: str, scaled: str) -> None:
+    """A one-line ValueError when both a fixed replica count (config key ``fixed``) and autoscaling
+    (key ``scaled``) are set: Serve takes one or the other."""
+    if num_replicas is not None and autoscaling is not None:
+        raise ValueError(f"set {fixed} (a fixed replica count) or {scaled} (autoscaling), not both")
+
+
+def replica_options(num_replicas: int | None, autoscaling: Autoscaling | None) -> dict:
+    """Serve deployment options: ``autoscaling_config`` when ``autoscaling`` is set, else ``num_replicas``
+    (default 1)."""
+    if autoscaling is not None:
+        return {"autoscaling_config": autoscaling.serve_config()}
+    return {"num_replicas": num_replicas or 1}
+
+
 def percentiles(latencies_s: Sequence[float]) -> dict:
     """p50/p99/mean in milliseconds."""
     if not len(latencies_s):
@@ -231,14 +286,18 @@ async def _fire(client, method, url, body, lat, errors):
 MIN_SEND_RATE = 0.95
 
 
-async def _scheduled(client, method, url, body, due, lat, errors, sends):
+async def _scheduled(client, method, url, body, due, lat, errors, sends, outcomes=None):
     """One open-loop request: its latency runs from ``due`` (its scheduled send time), not from when the
-    client got round to sending it, so a client that falls behind cannot hide the wait (coordinated omission)."""
+    client got round to sending it, so a client that falls behind cannot hide the wait (coordinated omission).
+    ``outcomes`` (when given) gets ``(due, done, latency or None when it failed)``."""
     sends.append((due, time.perf_counter()))
     ok = []
     await _fire(client, method, url, body, ok, errors)
+    done = time.perf_counter()
     if ok:
-        lat.append(time.perf_counter() - due)
+        lat.append(done - due)
+    if outcomes is not None:
+        outcomes.append((due, done, done - due if ok else None))
 
 
 def send_stats(start: float, rps: float, sends: Sequence[tuple[float, float]]) -> dict:
@@ -258,26 +317,65 @@ def load_test(url: str, payloads: Sequence | Callable[[int], object], rps: float
     ones, each counted from its scheduled send time; errors and error_rate; target_rps, achieved_rps (the
     rate requests were really sent at), send_lag_max_ms, and ``valid`` = achieved_rps >= 95% of the target
     (below it the client fell behind and the figures are not the service's)."""
+    n = int(rps * seconds)
+    lat, errors, sends = [], [], []
+    start = asyncio.run(_send_at([i / rps for i in range(n)], url, payloads, method, timeout, lat, errors, sends))
+    return {**percentiles(lat), "requests": n, "errors": len(errors), "error_rate": len(errors) / max(n, 1),
+            **send_stats(start, rps, sends)}
+
+
+async def _send_at(offsets: Sequence[float], url, payloads, method, timeout, lat, errors, sends,
+                   outcomes=None) -> float:
+    """Send request ``i`` at ``offsets[i]`` seconds after the start (open loop, see :func:`_scheduled`);
+    returns the start (``time.perf_counter()``)."""
     import httpx
 
-    async def run():
-        lat, errors, sends, tasks = [], [], [], []
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-            n = int(rps * seconds)
-            start = time.perf_counter()
-            for i in range(n):
-                due = start + i / rps
-                # sleep(0) when late: the requests already due start now, not after the whole backlog is queued
-                await asyncio.sleep(max(due - time.perf_counter(), 0))
-                body = payloads(i) if callable(payloads) else payloads[i % len(payloads)]
-                tasks.append(asyncio.create_task(_scheduled(client, method, url, body, due, lat, errors, sends)))
-            await asyncio.gather(*tasks)
-        return lat, errors, n, send_stats(start, rps, sends)
+    tasks = []
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+        for i, offset in enumerate(offsets):
+            due = start + offset
+            # sleep(0) when late: the requests already due start now, not after the whole backlog is queued
+            await asyncio.sleep(max(due - time.perf_counter(), 0))
+            body = payloads(i) if callable(payloads) else payloads[i % len(payloads)]
+            tasks.append(asyncio.create_task(
+                _scheduled(client, method, url, body, due, lat, errors, sends, outcomes)))
+        await asyncio.gather(*tasks)
+    return start
 
-    lat, errors, n, sent = asyncio.run(run())
-    return {**percentiles(lat), "requests": n, "errors": len(errors), "error_rate": len(errors) / max(n, 1),
-            **sent}
+
+def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Sequence[tuple[float, float]],
+              window_s: float = 1.0, method: str = "POST", timeout: float = 10.0) -> dict:
+    """An open-loop load whose rate changes in ``stages`` of ``(req/s, seconds)``, reported per ``window_s``
+    of the run: ``windows`` rows ``{t, target_rps, sent_rps, achieved_rps, errors, p50_ms, p99_ms}`` (``t``: the
+    window's start in seconds from the run's start; requests belong to the window they were due in, except
+    ``achieved_rps``: the answers that completed in it, per second) and ``total`` (:func:`load_test`'s
+    figures over the whole run, less the send rate). ``started_at`` is the run's start (``time.time()``)."""
+    offsets, rates, t = [], [], 0.0
+    for rps, seconds in stages:
+        if rps <= 0 or seconds <= 0:
+            raise ValueError(f"ramp stage ({rps}, {seconds}): req/s and seconds must be > 0")
+        offsets += [t + i / rps for i in range(int(rps * seconds))]
+        rates.append((t, t + seconds, rps))
+        t += seconds
+    lat, errors, sends, outcomes = [], [], [], []
+    started_at = time.time()
+    start = asyncio.run(_send_at(offsets, url, payloads, method, timeout, lat, errors, sends, outcomes))
+    windows = []
+    end = max([t] + [done - start for _, done, _ in outcomes])  # the last answers may come after the last send
+    for k in range(max(1, math.ceil(end / window_s))):
+        lo, hi = k * window_s, (k + 1) * window_s
+        due = [(d - start, latency) for d, _, latency in outcomes if lo <= d - start < hi]
+        took = [latency for _, latency in due if latency is not None]
+        answered = sum(1 for _, done, latency in outcomes if latency is not None and lo <= done - start < hi)
+        windows.append({"t": lo, "target_rps": next((r for a, b, r in rates if a <= lo < b), 0.0),
+                        "sent_rps": sum(1 for d, _ in sends if lo <= d - start < hi) / window_s,
+                        "achieved_rps": answered / window_s, "errors": len(due) - len(took),
+                        **{k: v for k, v in percentiles(took).items() if k != "mean_ms"}})
+    n = len(offsets)
+    return {"started_at": started_at, "windows": windows,
+            "total": {**percentiles(lat), "requests": n, "errors": len(errors), "error_rate": len(errors) / max(n, 1)}}
 
 
 def max_rps(url: str, payloads: Sequence | Callable[[int], object], seconds: float = 5.0,

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from pipelines.config import LocalRayConfig, StrictModel, load_config
 from pipelines.input import InputConfig
+from pipelines.serving import Autoscaling, check_replicas
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TEMPLATE = "recsys"
@@ -139,10 +140,19 @@ class ServeConfig(StrictModel):
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
-    ranker_replicas: int = Field(1, ge=1)
-    retriever_replicas: int = Field(1, ge=1)
-    ingress_replicas: int = Field(1, ge=1)
+    ranker_replicas: int | None = Field(None, ge=1, description="fixed replicas (default 1), or autoscaling.ranker")
+    retriever_replicas: int | None = Field(None, ge=1, description="fixed replicas (default 1), or autoscaling.retriever")
+    ingress_replicas: int | None = Field(None, ge=1, description="fixed replicas (default 1), or autoscaling.ingress")
+    autoscaling: dict[Literal["ingress", "retriever", "ranker"], Autoscaling] = Field(
+        default_factory=dict, description="per deployment: replicas between min and max on load (not with its *_replicas)")
     request_timeout_s: float = Field(5.0, gt=0, description="per request: a 504 past it (/healthz: a 503)")
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        for name in ("ingress", "retriever", "ranker"):
+            check_replicas(getattr(self, f"{name}_replicas"), self.autoscaling.get(name),
+                           f"serve.{name}_replicas", f"serve.autoscaling.{name}")
+        return self
 
 
 class RecsysConfig(StrictModel):

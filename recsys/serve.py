@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from pipelines.cli import RunFailed, exit_with, template_options
 from pipelines.io import read_table
 from pipelines.report import emit, summary
+from pipelines.serving import replica_options
 from pipelines.template import Run, prepare_run_dir, read_manifest
 
 from . import config as C
@@ -244,12 +245,15 @@ def build_app(cfg: C.RecsysConfig, run_dir: str):
         width = users.schema.field("cat_share").type.list_size
         RedisUsers(s.redis_url, redis_prefix(version), width).publish(users)
     opts = {"num_cpus": s.num_cpus}
-    retriever = RetrieverDeployment.options(num_replicas=s.retriever_replicas, ray_actor_options=opts).bind(
+
+    def replicas(name: str) -> dict:  # fixed or autoscaled (serve.<name>_replicas / serve.autoscaling.<name>)
+        return replica_options(getattr(s, f"{name}_replicas"), s.autoscaling.get(name))
+
+    retriever = RetrieverDeployment.options(**replicas("retriever"), ray_actor_options=opts).bind(
         run_dir, cfg.retrieval.model_dump())
-    ranker = RankerDeployment.options(num_replicas=s.ranker_replicas,
-                                      ray_actor_options={**opts, "num_gpus": s.num_gpus}).bind(
+    ranker = RankerDeployment.options(**replicas("ranker"), ray_actor_options={**opts, "num_gpus": s.num_gpus}).bind(
         run_dir, s.max_batch_size, s.batch_wait_timeout_s)
-    return Ingress.options(num_replicas=s.ingress_replicas, ray_actor_options=opts).bind(
+    return Ingress.options(**replicas("ingress"), ray_actor_options=opts).bind(
         retriever, ranker, run_dir, s.model_dump(), version, cfg.retrieval.temperature)
 
 

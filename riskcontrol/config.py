@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from pipelines.config import LocalRayConfig, StrictModel, load_config
 from pipelines.input import InputConfig
+from pipelines.serving import Autoscaling, check_replicas
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
@@ -128,7 +129,8 @@ class ServeConfig(StrictModel):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "riskcontrol"
     num_cpus: float = Field(1, gt=0)   # per replica
-    max_actors: int = Field(1, ge=1)   # replicas (the in-process store needs 1; use redis for more)
+    max_actors: int | None = Field(None, ge=1)  # fixed replicas (default 1; the memory store needs 1)
+    autoscaling: Autoscaling | None = None  # or replicas between min and max on load (not with max_actors)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.002, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
@@ -140,6 +142,15 @@ class ServeConfig(StrictModel):
     fast_serve: bool = True  # RAY_SERVE_THROUGHPUT_OPTIMIZED + HAProxy when this run starts Ray
     smoke_requests: int = Field(200, ge=0)
     block: bool = False
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        check_replicas(self.max_actors, self.autoscaling, "serve.max_actors", "serve.autoscaling")
+        most = self.autoscaling.max_replicas if self.autoscaling else self.max_actors or 1
+        if self.store == "memory" and most > 1:
+            raise ValueError(f"serve.store=memory keeps card and merchant state inside one replica: for up to "
+                             f"{most} replicas use serve.store=redis (shared by replicas)")
+        return self
 
 
 class RiskConfig(StrictModel):

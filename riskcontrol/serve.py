@@ -330,9 +330,11 @@ def run_model(run_dir: str) -> str:
 
 
 def application(cfg: ServeConfig, model_dir: str):
-    """The bound Serve application for ``cfg`` (replicas, CPUs, batching, store, bounds)."""
+    """The bound Serve application for ``cfg`` (fixed or autoscaled replicas, CPUs, batching, store, bounds)."""
+    from pipelines.serving import replica_options
+
     return RiskScorer.options(
-        num_replicas=cfg.max_actors, ray_actor_options={"num_cpus": cfg.num_cpus},
+        **replica_options(cfg.max_actors, cfg.autoscaling), ray_actor_options={"num_cpus": cfg.num_cpus},
         max_ongoing_requests=cfg.max_ongoing_requests,
     ).bind(model_dir=model_dir, serve_cfg=cfg.model_dump())
 
