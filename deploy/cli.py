@@ -117,6 +117,25 @@ def cluster_env(name):
         click.echo(f"export {key}={shlex.quote(str(value))}")
 
 
+@cluster.command("restart-head")
+@click.option("--name", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the timings as JSON.")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the cluster to be whole.")
+def cluster_restart_head(name, as_json, timeout):
+    """Rehearse a head restart of a HIGH_AVAILABILITY cluster: stop exactly the head's processes, start
+    them again on the same ports (GCS state from Redis) and wait until every worker reconnected."""
+    try:
+        state = local.load_state(_pick_name(name))
+        took = local.restart_head(state, timeout=timeout, log=lambda m: click.echo(m, err=True))
+    except local.LocalClusterError as e:
+        fail(str(e), 1)
+    if as_json:
+        click.echo(json.dumps(took))
+    else:
+        click.echo(f"{state.name}: head stopped in {took['stopped_s']:.1f}s, started after {took['started_s']:.1f}s, "
+                   f"cluster whole after {took['recovered_s']:.1f}s ({len(took['workers'])} worker(s) reconnected)")
+
+
 @cluster.command("down")
 @click.option("--name", default=None)
 def cluster_down(name):

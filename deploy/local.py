@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipelines.io import first_line
 from pipelines.serving import SERVE_PORT_LABEL
 from pipelines.template import DISKS_MARKER
 
@@ -618,8 +619,71 @@ def kill_processes(procs: list, grace: float = 5.0) -> None:
 
 
 def head_processes(state: ClusterState) -> list:
-    """The head's processes (GCS, head raylet, dashboard, client server, ...), as started."""
-    return [p for p in processes(state) if p.pid in set(state.head_pids)]
+    """The head node's processes: those ``ray start --head`` started (GCS, head raylet, dashboard, client
+    server, monitor, agents) and what the head raylet runs (its workers: job supervisors and their
+    drivers, the actors placed there). Worker raylets are not among them, not even the ones Ray's
+    fake autoscaler (the head's monitor) started."""
+    import psutil
+
+    started = [p for p in processes(state) if p.pid in set(state.head_pids)]
+    found = {p.pid: p for p in started}
+    for p in started:
+        try:
+            if Path(p.exe()).name == "raylet" or p.name() == "raylet":
+                found = {**found, **_with_descendants({p.pid: p})}
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def restart_head(state: ClusterState, timeout: float = 180.0, log=print) -> dict:
+    """Stop exactly the head's processes (:func:`head_processes`) of a HIGH_AVAILABILITY cluster and start
+    the head again on the same ports; the GCS state comes back from Redis. Returns once the cluster is
+    whole again: a new head node alive and every worker node that was alive before reconnected (the same
+    node ids: the worker raylets stay up and re-register, as on the service). A worker raylet gives up on
+    its GCS after ~60 s (``gcs_rpc_server_reconnect_timeout_s``), so the head comes back well before that.
+
+    Returns timings in seconds from the moment the stop began: ``stopped_s`` (head processes gone),
+    ``started_s`` (``ray start --head`` returned), ``recovered_s`` (cluster whole, dashboard answering),
+    plus the old and new head node ids and the worker node ids. A BASIC cluster is refused: without
+    Redis the GCS state (actors, jobs, Serve apps) is lost with the head."""
+    if state.category != "HIGH_AVAILABILITY":
+        raise LocalClusterError(f"cluster {state.name} is {state.category}: a head restart needs HIGH_AVAILABILITY "
+                                f"(GCS state in Redis); without it actors, jobs and Serve apps are lost")
+    try:
+        before = alive_nodes(state)
+    except OSError as e:
+        raise LocalClusterError(f"cluster {state.name} does not answer ({first_line(e)}): is it up?") from None
+    old_head = next((n["node_id"] for n in before if n.get("is_head_node")), None)
+    workers = {n["node_id"] for n in before if not n.get("is_head_node")}
+    head = head_processes(state)
+    if not head:
+        raise LocalClusterError(f"cluster {state.name}: no head processes found (is it up?)")
+    log(f"cluster {state.name}: stopping the head ({len(head)} processes)")
+    t0 = time.monotonic()
+    kill_processes(head, grace=3)
+    stopped = time.monotonic() - t0
+    start_head(state)  # same GCS/dashboard/client ports
+    started = time.monotonic() - t0
+    log(f"cluster {state.name}: head started again after {started:.1f}s; waiting for {len(workers)} worker(s)")
+    deadline, last = t0 + timeout, "no answer"
+    while True:
+        try:
+            alive = alive_nodes(state, timeout=5)
+            heads = [n["node_id"] for n in alive if n.get("is_head_node")]
+            back = workers & {n["node_id"] for n in alive if not n.get("is_head_node")}
+            if len(heads) == 1 and heads[0] != old_head and back == workers:
+                break
+            last = f"{len(heads)} new head(s), {len(back)} of {len(workers)} worker(s) reconnected"
+        except OSError as e:  # the restarted dashboard is not answering yet
+            last = first_line(e)
+        if time.monotonic() > deadline:
+            raise LocalClusterError(f"cluster {state.name}: not whole {timeout:.0f}s after the head restart: {last}")
+        time.sleep(0.25)
+    recovered = time.monotonic() - t0
+    log(f"cluster {state.name}: whole again {recovered:.1f}s after the head stopped")
+    return {"stopped_s": round(stopped, 2), "started_s": round(started, 2), "recovered_s": round(recovered, 2),
+            "old_head": old_head, "new_head": heads[0], "workers": sorted(workers)}
 
 
 def down(name: str, log=print) -> int:

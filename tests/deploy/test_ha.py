@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -63,22 +62,23 @@ def test_head_restart_keeps_detached_actor(redis_url):
         worker = next(n["node_id"] for n in before if not n.get("is_head_node"))
         head = local.head_processes(state)
         assert any("gcs_server" in " ".join(p.cmdline()) for p in head)
-        local.kill_processes(head, grace=3)
-        local.start_head(state)  # a worker raylet waits ~60 s for its GCS: this must come back before then
-
-        def recovered():  # a new head node, the same worker node (it reconnected, not re-registered)
-            try:
-                alive = local.alive_nodes(state)
-            except OSError:  # the restarted dashboard is not answering yet
-                return None
-            heads = {n["node_id"] for n in alive if n.get("is_head_node")}
-            others = {n["node_id"] for n in alive if not n.get("is_head_node")}
-            return len(heads) == 1 and old_head not in heads and others == {worker}
-
-        deadline = time.monotonic() + 180
-        while not recovered():
-            assert time.monotonic() < deadline, f"no recovered cluster within 180s: {local.alive_nodes(state)}"
-            time.sleep(0.5)
+        worker_raylets = [p for p in local.processes(state) if p.name() == "raylet" and p not in head]
+        assert len(worker_raylets) == 1
+        took = local.restart_head(state, log=lambda *_: None)
+        # a new head node, the same worker node (it reconnected, not re-registered); a worker raylet waits
+        # ~60 s for its GCS: the head must be back before then
+        assert took["old_head"] == old_head and took["new_head"] != old_head and took["workers"] == [worker]
+        assert took["started_s"] < 60, took
+        assert not any(p.is_running() for p in head)  # exactly those processes were stopped ...
+        assert all(p.is_running() for p in worker_raylets)
+        assert set(local.head_processes(state)).isdisjoint(head)  # ... and new ones started
         assert "value 2" in _drive(state, "get", wait_s=120)  # the detached actor kept its state
     finally:
         local.down(state.name, log=lambda *_: None)
+
+
+def test_restart_head_refuses_a_basic_cluster():
+    state = local.ClusterState(name="basic", category="BASIC", gcs_port=1, dashboard_port=2, client_port=3,
+                               temp_dir="/nonexistent", token_path="")
+    with pytest.raises(local.LocalClusterError, match="BASIC: a head restart needs HIGH_AVAILABILITY"):
+        local.restart_head(state)
