@@ -86,6 +86,32 @@ def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
     return _save(plt, fig, path)
 
 
+def plot_panels(path: str | Path, panels: Sequence[tuple[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]],
+                xlabel: str, title: str, steps: set[str] = frozenset()) -> str:
+    """One PNG of panels stacked on a shared x axis (e.g. time), each ``(ylabel, {name: (x, y)})`` with a line
+    per named series; panels named in ``steps`` draw counts as steps on whole numbers (replicas, nodes), each
+    series in its own dash and width so that equal counts stay visible."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _figure()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels) + 0.6), dpi=100, sharex=True,
+                             squeeze=False)
+    for ax, (ylabel, series) in zip(axes[:, 0], panels):
+        for i, (name, (x, y)) in enumerate(series.items()):
+            if ylabel in steps:
+                ax.step(x, y, where="post", label=name, linestyle=("-", "--", ":")[i % 3], linewidth=3.5 - i)
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            else:
+                ax.plot(x, y, label=name, marker="o" if len(x) <= 30 else None, markersize=3)
+        ax.set(ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(loc="best", fontsize="small")
+    axes[-1, 0].set(xlabel=xlabel)
+    axes[0, 0].set(title=title)
+    return _save(plt, fig, path)
+
+
 def plot_bars(path: str | Path, values: Mapping[str, float], ylabel: str, title: str,
               horizontal: bool = False) -> str:
     """One PNG bar chart of named values (``horizontal`` for long names: reasons, features)."""

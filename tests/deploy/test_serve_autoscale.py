@@ -3,6 +3,8 @@ one-line errors (no Ray), the ramp load generator, and the rehearsal on a local 
 autoscales: a load ramp grows the replicas, their pending demand grows the group, and both shrink after it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -10,7 +12,7 @@ from click.testing import CliRunner
 from pipelines.config import ConfigError
 from pipelines.serving import Autoscaling, replica_options
 
-SHORT = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+SHORT = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.5, "upscale_delay_s": 1,
          "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2}
 
 
@@ -23,7 +25,7 @@ def test_autoscaling_maps_to_serves_autoscaling_config():
     ours = Autoscaling(**SHORT).serve_config()
     assert ours == {k: float(v) if k not in ("min_replicas", "max_replicas") else v for k, v in SHORT.items()}
     ray_side = AutoscalingConfig(**ours)  # Ray's own model takes it as it is
-    assert (ray_side.min_replicas, ray_side.max_replicas, ray_side.downscale_delay_s) == (1, 3, 2.0)
+    assert (ray_side.min_replicas, ray_side.max_replicas, ray_side.downscale_delay_s) == (1, 2, 2.0)
     # unset intervals keep Serve's defaults (not sent); the delays default to Serve's 30 s / 600 s
     plain = Autoscaling(max_replicas=4).serve_config()
     assert "metrics_interval_s" not in plain and "look_back_period_s" not in plain
@@ -72,7 +74,7 @@ def test_the_deployment_gets_fixed_or_autoscaled_replicas():
     from riskcontrol.serve import application
 
     scaled = application(ServeConfig(store="redis", autoscaling=SHORT), "oss://b/model")._bound_deployment
-    assert scaled._deployment_config.autoscaling_config.max_replicas == 3
+    assert scaled._deployment_config.autoscaling_config.max_replicas == 2
     assert scaled._deployment_config.autoscaling_config.look_back_period_s == 2
     fixed = application(ServeConfig(), "oss://b/model")._bound_deployment
     assert fixed._deployment_config.autoscaling_config is None and fixed._deployment_config.num_replicas == 1
@@ -147,3 +149,47 @@ def test_ramp_test_reports_each_window(slow_server):
     assert result["total"]["requests"] == 60 and result["total"]["errors"] == 5
     with pytest.raises(ValueError, match="must be > 0"):
         ramp_test(slow_server, [{}], [(0, 1)])
+
+
+# -- the rehearsal on a local cluster with an autoscaling worker group ----------------------------------
+
+
+@pytest.mark.slow
+def test_a_load_ramp_grows_replicas_then_workers_and_both_shrink_after(tmp_path, redis_url):
+    """riskcontrol's app (Redis feature store, 1 CPU per replica, autoscaling 1..2 with short delays) on a
+    cluster whose 1-CPU workers autoscale 1..2: the replica Serve adds waits for a worker, the autoscaler adds
+    one for it, and after the load both go back to 1. The series is in tmp_path as JSON and PNG."""
+    import json
+    import os
+
+    from deploy.serve_autoscale import rehearsal
+    from riskcontrol.features import invalid_reasons
+    from riskcontrol.serve import RedisStore, transaction_payload
+    from tests.riskcontrol.riskcontrol_helpers import small_model
+
+    run_dir = tmp_path / "run"
+    frame, _ = small_model(run_dir, rows=3000, cards=300, merchants=40, days=5, seed=5)
+    rows = frame[invalid_reasons(frame) == ""].sort_values("event_time").to_dict("records")
+    payloads = [transaction_payload(r) for r in rows]
+    prefix = f"riskcontrol-autoscale-{os.getpid()}"
+    overrides = ["serve.store=redis", f"serve.redis_url={redis_url}", f"serve.redis_prefix={prefix}",
+                 "serve.num_cpus=1", *(f"serve.autoscaling.{k}={v}" for k, v in SHORT.items())]
+    try:
+        got = rehearsal("riskcontrol", str(run_dir), "/score", payloads, overrides,
+                        stages=[(10, 3), (40, 25)], out_dir=tmp_path / "figures", max_workers=2, idle_s=4.0,
+                        settle_s=60, cluster_env={"RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "2"}, log=print)
+    finally:
+        RedisStore(redis_url, prefix).clear()
+    print(json.dumps({k: v for k, v in got.items() if k != "figures"}))
+    series = json.loads(Path(got["figures"]["json"]).read_text())
+    samples = series["samples"]
+    assert got["replicas_start"] == 1 and got["workers_start"] == 1, samples[:3]
+    assert got["replicas_peak"] >= 2 and got["workers_peak"] >= 2, got  # both grew under the ramp
+    # the order of cause and effect: Serve wanted a second replica before the group had a second worker
+    first_worker = next(s["t"] for s in samples if s["workers"] >= 2)
+    assert any(s["target_replicas"] >= 2 for s in samples if s["t"] <= first_worker), samples
+    assert got["settled_s"] is not None, samples[-5:]  # ... and both went back to 1 after the load
+    assert got["replicas_end"] == 1 and got["workers_end"] == 1
+    assert got["errors"] == 0, series["windows"]
+    assert len(series["windows"]) >= 28 and all(w["sent_rps"] > 0 for w in series["windows"][:28])
+    assert os.path.getsize(got["figures"]["png"]) > 10_000
