@@ -1,8 +1,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# LeRobot's own dataset reader, for tests/embodied/test_lerobot_reader.py: its pins clash with ours (torch<2.11)
+VENV_LEROBOT ?= .venv-lerobot
+LEROBOT_REQUIREMENTS := tests/embodied/lerobot_reader/requirements.txt
+LEROBOT_STAMP := $(VENV_LEROBOT)/.installed
 
-.PHONY: install test demo bench bench-table lint clean
+.PHONY: install install-lerobot test demo bench bench-table lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -16,8 +20,18 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(VENV)/bin/pytest -q --timeout=900 --durations=25 tests
+# every package pinned, --no-deps (no resolver), --no-compile (imports compile what they use); pip is the
+# main venv's, so the venv needs none of its own; torch is the CPU wheel on disk (see the requirements file)
+$(LEROBOT_STAMP): $(LEROBOT_REQUIREMENTS) | $(STAMP)
+	rm -rf $(VENV_LEROBOT)
+	python3 -m venv --without-pip $(VENV_LEROBOT)
+	$(VENV)/bin/pip --python $(VENV_LEROBOT)/bin/python install -q --no-deps --no-compile -r $(LEROBOT_REQUIREMENTS)
+	touch $(LEROBOT_STAMP)
+
+install-lerobot: $(LEROBOT_STAMP)
+
+test: $(STAMP) $(LEROBOT_STAMP)
+	LEROBOT_PYTHON=$(VENV_LEROBOT)/bin/python $(VENV)/bin/pytest -q --timeout=900 --durations=25 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/adbray demo
