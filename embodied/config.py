@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.config import LocalRayConfig, StrictModel, load_config
 from pipelines.input import InputConfig
@@ -69,6 +69,25 @@ class EvaluateConfig(StrictModel):
                                   description="fail the run when BC closes less of the random->expert gap")
 
 
+class CamerasConfig(StrictModel):
+    """Cameras rendered in the simulator actors (MuJoCo offscreen, CPU) and stored as LeRobot v3 video.
+
+    ``names`` empty: no cameras (state vectors only). A name is a view of ``embodied.cameras.VIEWS``
+    (Reacher-v5: top, side; Pusher-v5: top, front) or a camera of the env's MuJoCo model."""
+
+    names: list[str] = Field(default_factory=list, description="cameras to render and record; empty: none")
+    width: int = Field(96, ge=8, le=1024)
+    height: int = Field(96, ge=8, le=1024)
+    shadows: bool = Field(False, description="MuJoCo shadow maps (slow on a CPU renderer: ~10x on Pusher)")
+    gl: Literal["egl", "osmesa"] = Field("egl", description="MUJOCO_GL of the simulator actors (the "
+                                                            "environment's MUJOCO_GL wins when set)")
+    crf: int = Field(23, ge=0, le=51, description="H.264 quality (lower: better, bigger)")
+    gop: int = Field(2, ge=1, description="frames between keyframes (LeRobot's random access uses 2)")
+    encode_mb: float = Field(64.0, gt=0, description="raw frames (MB) per encoding task and MP4 file")
+    encode_num_cpus: float = Field(1.0, ge=0, description="CPUs of each encoding task")
+    max_encoding: int = Field(2, ge=1, description="encoding tasks in flight before the collect waits")
+
+
 class EmbodiedInputConfig(InputConfig):
     """``input.path``: a LeRobot v3 dataset (folder or ``oss://`` prefix) to clone instead of collecting;
     ``input.columns`` maps ``state``/``action`` onto its features (see :mod:`embodied.inputs`)."""
@@ -104,6 +123,16 @@ class EmbodiedConfig(StrictModel):
     collect: CollectConfig = CollectConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    cameras: CamerasConfig = CamerasConfig()
+
+    @model_validator(mode="after")
+    def _cameras_exist(self):
+        """Every camera name is a camera of the env (see :func:`embodied.cameras.check_cameras`)."""
+        if self.cameras.names:
+            from .cameras import check_cameras
+
+            check_cameras(self.env.id, self.cameras.names)
+        return self
 
 
 def load(path: str | None = None, overrides=()) -> EmbodiedConfig:

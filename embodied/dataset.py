@@ -6,6 +6,8 @@
     <root>/meta/stats.json                     min/max/mean/std/count per numeric feature
     <root>/meta/tasks.parquet                  task (index) -> task_index
     <root>/meta/episodes/chunk-000/file-000.parquet   one row per episode: length, offsets, files, stats
+    <root>/videos/observation.images.<camera>/chunk-000/file-000.mp4   with cameras: H.264, episodes
+                                               back to back (see :mod:`embodied.video`)
 
 Episodes arrive out of order from the simulators; the writer keeps them in
 assignment order, so ``episode_index`` is contiguous from 0 and rejected
@@ -15,6 +17,10 @@ URI, every file going through :func:`pipelines.io.filesystem_for`. A local datas
 written beside its final folder and swapped in at the end: it is complete or absent. An
 object-store dataset (no rename there) replaces the old one in place and is deleted when
 the collect fails.
+
+With cameras, each episode arrives with a reference to its rendered frames (a simulator's
+return value in the object store); Ray tasks encode runs of episodes to MP4
+(:class:`embodied.video.VideoFiles`) and the driver writes only the compressed files.
 """
 from __future__ import annotations
 
@@ -33,6 +39,13 @@ CHUNKS_SIZE = 1000
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 STAT_FEATURES = ("observation.state", "action", "next.reward")
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+IMAGE_PREFIX = "observation.images."
+
+
+def feature_key(camera: str) -> str:
+    """The dataset feature of a camera (LeRobot's naming)."""
+    return f"{IMAGE_PREFIX}{camera}"
 
 
 def _vector(values: np.ndarray) -> pa.Array:
@@ -54,29 +67,38 @@ class RunningStats:
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
-        n_b, mean_b, m2_b = len(x), x.mean(0), x.var(0) * len(x)
+        self.merge(len(x), x.mean(0), x.std(0), x.min(0), x.max(0))
+
+    def merge(self, n_b: int, mean_b, std_b, min_b, max_b) -> None:
+        """Add a batch given by its statistics (count, mean, std, min, max per element)."""
+        mean_b, min_b, max_b = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (mean_b, min_b, max_b))
+        m2_b = np.asarray(std_b, dtype=np.float64).reshape(-1) ** 2 * n_b
         if self.n == 0:
-            self.n, self.mean, self.m2, self.min, self.max = n_b, mean_b, m2_b, x.min(0), x.max(0)
+            self.n, self.mean, self.m2, self.min, self.max = n_b, mean_b, m2_b, min_b, max_b
             return
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * n_b / n
         self.m2 = self.m2 + m2_b + delta ** 2 * self.n * n_b / n
         self.n = n
-        self.min, self.max = np.minimum(self.min, x.min(0)), np.maximum(self.max, x.max(0))
+        self.min, self.max = np.minimum(self.min, min_b), np.maximum(self.max, max_b)
 
-    def as_json(self) -> dict:
+    def as_json(self, shape=None) -> dict:
+        """The statistics as JSON lists (each reshaped to ``shape``: images use ``(3, 1, 1)``)."""
         if self.n == 0:
             return {}
-        return {"min": self.min.tolist(), "max": self.max.tolist(), "mean": self.mean.tolist(),
-                "std": np.sqrt(self.m2 / self.n).tolist(), "count": [int(self.n)]}
+        stats = {"min": self.min, "max": self.max, "mean": self.mean, "std": np.sqrt(self.m2 / self.n)}
+        out = {k: (v.reshape(shape) if shape else v).tolist() for k, v in stats.items()}
+        return {**out, "count": [int(self.n)]}
 
 
 class LeRobotWriter:
     """Write episodes ``0..expected-1`` (by assignment id) into a LeRobot v3 dataset."""
 
     def __init__(self, root: str, env_id: str, facts: dict, task: str, expected: int,
-                 frames_per_file: int = 200_000):
+                 frames_per_file: int = 200_000, cameras: dict | None = None):
+        """``cameras``: the ``cameras`` config section as a dict; with names, every episode must carry
+        ``frames`` (a reference to ``{episode id: {camera: uint8 (T, H, W, 3)}}``)."""
         self.root, self.env_id, self.facts, self.task = root, env_id, facts, task
         self.expected, self.frames_per_file = expected, frames_per_file
         self.fs, final = filesystem_for(root)
@@ -95,6 +117,13 @@ class LeRobotWriter:
         self.buffer_frames = 0
         self.file_number = 0
         self.stats = {name: RunningStats() for name in STAT_FEATURES}
+        self.cameras = cameras if cameras and cameras.get("names") else None
+        self.videos = None
+        if self.cameras:
+            from .video import VideoFiles
+
+            self.videos = VideoFiles(self.cameras, facts["fps"], CHUNKS_SIZE, self._write_bytes)
+            self.stats.update({feature_key(c): RunningStats() for c in self.cameras["names"]})
 
     # ------------------------------------------------------------ episodes in
     def add(self, episode: dict) -> None:
@@ -138,6 +167,11 @@ class LeRobotWriter:
             self.stats[name].update(values)
             for stat, value in _stats(values).items():
                 meta[f"stats/{name}/{stat}"] = value.tolist()
+        if self.videos is not None:
+            if ep.get("frames") is None:
+                raise ValueError(f"episode {ep['id']} came without camera frames (cameras: "
+                                 f"{', '.join(self.cameras['names'])})")
+            meta.update(self.videos.add(index, int(ep["id"]), length, ep["frames"]))
         self.episodes.append(meta)
         self.buffer.append(table)
         self.frames += length
@@ -159,8 +193,13 @@ class LeRobotWriter:
         pq.write_table(table, target, filesystem=self.fs)
 
     def _write_text(self, text: str, relpath: str) -> None:
-        with self.fs.open_output_stream(f"{self.path}/{relpath}") as f:
-            f.write(text.encode())
+        self._write_bytes(text.encode(), relpath)
+
+    def _write_bytes(self, data: bytes, relpath: str) -> None:
+        target = f"{self.path}/{relpath}"
+        self.fs.create_dir(target.rsplit("/", 1)[0])
+        with self.fs.open_output_stream(target) as f:
+            f.write(data)
 
     # ------------------------------------------------------------------ close
     def close(self) -> dict:
@@ -169,6 +208,12 @@ class LeRobotWriter:
         if self.next_id < self.expected:
             raise RuntimeError(f"dataset incomplete: {missing} of {self.expected} episodes never arrived")
         self._flush()
+        if self.videos is not None:
+            for index, per_camera in sorted(self.videos.close().items()):
+                for key, stats in per_camera.items():
+                    self.stats[key].merge(int(stats["count"][0]), stats["mean"], stats["std"], stats["min"],
+                                          stats["max"])
+                    self.episodes[index].update({f"stats/{key}/{k}": v.tolist() for k, v in stats.items()})
         n = len(self.episodes)
         self.fs.create_dir(f"{self.path}/meta/episodes/chunk-000")
         if n:
@@ -183,8 +228,8 @@ class LeRobotWriter:
             "pandas_version": "2.0.0"}).encode()})
         self._write(tasks, "meta/tasks.parquet")
         self._write_text(json.dumps(self.info(n), indent=2), "meta/info.json")
-        self._write_text(json.dumps({k: s.as_json() for k, s in self.stats.items()}, indent=2),
-                         "meta/stats.json")
+        self._write_text(json.dumps({k: s.as_json((3, 1, 1) if k.startswith(IMAGE_PREFIX) else None)
+                                     for k, s in self.stats.items()}, indent=2), "meta/stats.json")
         if self.local:
             self._delete(self.final)
             self.fs.move(self.path, self.final)
@@ -193,6 +238,8 @@ class LeRobotWriter:
     def abort(self) -> None:
         """Drop the partial dataset (locally the previous one, if any, stays; an object-store
         dataset, written in place, is then absent)."""
+        if self.videos is not None:
+            self.videos.abort()
         self._delete(self.path)
 
     def _delete(self, path: str) -> None:
@@ -207,7 +254,7 @@ class LeRobotWriter:
             "total_episodes": episodes, "total_frames": self.frames, "total_tasks": 1,
             "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
             "fps": f["fps"], "splits": {"train": f"0:{episodes}"},
-            "data_path": DATA_PATH, "video_path": None,
+            "data_path": DATA_PATH, "video_path": VIDEO_PATH if self.cameras else None,
             "features": {
                 "observation.state": {"dtype": "float32", "shape": [f["obs_dim"]], "names": None},
                 "action": {"dtype": "float32", "shape": [f["act_dim"]], "names": None},
@@ -218,8 +265,19 @@ class LeRobotWriter:
                 "episode_index": {"dtype": "int64", **scalar},
                 "index": {"dtype": "int64", **scalar},
                 "task_index": {"dtype": "int64", **scalar},
+                **self.video_features(),
             },
         }
+
+    def video_features(self) -> dict:
+        """The ``observation.images.<camera>`` features (``dtype: video``) of the cameras, if any."""
+        if not self.cameras:
+            return {}
+        from .video import video_info
+
+        h, w = self.cameras["height"], self.cameras["width"]
+        return {feature_key(c): {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
+                                 "info": video_info(h, w, self.facts["fps"])} for c in self.cameras["names"]}
 
 
 # ------------------------------------------------------------------- reading

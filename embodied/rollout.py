@@ -7,6 +7,12 @@ Crash safety: the driver remembers which episodes each simulator holds. When a
 simulator actor dies, the driver starts a new one and re-queues every episode
 the dead one had not returned; episodes are only returned once ended, so the
 dataset never sees a partial episode and every episode id arrives exactly once.
+
+Cameras (``cameras.names``): the simulators render (MuJoCo offscreen, ``MUJOCO_GL`` from their
+runtime environment) and return each call's recorded frames as a second return value; the driver
+owns that object but never fetches it: episodes reach ``sink`` with ``frames`` set to its
+reference, which the dataset writer hands to its encoding tasks. The frames of a crashed
+simulator's unfinished episodes never left it.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from .config import EmbodiedConfig
 from .dataset import LeRobotWriter, read_first_episodes, vectors
 from .envs import SUCCESS_DISTANCE, env_facts, goal_distance
 from .policies import policy_spec
-from .simulator import PolicyServer, Simulator
+from .simulator import PolicyServer, Simulator, uses_images
 
 
 class Rollout:
@@ -38,7 +44,13 @@ class Rollout:
 
         self.cfg, self.record = cfg, record
         self.server = None
-        self.sim_cls = ray.remote(num_cpus=cfg.simulator.num_cpus, max_restarts=0)(Simulator)
+        self.cameras = cfg.cameras.model_dump() if cfg.cameras.names else None
+        options = {"num_cpus": cfg.simulator.num_cpus, "max_restarts": 0}
+        if self.cameras:
+            from .cameras import gl_runtime_env
+
+            options["runtime_env"] = gl_runtime_env(cfg.cameras.gl)
+        self.sim_cls = ray.remote(**options)(Simulator)
         self.sims = []
         self.set_policy(policy, mode)
         self.restarts = 0
@@ -61,7 +73,7 @@ class Rollout:
         if not self.sims:
             self.sims = [self._new_simulator() for _ in range(sim.max_actors)]
             return
-        ray.get([s.set_policy.remote(*self._policy_args()) for s in self.sims])
+        ray.get([s.set_policy.remote(*self._policy_args(), uses_images(policy)) for s in self.sims])
 
     def _policy_args(self) -> tuple:
         return (None, self.server) if self.mode == "batched" else (self.policy, None)
@@ -69,7 +81,8 @@ class Rollout:
     def _new_simulator(self):
         policy, server = self._policy_args()
         return self.sim_cls.remote(self.cfg.env.id, self.cfg.simulator.envs_per_actor, policy=policy,
-                                   policy_actor=server, record=self.record)
+                                   policy_actor=server, record=self.record, cameras=self.cameras,
+                                   policy_images=uses_images(self.policy))
 
     def policy_device(self) -> str:
         import ray
@@ -93,14 +106,15 @@ class Rollout:
         def submit(i: int) -> None:
             new = [pending.popleft() for _ in range(min(len(pending), max(0, backlog - len(held[i]))))]
             held[i].update(new)
-            calls[self.sims[i].advance.remote(new, sim.steps_per_call)] = i
+            summary, frames = self.sims[i].step_episodes.options(num_returns=2).remote(new, sim.steps_per_call)
+            calls[summary] = (i, frames)
 
         start = time.perf_counter()
         for i in range(len(self.sims)):
             submit(i)
         while calls:
             [ref], _ = ray.wait(list(calls), num_returns=1)
-            i = calls.pop(ref)
+            i, frames = calls.pop(ref)
             try:
                 out = ray.get(ref)
             except RayTaskError as e:  # an error inside the simulator (env or policy), not a crash
@@ -122,6 +136,8 @@ class Rollout:
                 continue
             for ep in out["episodes"]:
                 held[i].pop(ep["id"])
+                if ep.pop("has_frames", False):
+                    ep["frames"] = frames  # {episode id: {camera: frames}}, by reference
                 sink(ep)
                 done += 1
             env_steps += out["env_steps"]
@@ -157,7 +173,8 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None, check: bool = T
     facts = env_facts(env_id)
     policy = policy_spec(c.policy, env_id, seed=c.seed)
     writer = LeRobotWriter(join(run_dir, "episodes"), env_id, facts, cfg.env.task, expected=c.episodes,
-                           frames_per_file=c.frames_per_file)
+                           frames_per_file=c.frames_per_file,
+                           cameras=cfg.cameras.model_dump() if cfg.cameras.names else None)
     rollout = Rollout(cfg, policy, c.mode)
     bar = Progress("collect", c.episodes, "episodes")
 

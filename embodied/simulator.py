@@ -5,6 +5,13 @@ and the resources from config. A simulator runs whole episodes only: it keeps a
 queue of assigned ``(episode_id, seed)`` pairs, fills its env slots from it, and
 returns an episode only when it has ended, so a crash loses nothing that was
 returned and leaves nothing half-written.
+
+With cameras (``cameras={"names": [...], "width": .., "height": .., "shadows": ..}``) a simulator
+renders each camera of each env before every step (the frame of the observation the policy acts
+on) with one :class:`embodied.cameras.CameraRig`; a recorded episode's frames come back beside it
+(:meth:`Simulator.step_episodes`' second return value, which the driver passes on by reference).
+A policy that reads pixels (:func:`uses_images`: kind ``vision``) is also called with
+``images={camera: uint8 (N, H, W, 3)}``; state-only policies never see them.
 """
 from __future__ import annotations
 
@@ -16,6 +23,13 @@ import numpy as np
 
 from .envs import is_success, make_env
 
+IMAGE_POLICY_KINDS = ("vision",)
+
+
+def uses_images(policy: dict | None) -> bool:
+    """Whether a policy spec reads camera frames (is called with ``images=``)."""
+    return bool(policy) and (policy.get("kind") in IMAGE_POLICY_KINDS or bool(policy.get("images")))
+
 
 class EpisodeBuffer:
     """The frames of one running episode."""
@@ -23,12 +37,19 @@ class EpisodeBuffer:
     def __init__(self, episode_id: int, seed: int, obs: np.ndarray):
         self.id, self.seed, self.obs = episode_id, seed, obs
         self.states, self.actions, self.rewards = [], [], []
+        self.images: dict[str, list] = {}
 
-    def add(self, action, reward, next_obs):
+    def add(self, action, reward, next_obs, images: dict | None = None):
         self.states.append(self.obs)
         self.actions.append(action)
         self.rewards.append(reward)
+        for camera, frame in (images or {}).items():
+            self.images.setdefault(camera, []).append(frame)
         self.obs = next_obs
+
+    def frames(self) -> dict[str, np.ndarray]:
+        """The episode's camera frames, ``{camera: uint8 (T, H, W, 3)}``."""
+        return {camera: np.stack(frames) for camera, frames in self.images.items()}
 
     def finish(self, env_id: str, record: bool, reject: str | None = None) -> dict:
         rewards = np.asarray(self.rewards, dtype=np.float32)
@@ -38,6 +59,8 @@ class EpisodeBuffer:
             out["state"] = np.asarray(self.states, dtype=np.float32)
             out["action"] = np.asarray(self.actions, dtype=np.float32)
             out["reward"] = rewards
+            if self.images:
+                out["frames"] = self.frames()
         return out
 
 
@@ -45,20 +68,31 @@ class Simulator:
     """Steps ``num_envs`` copies of an env; actions come from a local policy or a policy actor."""
 
     def __init__(self, env_id: str, num_envs: int, policy: dict | None = None, policy_actor=None,
-                 record: bool = True):
+                 record: bool = True, cameras: dict | None = None, policy_images: bool = False):
         self.env_id, self.record = env_id, record
         self.envs = [make_env(env_id) for _ in range(num_envs)]
         self.slots: list[EpisodeBuffer | None] = [None] * num_envs
         self.queue: deque = deque()
-        self.set_policy(policy, policy_actor)
+        self.rig = None
+        if cameras and cameras.get("names"):
+            from .cameras import CameraRig
 
-    def set_policy(self, policy: dict | None = None, policy_actor=None) -> None:
-        """Act with a local copy of ``policy`` or by calling ``policy_actor`` (exactly one)."""
+            # the envs of an actor are copies of one model: one renderer draws them all
+            self.rig = CameraRig(env_id, self.envs[0].unwrapped.model, cameras["names"],
+                                 cameras.get("width", 96), cameras.get("height", 96), cameras.get("shadows", False))
+        self.set_policy(policy, policy_actor, policy_images)
+
+    def set_policy(self, policy: dict | None = None, policy_actor=None, policy_images: bool = False) -> None:
+        """Act with a local copy of ``policy`` or by calling ``policy_actor`` (exactly one);
+        ``policy_images``: the policy also gets the camera frames (``images=``)."""
         if (policy is None) == (policy_actor is None):
             raise ValueError("give a simulator exactly one of: a local policy spec, a policy actor")
         if any(s is not None for s in self.slots) or self.queue:
             raise RuntimeError("cannot switch policies with episodes still running")
         self.policy_actor, self.local_policy = policy_actor, None
+        self.policy_images = policy_images or uses_images(policy)
+        if self.policy_images and self.rig is None:
+            raise ValueError("this policy reads camera frames: set cameras.names")
         if policy is not None:
             from .policies import make_policy
 
@@ -91,14 +125,19 @@ class Simulator:
             if not active:
                 break
             obs = np.stack([self.slots[i].obs for i in active])
+            rendered = self._render(active)
+            images = None
+            if self.policy_images:
+                images = {c: np.stack([r[c] for r in rendered]) for c in self.rig.names}
             if self.local_policy is not None:
-                actions = self.local_policy(obs)
+                actions = self.local_policy(obs, images=images) if images else self.local_policy(obs)
             else:
-                actions = ray.get(self.policy_actor.act.remote(obs))
-            for i, action in zip(active, actions):
+                act = self.policy_actor.act
+                actions = ray.get(act.remote(obs, images=images) if images else act.remote(obs))
+            for i, action, frames in zip(active, actions, rendered):
                 slot = self.slots[i]
                 next_obs, reward, terminated, truncated, _ = self.envs[i].step(action)
-                slot.add(action, reward, next_obs.astype(np.float32))
+                slot.add(action, reward, next_obs.astype(np.float32), frames if self.record else None)
                 env_steps += 1
                 if not np.all(np.isfinite(next_obs)) or not np.isfinite(reward):
                     finished.append(slot.finish(self.env_id, self.record, reject="non-finite state or reward"))
@@ -107,8 +146,25 @@ class Simulator:
                     finished.append(slot.finish(self.env_id, self.record))
                     self.slots[i] = None
         self._fill_slots(finished)
-        return {"episodes": finished, "env_steps": env_steps,
-                "busy": sum(s is not None for s in self.slots) + len(self.queue)}
+        out = {"episodes": finished, "env_steps": env_steps,
+               "busy": sum(s is not None for s in self.slots) + len(self.queue)}
+        if self.rig is not None and self.record:  # {episode id: {camera: frames}}, apart from the episodes
+            out["frames"] = {e["id"]: e.pop("frames") for e in finished if "frames" in e}
+            for e in finished:
+                e["has_frames"] = e["id"] in out["frames"]
+        return out
+
+    def step_episodes(self, episodes, steps: int) -> tuple[dict, dict]:
+        """:meth:`advance` with the recorded frames as a second value: call it with ``num_returns=2`` and
+        pass the second reference on (to the encoding tasks) without fetching it."""
+        out = self.advance(episodes, steps)
+        return out, out.pop("frames", {})
+
+    def _render(self, active: list[int]) -> list[dict | None]:
+        """Each camera's frame of each active env (``None`` per env without cameras or recording)."""
+        if self.rig is None or not (self.record or self.policy_images):
+            return [None] * len(active)
+        return [self.rig.render(self.envs[i].unwrapped.data) for i in active]
 
 
 class PolicyServer:
@@ -134,11 +190,12 @@ class PolicyServer:
         return {"batches": self.batches, "rows": self.rows,
                 "mean_batch": self.rows / self.batches if self.batches else 0.0}
 
-    async def act(self, obs: np.ndarray) -> np.ndarray:
+    async def act(self, obs: np.ndarray, images: dict | None = None) -> np.ndarray:
+        """Actions for ``obs`` (and the camera frames ``images``, for a vision policy)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.pending.append((obs, future))
-        rows = sum(len(o) for o, _ in self.pending)
+        self.pending.append((obs, images, future))
+        rows = sum(len(o) for o, _, _ in self.pending)
         if len(self.pending) >= self.clients or rows >= self.max_batch:
             self._run_batch()
         elif self.timer is None:
@@ -153,14 +210,19 @@ class PolicyServer:
         if not batch:
             return
         try:
-            actions = self.policy(np.concatenate([o for o, _ in batch]))
+            obs = np.concatenate([o for o, _, _ in batch])
+            if batch[0][1] is None:
+                actions = self.policy(obs)
+            else:
+                actions = self.policy(obs, images={c: np.concatenate([i[c] for _, i, _ in batch])
+                                                   for c in batch[0][1]})
         except Exception as e:  # noqa: BLE001 - every waiting simulator sees the error
-            for _, fut in batch:
+            for _, _, fut in batch:
                 fut.set_exception(e)
             return
         self.batches += 1
         self.rows += len(actions)
         start = 0
-        for obs, fut in batch:
+        for obs, _, fut in batch:
             fut.set_result(actions[start:start + len(obs)])
             start += len(obs)
