@@ -645,18 +645,24 @@ def _target(address, group_name, cluster_id, region, endpoint, token_file):
 @click.option("--entrypoint-num-gpus", default=0.0, help="GPUs reserved for the driver.")
 @click.option("--wait/--no-wait", default=True, help="Follow the logs until the job ends (default).")
 @click.option("--timeout", default=None, type=float, help="Give up following after this many seconds.")
+@click.option("--resubmit", is_flag=True,
+              help="If the job dies with its driver's node (a head restart), submit it again once (as ID-r1) "
+                   "when the head is back. Only for jobs whose outputs are replaced on write.")
+@click.option("--reconnect-timeout", default=300.0, show_default=True,
+              help="Seconds following keeps retrying an unreachable dashboard (a head restarting).")
 @click.option("--dry-run", is_flag=True,
               help="Run the checks and print entrypoint + runtime_env; contact no cluster, upload nothing.")
 def submit(template, step, config, overrides, run_dir, address, group_name, cluster_id, region, endpoint,
            token_file, spec_file, working_dir, image_has_adbray, max_upload_mb, allow_secrets, pip,
-           entrypoint_num_cpus, entrypoint_num_gpus, wait, timeout, dry_run):
+           entrypoint_num_cpus, entrypoint_num_gpus, wait, timeout, resubmit, reconnect_timeout, dry_run):
     """Submit a template as a Ray job (JobSubmissionClient) and follow it; exit 0 only if it SUCCEEDED."""
     from .jobs import (
         SET_ENV,
         SubmitError,
         cluster_check,
         default_run_dir,
-        follow,
+        follow_or_resubmit,
+        node_table,
         prepare,
         redact,
         redact_command,
@@ -716,12 +722,17 @@ def submit(template, step, config, overrides, run_dir, address, group_name, clus
     if not wait:
         click.echo(job_id)
         return
+    again = (lambda new_id: submit_job(target, plan, entrypoint_num_cpus, entrypoint_num_gpus, new_id)) \
+        if resubmit else None
     try:
-        info = follow(client, job_id, timeout=timeout)
+        info, job_id = follow_or_resubmit(client, job_id, again, log=lambda m: click.echo(m, err=True),
+                                          timeout=timeout, reconnect_s=reconnect_timeout,
+                                          nodes=lambda: node_table(target))
     except KeyboardInterrupt:
         sys.exit(130)
     except SubmitError as e:
-        fail(str(e), 1)
+        fail(str(e) + ("" if resubmit or "lost with" not in str(e) else
+                       " (--resubmit submits such a job again once the head is back)"), 1)
     status = status_name(info)
     if status != "SUCCEEDED":
         message = redact(" ".join(str(info.message or "").split()))
@@ -810,11 +821,13 @@ def _jobs_client(address, group_name, cluster_id, region, endpoint, token_file):
         fail(str(e), 1)
 
 
-def _job_call(target, fn, *args):
-    from .jobs import error_line
+def _job_call(target, fn, *args, **kwargs):
+    from .jobs import SubmitError, error_line
 
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
+    except SubmitError as e:
+        fail(str(e), 1)
     except Exception as e:  # noqa: BLE001 - any failure of an API call becomes one line
         fail(error_line(e, target), 1)
 
@@ -823,20 +836,28 @@ def _job_call(target, fn, *args):
 @_target_options
 @click.option("--json", "as_json", is_flag=True)
 def jobs_list(address, group_name, cluster_id, region, endpoint, token_file, as_json):
-    """Jobs on the cluster, newest first (secret --set values and URL passwords masked)."""
-    from .jobs import redact, redact_command
+    """Jobs on the cluster, newest first (secret --set values and URL passwords masked). A job that died with
+    the node its driver ran on (a head restart) shows as FAILED with the reason, though Ray may still list
+    it RUNNING."""
+    from .jobs import lost_reason, may_be_lost, node_table, redact, redact_command, status_name
 
     target, client = _jobs_client(address, group_name, cluster_id, region, endpoint, token_file)
     rows = sorted(_job_call(target, client.list_jobs), key=lambda j: j.start_time or 0, reverse=True)
-    if as_json:
-        click.echo(json.dumps([{"job_id": j.submission_id or j.job_id,
-                                "status": getattr(j.status, "value", j.status),
-                                "entrypoint": redact_command(j.entrypoint),
-                                "message": redact(j.message) if j.message else j.message} for j in rows]))
-        return
+    nodes = _job_call(target, node_table, target) if any(may_be_lost(j) for j in rows) else []
+    shown = []
     for j in rows:
-        status = getattr(j.status, "value", j.status)
-        click.echo(f"{j.submission_id or j.job_id:<28} {status:<10} {redact_command(j.entrypoint)}")
+        lost = lost_reason(j, nodes)
+        message = f"lost with its driver's node: {lost}" if lost else j.message
+        shown.append({"job_id": j.submission_id or j.job_id, "status": "FAILED" if lost else status_name(j),
+                      "ray_status": status_name(j), "entrypoint": redact_command(j.entrypoint),
+                      "message": redact(message) if message else message})
+    if as_json:
+        click.echo(json.dumps(shown))
+        return
+    for j in shown:
+        click.echo(f"{j['job_id']:<28} {j['status']:<10} {j['entrypoint']}")
+        if j["status"] != j["ray_status"]:
+            click.echo(f"{'':<28} {j['message']}")
 
 
 @jobs.command("logs")
@@ -845,13 +866,19 @@ def jobs_list(address, group_name, cluster_id, region, endpoint, token_file, as_
 @click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
 def jobs_logs(job_id, address, group_name, cluster_id, region, endpoint, token_file, follow):
     """A job's driver logs."""
+    from .jobs import error_line, lost_reason, node_table
     from .jobs import follow as follow_job
 
     target, client = _jobs_client(address, group_name, cluster_id, region, endpoint, token_file)
     if follow:
-        _job_call(target, follow_job, client, job_id)
-    else:
-        click.echo(_job_call(target, client.get_job_logs, job_id), nl=False)
+        _job_call(target, follow_job, client, job_id, nodes=lambda: node_table(target))
+        return
+    try:
+        click.echo(client.get_job_logs(job_id), nl=False)
+    except Exception as e:  # noqa: BLE001 - any failure of an API call becomes one line
+        lost = lost_reason(_job_call(target, client.get_job_info, job_id), _job_call(target, node_table, target))
+        fail(f"the logs of job {job_id} were on its driver's node, gone with it: {lost}" if lost
+             else error_line(e, target), 1)
 
 
 @jobs.command("stop")

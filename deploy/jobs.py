@@ -5,6 +5,11 @@ dashboard URL, the ray:// address, the token and (when known) the group's spec;
 :func:`prepare` does everything that must pass before upload (spec, preflight,
 working dir); :func:`submit` and :func:`follow` run the job and stream its logs.
 
+A job whose driver ran on a node that died (the head, restarted on a HIGH_AVAILABILITY
+group) is gone, yet Ray 2.60 keeps listing it RUNNING: :func:`lost_reason` tells it from the
+node table, :func:`follow` keeps following through a dashboard outage and raises
+:class:`JobLost`, and :func:`follow_or_resubmit` resubmits such a job once (opt-in).
+
 ``--set`` values that carry secrets (a URL with a password, a key named like
 password/secret/token/key) never enter the entrypoint, which Ray prints and keeps in
 its job table: they travel in the job's ``runtime_env`` env var ``ADBRAY_SET`` (a JSON
@@ -51,6 +56,7 @@ from . import preflight, workdir
 from .spec import REPO_ROOT, ResourceGroupSpec, load_spec
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+RECONNECT_S = 300.0  # how long following retries an unreachable dashboard (the head restarting)
 
 
 class SubmitError(RuntimeError):
@@ -444,14 +450,20 @@ def _dist_name(requirement: str) -> str:
 # -- on the cluster -----------------------------------------------------------------------------
 
 
-def cluster_check(target: Target, timeout: float = 10.0) -> str:
-    """Nodes and resources of the cluster behind the target, checked against the group's spec."""
+def node_table(target: Target, timeout: float = 10.0) -> list[dict]:
+    """Every node the cluster knows, dead ones included (state, is_head_node, start/end_time_ms, labels,
+    resources); urllib's errors (OSError) pass through."""
     req = urllib.request.Request(
         f"{target.dashboard_url}/api/v0/nodes?limit=1000&detail=1", headers=target.headers()
     )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read()).get("data", {}).get("result", {}).get("result", [])
+
+
+def cluster_check(target: Target, timeout: float = 10.0) -> str:
+    """Nodes and resources of the cluster behind the target, checked against the group's spec."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            rows = json.loads(resp.read()).get("data", {}).get("result", {}).get("result", [])
+        rows = node_table(target, timeout)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise SubmitError(
@@ -505,13 +517,15 @@ def cluster_check(target: Target, timeout: float = 10.0) -> str:
 
 
 def running_jobs(target: Target) -> list:
-    """The target's jobs that have not ended (PENDING or RUNNING); SubmitError when they cannot be listed."""
+    """The target's jobs that have not ended (PENDING or RUNNING), less those lost with their driver's
+    node (:func:`lost_reason`); SubmitError when they cannot be listed."""
     client = client_for(target)
     try:
-        rows = client.list_jobs()
+        rows = [j for j in client.list_jobs() if status_name(j) not in TERMINAL]
+        nodes = node_table(target) if rows else []  # (a job not ended may be lost with its node)
     except Exception as e:  # noqa: BLE001 - the job client raises its own exception tree
         raise SubmitError(error_line(e, target)) from None
-    return [j for j in rows if status_name(j) not in TERMINAL]
+    return [j for j in rows if not lost_reason(j, nodes)]
 
 
 def client_for(target: Target):
@@ -561,10 +575,14 @@ def submit(
     return client, job_id
 
 
-def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: float | None = None) -> object:
+def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: float | None = None,
+           nodes=None, reconnect_s: float = RECONNECT_S, err=sys.stderr, sleep=time.sleep) -> object:
     """Stream the job's logs as the driver writes them (Ray's ``tail_job_logs`` websocket) until it ends;
-    returns its JobInfo. Where the stream breaks (a proxy that drops websockets), the rest is polled from
-    where the stream stopped. Ctrl-C stops the job."""
+    returns its JobInfo. Where the stream breaks (a proxy that drops websockets, the head going away), the
+    rest is polled from where the stream stopped. While the dashboard does not answer (a head restarting),
+    polling retries with backoff for up to ``reconnect_s`` on one progress line on ``err``. With ``nodes``
+    (a callable returning :func:`node_table`), a job whose driver's node died raises :class:`JobLost`:
+    after a head restart Ray keeps such a job RUNNING. Ctrl-C stops the job."""
     import asyncio
 
     from pipelines.io import first_line
@@ -577,7 +595,11 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: fl
             out.flush()
             written[0] += len(chunk)
 
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
     deadline = time.time() + timeout if timeout else None
+    outage = Outage(reconnect_s, err, sleep, poll_s)
+    suspect = False  # the node table is read after an outage or a failed log read, until the job ends
+    broke = None  # why the stream broke: said once the dashboard answers (an outage says it otherwise)
     try:
         try:
             asyncio.run(asyncio.wait_for(stream(), timeout))
@@ -585,25 +607,223 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: fl
             raise SubmitError(f"job {job_id} still {status_name(client.get_job_info(job_id))} after "
                               f"{timeout:.0f}s") from None
         except Exception as e:  # noqa: BLE001 - the stream broke (or the client has none): poll the rest
-            print(f"log stream of {job_id} broke ({first_line(e)}): polling",
-                  file=sys.stderr)
+            broke = first_line(e)
         while True:  # once after a whole stream (anything it missed), every poll_s after a broken one
-            info = client.get_job_info(job_id)
-            logs = client.get_job_logs(job_id)
+            try:
+                info = client.get_job_info(job_id)
+            except Exception as e:  # the job client raises its own exception tree
+                if not unreachable(e):
+                    raise
+                outage.wait(e, f"job {job_id}")
+                suspect, broke = True, None
+                continue
+            outage.over()
+            if broke:
+                print(f"log stream of {job_id} broke ({broke}): polling", file=err)
+                broke = None
+            try:
+                logs = client.get_job_logs(job_id)
+            except Exception as e:  # a dead node's agent held the logs (HTTP 500)
+                if not unreachable(e):
+                    raise
+                logs, suspect = "", True
             if len(logs) > written[0]:
                 out.write(logs[written[0]:])
                 out.flush()
                 written[0] = len(logs)
-            if status_name(info) in TERMINAL:
+            status = status_name(info)
+            if nodes is not None and (suspect or status == "FAILED"):
+                reason = _lost(info, nodes)
+                if reason:
+                    raise JobLost(job_id, reason)
+            if status in TERMINAL:
                 return info
             if deadline and time.time() > deadline:
-                raise SubmitError(f"job {job_id} still {status_name(info)} after {timeout:.0f}s")
-            time.sleep(poll_s)
+                raise SubmitError(f"job {job_id} still {status} after {timeout:.0f}s")
+            sleep(poll_s)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: stopping job {job_id}", file=sys.stderr)
+        print(f"\ninterrupted: stopping job {job_id}", file=err)
         client.stop_job(job_id)
+        raise
+
+
+def _lost(info, nodes) -> str | None:
+    try:
+        return lost_reason(info, nodes())
+    except Exception as e:  # no node table this time (the dashboard coming back): next poll
+        if unreachable(e):
+            return None
         raise
 
 
 def status_name(info) -> str:
     return getattr(info.status, "value", str(info.status))
+
+
+# -- head restarts: jobs whose driver died with its node ----------------------------------------
+
+# Ray's error types for a job whose supervisor actor (which runs the driver) went away
+SUPERVISOR_ERRORS = {"JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE",
+                     "JOB_SUPERVISOR_ACTOR_START_FAILURE"}
+_OUTAGE = re.compile(r"status code 5\d\d|^(ConnectionError|ConnectTimeout|ReadTimeout|Timeout|URLError)\b")
+
+
+class JobLost(SubmitError):
+    """The job died with the node its driver ran on (on a group: the head, restarted); ``reason`` says
+    which node and when."""
+
+    def __init__(self, job_id: str, reason: str):
+        super().__init__(f"job {job_id} FAILED: lost with its driver's node: {reason}")
+        self.job_id, self.reason = job_id, reason
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether an API error means the dashboard is not answering (yet): no connection, a timeout, HTTP 5xx
+    (also for a :class:`SubmitError` made by :func:`error_line`)."""
+    return isinstance(e, OSError) or bool(_OUTAGE.search(str(e)))
+
+
+def outage_text(e: BaseException) -> str:
+    """A few words for an outage error: ``connection refused``, ``timed out``, ``HTTP 503``, else its
+    first line, cut short."""
+    from pipelines.io import first_line
+
+    text = str(e)
+    code = re.search(r"status code (5\d\d)", text)
+    if code:
+        return f"HTTP {code.group(1)}"
+    if "refused" in text.lower():
+        return "connection refused"
+    if "timed out" in text.lower() or "timeout" in type(e).__name__.lower():
+        return "timed out"
+    return first_line(e)[:100]
+
+
+def _clock(ms) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ms / 1000)) if ms else "an unknown time"
+
+
+def lost_reason(info, nodes: list[dict]) -> str | None:
+    """Why a job is gone with the node its driver ran on, from the cluster's node table (dead nodes
+    included); None when it is not.
+
+    The driver (and Ray's supervisor actor that runs it) is placed on the head unless the job reserves
+    entrypoint resources. When the head dies, both die with it; after an HA restart Ray 2.60 still lists
+    the job RUNNING ("Job is currently running.") until a job manager starts on the new head (the next
+    submission starts one), which then marks it FAILED with a supervisor error: neither says why. A job
+    is lost when it is not ended (or FAILED with such an error) and its driver's node is DEAD, or it was
+    still PENDING, pinned to the head, when a newer head started."""
+    if not may_be_lost(info):
+        return None
+    status = status_name(info)
+    head_since = max((n.get("start_time_ms") or 0 for n in nodes
+                      if n.get("is_head_node") and n.get("state") == "ALIVE"), default=0)
+    restarted = head_since > (info.start_time or 0)
+    node = next((n for n in nodes if info.driver_node_id and n.get("node_id") == info.driver_node_id), None)
+    if node is not None:
+        if node.get("state") != "DEAD":
+            return None
+        why = " ".join(str(node.get("state_message") or "").split())
+        reason = (f"its driver ran on {'the head' if node.get('is_head_node') else 'worker'} node "
+                  f"{info.driver_node_id[:8]}, which died at {_clock(node.get('end_time_ms'))}"
+                  + (f" ({why})" if why else ""))
+    elif status == "PENDING" and restarted and not _reserves(info):
+        reason = "it was still pending (its driver pinned to the old head) when the head restarted"
+    else:
+        return None
+    if restarted:
+        reason += f"; the head restarted at {_clock(head_since)}"
+    if status != "FAILED":
+        reason += f" (Ray still reports {status})"
+    return reason
+
+
+def may_be_lost(info) -> bool:
+    """Whether the job could be lost with its driver's node (:func:`lost_reason` then reads the node table):
+    it has not ended, or it FAILED because Ray's supervisor actor went away."""
+    status = status_name(info)
+    error = getattr(getattr(info, "error_type", None), "value", getattr(info, "error_type", None))
+    return status not in TERMINAL or (status == "FAILED" and error in SUPERVISOR_ERRORS)
+
+
+def _reserves(info) -> bool:
+    """Whether the job reserved entrypoint resources (then its driver may run on any node)."""
+    return bool(info.entrypoint_num_cpus or info.entrypoint_num_gpus or getattr(info, "entrypoint_memory", 0)
+                or info.entrypoint_resources)
+
+
+class Outage:
+    """A dashboard that stopped answering, on one progress line: ``wait`` sleeps with backoff (``poll_s``
+    doubling up to 10 s) and writes a dot per try, ``over`` ends the line; past ``limit_s`` a SubmitError."""
+
+    def __init__(self, limit_s: float, err=sys.stderr, sleep=time.sleep, poll_s: float = 1.0):
+        self.limit_s, self.err, self.sleep, self.poll_s = limit_s, err, sleep, poll_s
+        self.since, self.tries = None, 0
+
+    def wait(self, e: BaseException, what: str) -> None:
+        if self.since is None:
+            self.since, self.tries = time.monotonic(), 0
+            self.err.write(f"dashboard unreachable ({outage_text(e)}): the head may be restarting; "
+                           f"following {what} again once it answers (up to {self.limit_s:.0f}s) ")
+        elapsed = time.monotonic() - self.since
+        if elapsed > self.limit_s:
+            self.err.write("gave up\n")
+            self.err.flush()
+            raise SubmitError(f"the dashboard did not answer for {elapsed:.0f}s: the state of {what} is unknown "
+                              "(adbray jobs list once the cluster is back)")
+        self.err.write(".")
+        self.err.flush()
+        self.sleep(min(self.poll_s * 2 ** self.tries, 10.0))
+        self.tries += 1
+
+    def over(self) -> None:
+        if self.since is not None:
+            self.err.write(f" back after {time.monotonic() - self.since:.0f}s\n")
+            self.err.flush()
+            self.since = None
+
+
+def resubmission_id(job_id: str) -> str:
+    """The submission id of a job's one resubmission: ``<id>-r1``."""
+    return f"{job_id}-r1"
+
+
+def follow_or_resubmit(client, job_id: str, resubmit=None, log=None, timeout: float | None = None,
+                       reconnect_s: float = RECONNECT_S, sleep=time.sleep, **follow_args) -> tuple[object, str]:
+    """:func:`follow` the job; where it is lost with its driver's node (:class:`JobLost`) and ``resubmit``
+    is given (a callable ``new_id -> job id``: the CLI's ``--resubmit``), submit it again once, as
+    :func:`resubmission_id`, and follow that. Returns (JobInfo, the id of the job it belongs to).
+    Raises JobLost without ``resubmit``, and when the resubmitted job is lost too (never a second
+    resubmission). A resubmission the dashboard refuses for an outage (5xx, no connection: the head's
+    job agent not up yet) is retried with backoff for up to ``reconnect_s``."""
+    log = log or (lambda m: print(m, file=sys.stderr))
+    deadline = time.time() + timeout if timeout else None
+
+    def left():
+        return max(1.0, deadline - time.time()) if deadline else None
+
+    args = {"nodes": None, "reconnect_s": reconnect_s, "sleep": sleep, **follow_args}
+    try:
+        return follow(client, job_id, timeout=left(), **args), job_id
+    except JobLost as lost:
+        if resubmit is None:
+            raise
+        log(str(lost))
+        new_id = resubmission_id(job_id)
+        outage = Outage(reconnect_s, args.get("err", sys.stderr), sleep, args.get("poll_s", 1.0))
+        while True:
+            try:
+                resubmit(new_id)
+                break
+            except SubmitError as e:
+                if "already exists" in str(e):  # an earlier try went through; its answer did not
+                    break
+                if not unreachable(e):
+                    raise
+                outage.wait(e, f"the resubmission of {job_id}")
+        outage.over()
+        log(f"resubmitted job {job_id} as {new_id} (once: its outputs are replaced on write)")
+    try:
+        return follow(client, new_id, timeout=left(), **args), new_id
+    except JobLost as again:
+        raise JobLost(new_id, f"{again.reason}; it resubmitted {job_id}, which is not resubmitted again") from None

@@ -2,17 +2,21 @@
 
 ``pool`` declares per-actor ``num_cpus`` and ``max_actors``, ``flood.num_tasks``
 submits that many tasks at once, unbounded (the autoscaling pitfall), ``fail``
-makes the job raise.
+makes the job raise. ``output.mysql`` upserts one row per chunk (key ``lo``), so a
+rerun replaces rows instead of adding them; ``chunk_seconds`` makes each chunk last
+that long (a long job, e.g. to rehearse a head restart while it runs).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from pydantic import Field
+import pyarrow as pa
+from pydantic import Field, field_validator
 
 from pipelines.cli import RunFailed
 from pipelines.config import LocalRayConfig, StrictModel, load_config
+from pipelines.io import checked_table_name, upsert_mysql
 from pipelines.template import Run, StepResult
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
@@ -34,10 +38,24 @@ class Flood(StrictModel):
     seconds: float = Field(5.0, ge=0)
 
 
+class Output(StrictModel):
+    """Where each chunk's sum goes, besides the summary: a MySQL table, upserted on ``lo``."""
+
+    mysql: str | None = None  # mysql://user:password@host:port/db
+    table: str = "squares"
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        return checked_table_name(value, "output.table")
+
+
 class SquaresConfig(StrictModel):
     items: int = Field(64, ge=1)
     chunks: int = Field(8, ge=1)
+    chunk_seconds: float = Field(0, ge=0)
     pool: Pool = Pool()
+    output: Output = Output()
     flood: Flood = Flood()
     fail: bool = False
     local_ray: LocalRayConfig = LocalRayConfig(cpus=2)
@@ -58,8 +76,9 @@ def run(cfg: SquaresConfig, run: Run) -> StepResult:
 
     @ray.remote
     class Squarer:
-        def square_sum(self, lo: int, hi: int) -> int:
-            return sum(i * i for i in range(lo, hi))
+        def square_sum(self, lo: int, hi: int, seconds: float) -> tuple[int, int, int]:
+            time.sleep(seconds)
+            return lo, hi, sum(i * i for i in range(lo, hi))
 
     @ray.remote
     def busy(seconds: float) -> str:
@@ -78,7 +97,13 @@ def run(cfg: SquaresConfig, run: Run) -> StepResult:
     pool = ray.util.ActorPool(actors)
     step = -(-cfg.items // cfg.chunks)
     bounds = [(lo, min(lo + step, cfg.items)) for lo in range(0, cfg.items, step)]
-    total = sum(pool.map_unordered(lambda a, b: a.square_sum.remote(*b), bounds))
+    job_id = ray.get_runtime_context().get_job_id()
+    total = 0
+    for lo, hi, chunk_sum in pool.map_unordered(lambda a, b: a.square_sum.remote(*b, cfg.chunk_seconds), bounds):
+        total += chunk_sum
+        if cfg.output.mysql:  # as each chunk ends: a job stopped half-way leaves the rows it finished
+            row = pa.table({"lo": [lo], "hi": [hi], "sum_of_squares": [chunk_sum], "job_id": [job_id]})
+            upsert_mysql(cfg.output.mysql, cfg.output.table, row, key=["lo"])
     flood_nodes = len(set(ray.get(flood_refs))) if flood_refs else 0
     expected = (cfg.items - 1) * cfg.items * (2 * cfg.items - 1) // 6
     if total != expected:
@@ -90,4 +115,5 @@ def run(cfg: SquaresConfig, run: Run) -> StepResult:
         "flood_tasks": cfg.flood.num_tasks,
         "flood_nodes": flood_nodes,
         "seconds": round(time.time() - start, 3),
+        "rows_upserted": len(bounds) if cfg.output.mysql else 0,
     }, rows=len(bounds))
