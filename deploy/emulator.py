@@ -23,6 +23,13 @@ puts a :class:`DashboardProxy` in front of a group's dashboard that answers thos
 endpoints with other versions (everything else passes through); Describe then gives
 the proxy as ``RayDashboardAddress``, as a group on another image would be seen.
 
+Test-only actions (Python methods, never RPC actions: the service has no such API): ``faults``
+(injected error answers), :meth:`Emulator.report_versions` (above) and :meth:`Emulator.restart_head`,
+which rehearses the head of a HIGH_AVAILABILITY group failing and coming back
+(:func:`deploy.local.restart_head` on its backing cluster: the GCS state comes back from Redis);
+the group stays ``ok`` meanwhile, as a group whose head restarts does, and refuses modify and delete
+until it returns.
+
 Hardening (the emulator listens on a port anyone on the machine can reach): the
 body is read only after its ``Content-Length`` is checked (a non-negative
 integer up to ``max_body_bytes``, 1 MiB; else 400/413), each connection has a
@@ -93,6 +100,7 @@ class Group:
     serve_port: int = field(default_factory=local.free_port)  # its RayServePublicAddress
     proxy: DashboardProxy | None = None  # set by Emulator.report_versions
     changes: list[str] = field(default_factory=list)  # what the last modify did to the nodes
+    restarting: bool = False  # Emulator.restart_head (test-only) is restarting its head
 
     @property
     def local_name(self) -> str:
@@ -467,8 +475,9 @@ class Emulator:
     def modify_group(self, query: dict) -> dict:
         with self.lock:
             group = self._group(query)
-            if group.status != "ok":
-                raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
+            if group.status != "ok" or group.restarting:
+                raise ApiFault(400, "OperationDenied.GroupStatus",
+                               f"The resource group is {'restarting its head' if group.restarting else group.status}.")
             spec = checked_spec(group.spec.name, self._ray_config(query))
             if spec.category != group.spec.category:
                 raise ApiFault(400, "OperationDenied.Category", "Category cannot be changed after creation.")
@@ -483,8 +492,9 @@ class Emulator:
     def delete_group(self, query: dict) -> dict:
         with self.lock:
             group = self._group(query)
-            if group.status in ("creating", "deleting", "modifying"):  # a change still runs on its nodes
-                raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
+            if group.status in ("creating", "deleting", "modifying") or group.restarting:  # a change runs on its nodes
+                raise ApiFault(400, "OperationDenied.GroupStatus",
+                               f"The resource group is {'restarting its head' if group.restarting else group.status}.")
             group.status, group.updated = "deleting", _now()
         self._background(self._teardown, group)
         return {}
@@ -537,6 +547,29 @@ class Emulator:
                 group.proxy = DashboardProxy(group.cluster.dashboard_url,
                                              {"ray": ray or real["ray"], "python": python or real["python"]}).start()
             return group.proxy.url if group.proxy else (group.cluster.dashboard_url if group.cluster else None)
+
+    def restart_head(self, cluster_id: str, name: str, timeout: float = 180.0) -> dict:
+        """TEST-ONLY action (no such API on the service): restart the head of a HIGH_AVAILABILITY group the way
+        a failed head comes back (:func:`deploy.local.restart_head` on its backing cluster); returns its
+        timings once every worker reconnected. Raises ApiFault (400) for a group that is not ``ok`` or not
+        HIGH_AVAILABILITY, and (500) when the cluster does not come back; the group is ``failed`` then."""
+        with self.lock:
+            group = self._group({"DBClusterId": cluster_id, "GroupName": name})
+            if group.status != "ok" or group.restarting or group.cluster is None:
+                raise ApiFault(400, "OperationDenied.GroupStatus", f"The resource group is {group.status}.")
+            if group.spec.category != "HIGH_AVAILABILITY":
+                raise ApiFault(400, "OperationDenied.Category", f"The resource group is {group.spec.category}: "
+                               "a head restart keeps its state only with HIGH_AVAILABILITY.")
+            group.restarting = True
+        try:
+            return local.restart_head(group.cluster, timeout=timeout, log=self.log)
+        except local.LocalClusterError as e:
+            with self.lock:
+                group.status, group.message, group.updated = "failed", " ".join(str(e).split()), _now()
+            raise ApiFault(500, "InternalError", str(e)) from None
+        finally:
+            with self.lock:
+                group.restarting = False
 
     def _teardown(self, group: Group) -> None:
         try:

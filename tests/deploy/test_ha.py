@@ -82,3 +82,33 @@ def test_restart_head_refuses_a_basic_cluster():
                                temp_dir="/nonexistent", token_path="")
     with pytest.raises(local.LocalClusterError, match="BASIC: a head restart needs HIGH_AVAILABILITY"):
         local.restart_head(state)
+
+
+def test_emulator_restart_head_is_a_test_only_action_on_ha_groups(monkeypatch):
+    """Emulator.restart_head (no RPC action: the service has none) restarts an HA group's backing head, refuses a
+    BASIC group, and the group refuses modify/delete meanwhile."""
+    from deploy.emulator import ACTIONS, ApiFault, Emulator, Group
+
+    assert not any("Restart" in a for a in ACTIONS)
+    emu = Emulator("k", "s", log=lambda *_: None)
+    cluster = local.ClusterState(name="emu-x", category="HIGH_AVAILABILITY", gcs_port=1, dashboard_port=2,
+                                 client_port=3, temp_dir="/nonexistent", token_path="")
+    groups = [{"name": "cpu", "type": "CPU", "spec": "small"}]
+    ha = Group("amv-x", ResourceGroupSpec(name="ha", category="HIGH_AVAILABILITY", worker_groups=groups), "",
+               status="ok", cluster=cluster)
+    basic = Group("amv-x", ResourceGroupSpec(name="basic", worker_groups=groups), "", status="ok", cluster=cluster)
+    emu.groups = {("amv-x", "ha"): ha, ("amv-x", "basic"): basic}
+    seen = []
+
+    def fake_restart(state, timeout, log):
+        for call in (emu.delete_group, emu.modify_group):
+            with pytest.raises(ApiFault, match="restarting its head"):
+                call({"DBClusterId": "amv-x", "GroupName": "ha", "RayConfig": "{}"})
+        seen.append(state.name)
+        return {"recovered_s": 1.0}
+
+    monkeypatch.setattr(local, "restart_head", fake_restart)
+    assert emu.restart_head("amv-x", "ha") == {"recovered_s": 1.0} and seen == ["emu-x"]
+    assert not ha.restarting and ha.status == "ok"
+    with pytest.raises(ApiFault, match="BASIC: a head restart keeps its state only with HIGH_AVAILABILITY"):
+        emu.restart_head("amv-x", "basic")
