@@ -11,7 +11,14 @@
 Everything Ray runs on a local 2-worker cluster started with ``deploy.local.up`` and Serve's fast
 settings (``FAST_SERVE_ENV``); ``--serve-default`` also measures Serve's default mode (stderr only).
 
+``--autoscale`` instead runs only the Serve autoscaling rehearsal (``deploy.serve_autoscale.rehearsal``:
+a small model, the app with ``serve.autoscaling`` 1..3 replicas of 1 CPU and the Redis store on a cluster
+whose 1-CPU workers autoscale 1..3, the load ramp ``AUTOSCALE_STAGES``) and records ``autoscale_*``
+(peak replicas/workers and when, the busiest window's achieved req/s, p50/p99, errors, when both were back
+at 1); the series (JSON) and the plot (PNG) go to ``--autoscale-out`` (default: a new temp folder).
+
     python benchmarks/riskcontrol.py [--rows 2000000] [--serve-default]
+    python benchmarks/riskcontrol.py --autoscale [--autoscale-out DIR]
 
 Prints one JSON line last: rows, train_wall_ratio, auprc_ray, auprc_inprocess, auprc_gap, batch_rows_per_s,
 batch_ratio, online_p50_ms, online_p99_ms, online_max_rps, online_rps_ratio, online_target_rps,
@@ -206,6 +213,51 @@ def redis_online(model_dir: str, payloads: list, seconds: float) -> dict | None:
         RedisStore(cfg.redis_url, cfg.redis_prefix).clear()
 
 
+# the Serve autoscaling rehearsal: Serve's own defaults but shorter delays and metric windows (a rehearsal
+# of minutes, not hours), the group's idle timeout and Serve's proxy draining (30 s) left as they are. The
+# rates stay below what one replica serves on 2 cores: the low target, not an overload, asks for replicas
+# (at 80 req/s three raylets and replicas on a loaded 2-core machine answered after 50 s)
+AUTOSCALE_STAGES = [(10, 5), (30, 25), (60, 30)]
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 0.4, "upscale_delay_s": 3,
+               "downscale_delay_s": 10, "metrics_interval_s": 1, "look_back_period_s": 5}
+
+
+def autoscale_rehearsal(out: str, figures: str) -> dict:
+    """The Serve autoscaling rehearsal on its own cluster (see the module docstring); ``autoscale_*`` figures."""
+    import pyarrow as pa
+    import redis
+
+    from deploy.local import AUTOSCALE_IDLE_S
+    from deploy.serve_autoscale import rehearsal
+    from pipelines.io import write_table
+    from riskcontrol.data import generate_shard
+    from riskcontrol.features import features_frame, invalid_reasons
+    from riskcontrol.serve import RedisStore, transaction_payload
+    from riskcontrol.train import run_training
+
+    serve = ServeConfig(store="redis", redis_prefix=f"riskcontrol-autoscale-bench-{os.getpid()}")
+    try:  # replicas share the feature store: Redis
+        redis.Redis.from_url(serve.redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:
+        raise SystemExit(f"autoscale rehearsal: Redis at {serve.redis_url} does not answer ({type(e).__name__})") from None
+    cfg = RiskConfig(data={"rows": 20_000, "cards": 2000, "merchants": 300, "days": 10, "shards": 1})
+    frame = generate_shard(cfg.data, 0)
+    write_table(pa.Table.from_pandas(features_frame(frame), preserve_index=False), f"{out}/features")
+    run_training(cfg, f"{out}/features", out, num_workers=0)  # -> out/model, what the app serves
+    valid = frame[invalid_reasons(frame) == ""].sort_values("event_time")
+    payloads = [transaction_payload(r) for r in valid.to_dict("records")]
+    overrides = ["serve.store=redis", f"serve.redis_url={serve.redis_url}", f"serve.redis_prefix={serve.redis_prefix}",
+                 "serve.num_cpus=1", *(f"serve.autoscaling.{k}={v}" for k, v in AUTOSCALING.items())]
+    try:
+        got = rehearsal("riskcontrol", out, "/score", payloads, overrides, AUTOSCALE_STAGES, figures, max_workers=3,
+                        idle_s=AUTOSCALE_IDLE_S, settle_s=180, log=log)
+    finally:
+        RedisStore(serve.redis_url, serve.redis_prefix).clear()
+    log(f"autoscale figures: {got['figures']['png']} and {got['figures']['json']}")
+    return {f"autoscale_{k}": v for k, v in got.items()} | {"autoscale_stages": AUTOSCALE_STAGES,
+                                                           "autoscale_config": AUTOSCALING}
+
+
 def start_cluster(env: dict):
     from deploy import local
     from deploy.spec import load_spec
@@ -269,7 +321,11 @@ def serve_mode_main(mode: str, model_dir: str, features: str, seconds: float) ->
 @click.option("--serve-mode", type=click.Choice(["fast", "default"]), default=None, hidden=True)
 @click.option("--model", "model_dir", default=None, hidden=True)
 @click.option("--features", "features_path", default=None, hidden=True)
-def main(rows, online_seconds, serve_default, online, bare_server, serve_mode, model_dir, features_path):
+@click.option("--autoscale", is_flag=True,
+              help="Run only the Serve autoscaling rehearsal (replicas and workers under a load ramp) and record it.")
+@click.option("--autoscale-out", default=None, help="Folder for the rehearsal's series JSON and plot (default: temp).")
+def main(rows, online_seconds, serve_default, online, bare_server, serve_mode, model_dir, features_path, autoscale,
+         autoscale_out):
     """Benchmark riskcontrol against bare baselines."""
     if bare_server:
         import uvicorn
@@ -280,6 +336,10 @@ def main(rows, online_seconds, serve_default, online, bare_server, serve_mode, m
         serve_mode_main(serve_mode, model_dir, features_path, online_seconds)
         return
     run = guard("riskcontrol")
+    if autoscale:
+        out = tempfile.mkdtemp(prefix="rc-autoscale-")
+        emit(autoscale_rehearsal(out, autoscale_out or f"{out}/figures"), run)
+        return
     import ray
 
     from deploy import local
