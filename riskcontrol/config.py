@@ -125,7 +125,8 @@ class ServeConfig(StrictModel):
     app_name: str = "riskcontrol"
     route_prefix: str = "/riskcontrol"
     model_dir: str | None = None
-    store: Literal["memory", "redis"] = "memory"
+    # auto: redis on a HIGH_AVAILABILITY cluster (a replica's memory is lost with it; riskcontrol.serve), else memory
+    store: Literal["auto", "memory", "redis"] = "auto"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "riskcontrol"
     num_cpus: float = Field(1, gt=0)   # per replica
@@ -147,8 +148,9 @@ class ServeConfig(StrictModel):
     def _replicas(self):
         check_replicas(self.max_actors, self.autoscaling, "serve.max_actors", "serve.autoscaling")
         most = self.autoscaling.max_replicas if self.autoscaling else self.max_actors or 1
-        if self.store == "memory" and most > 1:
-            raise ValueError(f"serve.store=memory keeps card and merchant state inside one replica: for up to "
+        if self.store in ("memory", "auto") and most > 1:
+            auto = " (serve.store=auto is memory off a HIGH_AVAILABILITY cluster)" if self.store == "auto" else ""
+            raise ValueError(f"serve.store=memory keeps card and merchant state inside one replica{auto}: for up to "
                              f"{most} replicas use serve.store=redis (shared by replicas)")
         return self
 

@@ -3,12 +3,13 @@
     POST {prefix}/score    one transaction or a list -> probability, tier, reasons, model version, latency,
                            batch_size (how many transactions the model call that scored it held)
     POST {prefix}/labels   matured-label feedback (chargebacks / cleared reviews) for merchant fraud rates
-    GET  {prefix}/healthz  200, or 503 when the feature store does not answer
+    GET  {prefix}/healthz  200 (model version, store: memory|redis), or 503 when the feature store does not answer
 
 Features come from the same state machines as the batch path
 (:func:`riskcontrol.features.advance`), kept per card and per merchant in a
-feature store: in-process (default; one replica; least recently used entries
-dropped past ``serve.memory_max_entries``) or Redis (shared by replicas). Each
+feature store: in-process (one replica; least recently used entries
+dropped past ``serve.memory_max_entries``) or Redis (shared by replicas); the
+default ``auto`` is Redis on a HIGH_AVAILABILITY cluster (:func:`store_kind`). Each
 update of a card's and merchant's state is atomic: a Redis WATCH/MULTI
 transaction, retried on conflict, so replicas scoring one card at once lose no
 update. Bounds: ``MAX_ITEMS`` per request, ``MAX_TEXT`` characters per string,
@@ -211,10 +212,33 @@ class RedisStore:
         return client.delete(*keys) if keys else 0
 
 
+def gcs_in_redis() -> bool:
+    """Whether the Ray cluster this process belongs to keeps its GCS state in Redis (HIGH_AVAILABILITY:
+    it survives a head restart). Its head records its GCS storage (``redis``/``memory``/``rocksdb``) in
+    the cluster's internal KV when it starts, whether or not usage stats are sent (Ray's
+    ``extra_usage_tag_gcs_storage``); False without Ray."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+        if not _internal_kv_initialized():
+            return False
+        return _internal_kv_get(b"extra_usage_tag_gcs_storage", namespace=b"usage_stats") == b"redis"
+    except Exception:  # noqa: BLE001 - private API moved or the GCS does not answer: not known to be HA
+        return False
+
+
+def store_kind(store: str) -> str:
+    """``memory`` or ``redis`` for ``serve.store``: ``auto`` is redis on a HIGH_AVAILABILITY cluster (a head
+    restart keeps the replicas, but a replica that dies takes an in-memory store with it), else memory."""
+    if store != "auto":
+        return store
+    return "redis" if gcs_in_redis() else "memory"
+
+
 def make_store(cfg: ServeConfig):
-    """The feature store named by ``cfg.store`` (``memory`` or ``redis``), with its bounds."""
+    """The feature store ``cfg.store`` names (see :func:`store_kind`), with its bounds."""
     caps = {"max_card_recent": cfg.max_card_recent, "max_merchant_events": cfg.max_merchant_events}
-    if cfg.store == "redis":
+    if store_kind(cfg.store) == "redis":
         return RedisStore(cfg.redis_url, cfg.redis_prefix, cfg.redis_timeout_s, **caps)
     return MemoryStore(cfg.memory_max_entries, **caps)
 
@@ -244,6 +268,7 @@ class RiskScorer:
         self.cfg = ServeConfig(**(serve_cfg or {}))
         self.scorer = Scorer(model_dir, high_threshold, medium_threshold)
         self.store = make_store(self.cfg)
+        self.store_kind = "redis" if isinstance(self.store, RedisStore) else "memory"
         self.predict.set_max_batch_size(self.cfg.max_batch_size)
         self.predict.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -263,7 +288,7 @@ class RiskScorer:
             await asyncio.wait_for(self.store.ping(), self.cfg.request_timeout_s)
         except (RedisError, OSError, TimeoutError) as e:
             raise HTTPException(503, f"feature store unreachable: {type(e).__name__}: {e}") from None
-        return {"status": "ok", "model_version": self.scorer.meta["version"]}
+        return {"status": "ok", "model_version": self.scorer.meta["version"], "store": self.store_kind}
 
     @api.post("/labels")
     async def labels(self, body: Label | Labels) -> dict:
