@@ -684,16 +684,17 @@ def unreachable(e: BaseException) -> bool:
 
 
 def outage_text(e: BaseException) -> str:
-    """A few words for an outage error: ``connection refused``, ``timed out``, ``HTTP 503``, else its
-    first line, cut short."""
+    """A few words for an outage error: ``connection refused`` (or reset, aborted), ``timed out``, ``HTTP 503``,
+    else its first line, cut short."""
     from pipelines.io import first_line
 
     text = str(e)
     code = re.search(r"status code (5\d\d)", text)
     if code:
         return f"HTTP {code.group(1)}"
-    if "refused" in text.lower():
-        return "connection refused"
+    for words in ("refused", "reset", "aborted"):
+        if words in text.lower():
+            return f"connection {words}"
     if "timed out" in text.lower() or "timeout" in type(e).__name__.lower():
         return "timed out"
     return first_line(e)[:100]

@@ -191,6 +191,31 @@ def test_jobs_list_shows_a_lost_job_as_failed_with_the_reason(monkeypatch):
     assert text[0].split()[:2] == ["raysubmit_a", "FAILED"] and "died at" in text[1]
 
 
+def test_jobs_logs_of_a_lost_job_say_where_they_were(monkeypatch):
+    from deploy import cli as cli_module
+
+    def gone(job_id):  # what the dashboard answers: the driver node's agent does not
+        raise RuntimeError("Request failed with status code 500: Traceback ... Cannot connect to host 192.0.2.2")
+
+    client = SimpleNamespace(get_job_logs=gone, get_job_info=lambda job_id: _info())
+    monkeypatch.setattr(cli_module, "_jobs_client", lambda *a: (None, client))
+    monkeypatch.setattr(jobs, "node_table", lambda target: _nodes())
+    result = CliRunner().invoke(cli_module.cli, ["jobs", "logs", "raysubmit_a", "--address", "http://127.0.0.1:1"])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1
+    assert "the logs of job raysubmit_a were on its driver's node, gone with it: its driver ran on the head" in \
+        result.output
+
+
+def test_outage_errors_in_a_few_words():
+    assert jobs.outage_text(OSError("HTTPConnectionPool(...): Max retries exceeded (Caused by NewConnectionError("
+                                    "'[Errno 111] Connection refused'))")) == "connection refused"
+    assert jobs.outage_text(OSError("('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer'))")) \
+        == "connection reset"
+    assert jobs.outage_text(RuntimeError("Request failed with status code 503: No available agent")) == "HTTP 503"
+    assert jobs.unreachable(jobs.SubmitError("ConnectionError: HTTPConnectionPool(host='h', port=1)"))
+    assert not jobs.unreachable(RuntimeError("Request failed with status code 404: Job raysubmit_x does not exist"))
+
+
 # -- on a HIGH_AVAILABILITY local cluster -------------------------------------------------------
 
 
