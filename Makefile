@@ -20,12 +20,15 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-# every package pinned, --no-deps (no resolver), --no-compile (imports compile what they use); pip is the
-# main venv's, so the venv needs none of its own; torch is the CPU wheel on disk (see the requirements file)
+# every package pinned, --no-deps (no resolver); pip is the main venv's, so the venv needs none of its own;
+# torch is the CPU wheel on disk (see the requirements file). Bytecode: not all of it (--no-compile), only
+# what the reader imports, written by a first import that also checks the venv (even where
+# PYTHONDONTWRITEBYTECODE is set, which would otherwise recompile torch at every read)
 $(LEROBOT_STAMP): $(LEROBOT_REQUIREMENTS) | $(STAMP)
 	rm -rf $(VENV_LEROBOT)
 	python3 -m venv --without-pip $(VENV_LEROBOT)
 	$(VENV)/bin/pip --python $(VENV_LEROBOT)/bin/python install -q --no-deps --no-compile -r $(LEROBOT_REQUIREMENTS)
+	env -u PYTHONDONTWRITEBYTECODE $(VENV_LEROBOT)/bin/python tests/embodied/lerobot_reader/read_lerobot.py
 	touch $(LEROBOT_STAMP)
 
 install-lerobot: $(LEROBOT_STAMP)

@@ -7,6 +7,9 @@ torch 2.13.0+cpu, torchcodec 0.13.0 for video; see ``tests/embodied/fixtures/REA
     HF_HUB_OFFLINE=1 .venv-lerobot/bin/python tests/embodied/lerobot_reader/read_lerobot.py \
         --items 0:0,0:17,3:49 ROOT OUT.npz [ROOT OUT.npz ...]
 
+Without datasets it only imports lerobot's reader and the video decoder and prints their versions:
+``make`` runs it so to check the venv and to write the bytecode of exactly what the reads import.
+
 For each dataset (several per run: the imports take most of the time) it writes: ``meta`` (JSON: versions, episode/frame counts, fps, features, camera keys), the frame columns
 as lerobot's ``hf_dataset`` holds them (``index``, ``episode_index``, ``frame_index``, ``timestamp``,
 ``observation.state``, ``action``), and for each ``episode:frame`` item what ``dataset[i]`` returns:
@@ -35,7 +38,8 @@ def parse_items(text: str) -> list[tuple[int, int]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("datasets", nargs="+", metavar="ROOT OUT", help="dataset folder, .npz to write, ...")
+    parser.add_argument("datasets", nargs="*", metavar="ROOT OUT", help="dataset folder, .npz to write, ...; "
+                        "none: import and print the versions only")
     parser.add_argument("--items", default="", help="episode:frame pairs, comma-separated (every dataset)")
     parser.add_argument("--repo-id", default="adbray/local", help="any name: the data is read from ROOT")
     args = parser.parse_args(argv)
@@ -47,8 +51,14 @@ def main(argv=None) -> None:
     import torchvision_stand_in
 
     stand_in = torchvision_stand_in.install()
+    import torch
+    import torchcodec.decoders  # noqa: F401 - lerobot imports it at the first video read
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+    if not args.datasets:
+        print(f"lerobot {version('lerobot')}, torch {torch.__version__}, torchcodec {version('torchcodec')}, "
+              f"torchvision {'stand-in' if stand_in else version('torchvision')}")
+        return
     items = parse_items(args.items)
     for root, out in zip(args.datasets[::2], args.datasets[1::2]):
         ds = LeRobotDataset(args.repo_id, root=root)
