@@ -69,6 +69,30 @@ class EvaluateConfig(StrictModel):
                                   description="fail the run when BC closes less of the random->expert gap")
 
 
+class VisionConfig(StrictModel):
+    """The vision policy (step ``train_vision``): a small CNN on one camera's frames (+ the state vector),
+    trained with Ray Train on the collected video dataset read back through Ray Data."""
+
+    enabled: bool = Field(True, description="train_vision runs in the all-in-one run when cameras.names is "
+                                            "non-empty and this is true")
+    camera: str | None = Field(None, description="the camera the policy sees; unset: the first of cameras.names")
+    use_state: bool = Field(True, description="also feed the state vector; false: the frames alone")
+    channels: list[int] = Field(default_factory=lambda: [8, 16, 32, 32], min_length=1,
+                                description="conv layers, stride 2 but the last (96x96 -> 12x12 with four), "
+                                            "then a spatial softmax: an (x, y) per channel of the last")
+    hidden: int = Field(256, ge=1)
+    num_workers: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    shuffle_rows: int = Field(2000, ge=1, description="each worker's local shuffle buffer (frames)")
+    checkpoint_every: int = Field(10, ge=1, description="epochs between checkpoints")
+    seed: int = 0
+
+
 class CamerasConfig(StrictModel):
     """Cameras rendered in the simulator actors (MuJoCo offscreen, CPU) and stored as LeRobot v3 video.
 
@@ -124,6 +148,7 @@ class EmbodiedConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     cameras: CamerasConfig = CamerasConfig()
+    vision: VisionConfig = VisionConfig()
 
     @model_validator(mode="after")
     def _cameras_exist(self):

@@ -5,9 +5,10 @@ folder's cloned policy (output ``policy``), rolls it and the expert and random
 policies out on ``evaluate.episodes`` seeds starting at ``evaluate.seed`` (disjoint
 from the collect seeds) and writes ``evaluation.json``, ``evaluation.png`` (returns) and
 ``evaluation_success.png`` (success rates) into the run folder (local or object storage,
-through :mod:`pipelines.io`). A policy cloned from the user's dataset (``policy/dataset.json``
-says so) gets the held-out action MSE against the mean-action baseline (``evaluation_offline.png``)
-and the simulator evaluation only when the dataset named one of our envs (:mod:`embodied.inputs`).
+through :mod:`pipelines.io`). When the run trained a vision policy (output ``vision_policy``, step
+``train_vision``), it is rolled out too, with its camera rendered (``vision_*`` metrics, no bar).
+A policy cloned from the user's dataset (``policy/dataset.json`` says so) gets the held-out action
+MSE against the mean-action baseline (``evaluation_offline.png``) and the simulator evaluation only when the dataset named one of our envs (:mod:`embodied.inputs`).
 """
 from __future__ import annotations
 
@@ -43,15 +44,24 @@ def gap_closed(bc: float, expert: float, random: float) -> float:
     return float("nan") if gap <= 0 else (bc - random) / gap
 
 
-def simulate(cfg: EmbodiedConfig, weights: dict, env_id: str) -> dict[str, dict]:
-    """bc, expert (where ``env_id`` has one) and random on the held-out seeds: return, success rate, episodes."""
+def simulate(cfg: EmbodiedConfig, weights: dict, env_id: str, vision: dict | None = None) -> dict[str, dict]:
+    """bc, vision (with its weights), expert (where ``env_id`` has one) and random on the held-out seeds:
+    return, success rate, episodes. The vision policy's camera is rendered at the size it was trained on,
+    whatever ``cameras`` says (the other policies render nothing)."""
     e = cfg.evaluate
-    cfg = cfg.model_copy(update={"env": cfg.env.model_copy(update={"id": env_id})})
+    update = {"env": cfg.env.model_copy(update={"id": env_id})}
+    if vision is not None:
+        update["cameras"] = cfg.cameras.model_copy(update={"names": [vision["camera"]], "width": vision["width"],
+                                                           "height": vision["height"]})
+    cfg = cfg.model_copy(update=update)
     episodes = [(k, e.seed + k) for k in range(e.episodes)]
     bc = policy_spec("mlp", env_id, weights=weights)
     rollout = Rollout(cfg, bc, e.mode, record=False)
     try:
         results = {"bc": rollout_returns(rollout, bc, episodes, e.mode)}
+        if vision is not None:
+            results["vision"] = rollout_returns(rollout, policy_spec("vision", env_id, weights=vision), episodes,
+                                                e.mode)
         if env_id in EXPERTS:
             results["expert"] = rollout_returns(rollout, policy_spec("expert", env_id), episodes, "local")
         results["random"] = rollout_returns(rollout, policy_spec("random", env_id, seed=e.seed), episodes, "local")
@@ -67,6 +77,9 @@ def write_simulation(cfg: EmbodiedConfig, results: dict, env_id: str, run_dir: s
                for key, value in (("return", r["return"]), ("success_rate", r["success_rate"]))}
     if "expert" in results:
         metrics["gap_closed"] = gap_closed(metrics["bc_return"], metrics["expert_return"], metrics["random_return"])
+        if "vision" in results:  # reported, no bar yet
+            metrics["vision_gap_closed"] = gap_closed(metrics["vision_return"], metrics["expert_return"],
+                                                      metrics["random_return"])
     metrics["eval_episodes"] = e.episodes
     report = {"env": env_id, "seeds": [e.seed, e.seed + e.episodes - 1], "policies": results}
     title = f"{env_id}: held-out seeds ({e.episodes} episodes)"
@@ -81,15 +94,16 @@ def write_simulation(cfg: EmbodiedConfig, results: dict, env_id: str, run_dir: s
     return metrics, report, failure
 
 
-def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str, check: bool = True, env_id: str | None = None):
-    """Roll out bc, expert and random on the held-out seeds of ``env_id`` (default ``env.id``); write JSON +
-    PNG; return metrics.
+def evaluate(cfg: EmbodiedConfig, weights: dict, run_dir: str, check: bool = True, env_id: str | None = None,
+             vision: dict | None = None):
+    """Roll out bc (and the ``vision`` policy, given its weights), expert and random on the held-out seeds of
+    ``env_id`` (default ``env.id``); write JSON + PNG; return metrics.
 
     A cloned policy below ``evaluate.min_gap_closed`` raises RunFailed (after writing), or with
     ``check=False`` comes back as ``(metrics, failure)`` for the step to report.
     """
     env_id = env_id or cfg.env.id
-    results = simulate(cfg, weights, env_id)
+    results = simulate(cfg, weights, env_id, vision)
     metrics, report, failure = write_simulation(cfg, results, env_id, run_dir)
     write_json(join(run_dir, "evaluation.json"), {**report, **metrics})
     if failure and check:
@@ -132,7 +146,8 @@ def run(cfg: EmbodiedConfig, run: Run) -> StepResult:
     trained_on = read_json(join(policy, TRAINED_ON)) if exists(join(policy, TRAINED_ON)) else {}
     if trained_on.get("source") == "input":
         return evaluate_on_input(cfg, weights, trained_on, run)
-    metrics, failure = evaluate(cfg, weights, run.dir, check=False, env_id=trained_on.get("env"))
+    vision = load_weights(run.outputs["vision_policy"]) if "vision_policy" in run.outputs else None
+    metrics, failure = evaluate(cfg, weights, run.dir, check=False, env_id=trained_on.get("env"), vision=vision)
     outputs = {"evaluation": run.path("evaluation.json"), "plot": run.path("evaluation.png"),
                "plot_success": run.path("evaluation_success.png")}
     return StepResult(outputs, metrics, failure=failure)

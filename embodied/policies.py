@@ -217,13 +217,13 @@ EXPERTS = {"Reacher-v5": ReacherExpert, "Pusher-v5": PusherExpert}
 
 def policy_spec(kind: str, env_id: str, seed: int = 0, weights: dict | None = None) -> dict:
     """A small, picklable description of a policy for actors to build."""
-    if kind not in ("expert", "random", "mlp"):
-        raise ValueError(f"unknown policy kind {kind!r} (allowed: expert, random, mlp)")
+    if kind not in ("expert", "random", "mlp", "vision"):
+        raise ValueError(f"unknown policy kind {kind!r} (allowed: expert, random, mlp, vision)")
     if kind == "expert" and env_id not in EXPERTS:
         raise ValueError(f"no scripted expert for {env_id!r} (have: {', '.join(EXPERTS)}); "
                          "collect with policy random or bring a dataset")
-    if kind == "mlp" and weights is None:
-        raise ValueError("an mlp policy needs weights (a trained checkpoint)")
+    if kind in ("mlp", "vision") and weights is None:
+        raise ValueError(f"the {kind} policy needs weights (a trained checkpoint)")
     return {"kind": kind, "env_id": env_id, "seed": int(seed), "weights": weights}
 
 
@@ -237,4 +237,8 @@ def make_policy(spec: dict, device: str | None = None):
 
         facts = env_facts(env_id)
         return RandomPolicy(facts["low"], facts["high"], seed=spec["seed"])
+    if kind == "vision":  # called with images={camera: frames} (see embodied.vision)
+        from .vision import VisionPolicy
+
+        return VisionPolicy(spec["weights"], device=device)
     return TorchPolicy(spec["weights"], device=device)

@@ -1,7 +1,7 @@
 """The embodied template's declaration (see :mod:`pipelines.template`)."""
 from pipelines.template import Step, Template
 
-from . import evaluate, rollout, train
+from . import evaluate, rollout, train, vision
 from .config import TEMPLATE as NAME
 from .config import EmbodiedConfig, load
 from .inputs import FRAMES, describe
@@ -55,11 +55,15 @@ TEMPLATE = Template(
         Step("train", train.run, needs=train_needs, makes=("policy", "plot_loss"),
              help="behaviour cloning on the episodes (or --input DATASET) with Ray Train; final checkpoint "
                   "as policy/, learning curve"),
+        Step("train_vision", vision.run, needs=("episodes",), makes=("vision_policy", "plot_loss_vision"),
+             preflight=vision.check_vision, when=vision.training_vision,
+             help="a CNN policy on the episodes' camera frames (+ state) with Ray Train, read back through "
+                  "Ray Data; runs when cameras.names is set (and vision.enabled); vision_policy/, learning curve"),
         Step("evaluate", evaluate.run, needs=("policy",), makes=("evaluation", "plot", "plot_success"),
              preflight=expert_exists,
-             help="cloned policy vs expert and random on held-out seeds (with --input: held-out action MSE, "
-                  "and the simulator only for a dataset of a known env; evaluation.json, return and "
-                  "success plots)"),
+             help="cloned policy (and the vision policy, when trained) vs expert and random on held-out seeds "
+                  "(with --input: held-out action MSE, and the simulator only for a dataset of a known env; "
+                  "evaluation.json, return and success plots)"),
     ],
     test_overrides=["collect.episodes=24", "simulator.envs_per_actor=4", "train.epochs=2",
                     "train.checkpoint_every=1", "evaluate.episodes=8", "evaluate.min_gap_closed=0"],

@@ -193,7 +193,7 @@ def test_preflight_refuses_a_missing_expert_before_any_ray_work(capsys, monkeypa
     assert TEMPLATE.main(["--set", "env.id=Pusher-v5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no scripted expert" in err[0]
-    assert [s.name for s in TEMPLATE.steps] == ["collect", "train", "evaluate"]
+    assert [s.name for s in TEMPLATE.steps] == ["collect", "train", "train_vision", "evaluate"]
 
 
 @pytest.mark.gpu
