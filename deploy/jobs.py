@@ -597,7 +597,7 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: fl
 
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
     deadline = time.time() + timeout if timeout else None
-    outage = Outage(reconnect_s, err, sleep, poll_s)
+    outage = Outage(min(reconnect_s, timeout) if timeout else reconnect_s, err, sleep, poll_s)
     suspect = False  # the node table is read after an outage or a failed log read, until the job ends
     broke = None  # why the stream broke: said once the dashboard answers (an outage says it otherwise)
     try:

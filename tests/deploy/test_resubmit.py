@@ -160,6 +160,9 @@ def test_following_gives_up_after_the_reconnect_timeout():
         jobs.follow(Gone(), "raysubmit_a", out=io.StringIO(), err=err, reconnect_s=0.05, poll_s=0,
                     sleep=lambda s: time.sleep(0.02))
     assert not isinstance(e.value, jobs.JobLost) and err.getvalue().rstrip().endswith("gave up")
+    with pytest.raises(jobs.SubmitError, match="did not answer for"):  # --timeout bounds the outage too
+        jobs.follow(Gone(), "raysubmit_a", out=io.StringIO(), err=io.StringIO(), timeout=0.05, poll_s=0,
+                    sleep=lambda s: time.sleep(0.02))
 
 
 def test_resubmission_waits_for_the_heads_job_agent():
