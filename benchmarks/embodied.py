@@ -10,11 +10,20 @@ simulators by the policy actor, trajectories recorded and returned as in
     python benchmarks/embodied.py [--env Reacher-v5] [--steps 100000] [--set simulator.envs_per_actor=32]
 
 Bare and Ray rounds alternate (``--rounds``) so drifting machine load hits both
-sides alike. Prints one JSON line last: env, steps_per_s, bare_steps_per_s,
-ratio (+ setup, machine).
+sides alike. Prints one JSON line: env, steps_per_s, bare_steps_per_s, ratio
+(+ setup, machine).
+
+Then, in the same run, the same with cameras (``--cameras top``; empty to skip):
+the Ray simulators render each camera every step (``cameras.width`` x
+``cameras.height``) and return the recorded frames to the object store as in
+``collect`` (the MP4 encoding tasks are not timed); the bare loop renders the
+same cameras with the same renderer (:class:`embodied.cameras.CameraRig`, one
+for all envs) after every vector step. Its own JSON line (last): camera_steps_per_s,
+camera_bare_steps_per_s, camera_ratio.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -41,7 +50,7 @@ def random_mlp(env_id: str, hidden, seed: int = 0) -> dict:
 class BareLoop:
     """A plain gymnasium vector env stepping all envs, one batched policy call per step."""
 
-    def __init__(self, env_id: str, policy: dict, num_envs: int):
+    def __init__(self, env_id: str, policy: dict, num_envs: int, cameras: dict | None = None):
         import gymnasium as gym
         import torch
 
@@ -50,13 +59,21 @@ class BareLoop:
         self.act = make_policy(policy, device=None)
         self.obs, _ = self.envs.reset(seed=0)
         self.num_envs = num_envs
+        self.rig = None
+        if cameras:
+            from embodied.cameras import CameraRig
+
+            self.rig = CameraRig(env_id, self.envs.envs[0].unwrapped.model, cameras["names"], cameras["width"],
+                                 cameras["height"], cameras["shadows"])
         self.run(10 * num_envs)  # warm-up
 
     def run(self, steps: int) -> tuple[int, float]:
-        """(env steps, seconds) for about ``steps`` env steps."""
+        """(env steps, seconds) for about ``steps`` env steps (each env's cameras rendered every step)."""
         iterations = max(1, steps // self.num_envs)
         with timer() as elapsed:
             for _ in range(iterations):
+                if self.rig is not None:
+                    self.frames = [self.rig.render(env.unwrapped.data) for env in self.envs.envs]
                 self.obs, *_ = self.envs.step(self.act(self.obs))
         return iterations * self.num_envs, elapsed()
 
@@ -69,7 +86,7 @@ def measure(cfg, policy: dict, steps: int, rounds: int) -> dict:
 
     per_episode = env_facts(cfg.env.id)["max_episode_steps"]
     envs = cfg.simulator.max_actors * cfg.simulator.envs_per_actor
-    bare = BareLoop(cfg.env.id, policy, envs)
+    bare = BareLoop(cfg.env.id, policy, envs, cfg.cameras.model_dump() if cfg.cameras.names else None)
     rollout = Rollout(cfg, policy, "batched", record=True)
     totals = {"bare": [0, 0.0], "ray": [0, 0.0]}
     try:
@@ -98,18 +115,35 @@ def measure(cfg, policy: dict, steps: int, rounds: int) -> dict:
 @click.option("--rounds", default=4, show_default=True, help="alternating bare/Ray rounds")
 @click.option("--set", "overrides", multiple=True, help="config override, e.g. simulator.envs_per_actor=32")
 @click.option("--address", default=None, help="Ray address (default: a local in-process Ray)")
-def main(env_id, steps, rounds, overrides, address):
+@click.option("--cameras", default="top", show_default=True,
+              help="comma-separated cameras for the cameras-on measurement; empty: skip it")
+@click.option("--camera-steps", default=8_000, show_default=True, help="env steps timed on each side, cameras on")
+@click.option("--no-state", is_flag=True, help="skip the state-only measurement")
+def main(env_id, steps, rounds, overrides, address, cameras, camera_steps, no_state):
     run = guard("embodied")
     from embodied.template import TEMPLATE
 
     cfg = config_mod.load(None, [f"env.id={env_id}", "simulator.envs_per_actor=32", *overrides])
+    cameras = [c for c in cameras.split(",") if c]
+    camera_cfg = config_mod.load(None, [f"env.id={env_id}", "simulator.envs_per_actor=32", *overrides,
+                                        f"cameras.names=[{','.join(cameras)}]"]) if cameras else None
+    os.environ.setdefault("MUJOCO_GL", cfg.cameras.gl)  # the bare loop renders in this process
     policy = policy_spec("mlp", env_id, weights=random_mlp(env_id, cfg.train.hidden))
     TEMPLATE.connect(cfg, address)
-    result = measure(cfg, policy, steps, rounds)
-    ray_rate, bare_rate = result.pop("steps_per_s"), result.pop("bare_steps_per_s")
-    emit({"env": env_id, "steps_per_s": round(ray_rate, 1), "bare_steps_per_s": round(bare_rate, 1),
-          "ratio": round(ray_rate / bare_rate, 3), "envs": cfg.simulator.max_actors * cfg.simulator.envs_per_actor,
-          "simulators": cfg.simulator.max_actors, "steps_per_call": cfg.simulator.steps_per_call, **result}, run)
+    setup = {"env": env_id, "envs": cfg.simulator.max_actors * cfg.simulator.envs_per_actor,
+             "simulators": cfg.simulator.max_actors, "steps_per_call": cfg.simulator.steps_per_call}
+    if not no_state:
+        result = measure(cfg, policy, steps, rounds)
+        ray_rate, bare_rate = result.pop("steps_per_s"), result.pop("bare_steps_per_s")
+        emit({**setup, "steps_per_s": round(ray_rate, 1), "bare_steps_per_s": round(bare_rate, 1),
+              "ratio": round(ray_rate / bare_rate, 3), **result}, run)
+    if camera_cfg is not None:
+        result = measure(camera_cfg, policy, camera_steps, rounds)
+        ray_rate, bare_rate = result.pop("steps_per_s"), result.pop("bare_steps_per_s")
+        c = camera_cfg.cameras
+        emit({**setup, "camera_steps_per_s": round(ray_rate, 1), "camera_bare_steps_per_s": round(bare_rate, 1),
+              "camera_ratio": round(ray_rate / bare_rate, 3), "cameras": c.names, "camera_size": [c.height, c.width],
+              "camera_gl": os.environ["MUJOCO_GL"], **{f"camera_{k}": v for k, v in result.items()}}, run)
 
 if __name__ == "__main__":
     main()

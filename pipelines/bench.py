@@ -58,6 +58,7 @@ TARGETS = (
            valid="online_valid", where={"online_target_rps": 50}),
     Target("recsys", "DDP training / bare loop", "train_ratio", ">=", 0.8),
     Target("embodied", "rollout steps/s / bare vector env", "ratio", ">=", 0.7),
+    Target("embodied", "rollout with cameras / bare vector env rendering them", "camera_ratio", ">=", 0.7),
 )
 
 
