@@ -105,7 +105,7 @@ class VisionPolicy:
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.camera, self.use_state = weights["camera"], weights["state_dim"] > 0
+        self.camera = weights["camera"]
         self.shape = (weights["height"], weights["width"], 3)
         self.model = build_cnn(weights["height"], weights["width"], weights["state_dim"], weights["act_dim"],
                                weights["channels"], weights["hidden"])
@@ -161,6 +161,12 @@ def episode_frames(batch: dict, root: str, camera: str) -> dict:
             "action": np.concatenate(actions)}
 
 
+def recorded_cameras(info: dict) -> list[str]:
+    """The cameras a dataset holds video of (its ``observation.images.<camera>`` video features)."""
+    return [k.split(".", 2)[2] for k, f in info.get("features", {}).items()
+            if k.startswith("observation.images.") and f.get("dtype") == "video"]
+
+
 def episode_rows(root: str, camera: str) -> list[dict]:
     """The episode metadata rows a reader needs (index, data file, length, the camera's video columns)."""
     table = read_episodes(root)
@@ -176,10 +182,8 @@ def read_vision_dataset(root: str, camera: str, episodes_per_task: int = 1):
     particular order unless Ray Data's ``preserve_order`` is set)."""
     import ray
 
-    info = read_json(join(root, "meta", "info.json"))
-    key = f"observation.images.{camera}"
-    videos = [k.split(".", 2)[2] for k, f in info.get("features", {}).items() if f.get("dtype") == "video"]
-    if key not in info.get("features", {}):
+    videos = recorded_cameras(read_info(root))
+    if camera not in videos:
         raise ValueError(f"dataset {root} has no video of camera {camera!r} "
                          f"(cameras: {', '.join(videos) or 'none'}): collect with cameras.names=[{camera}]")
     rows = episode_rows(root, camera)
@@ -300,7 +304,7 @@ def vision_camera(cfg, info: dict | None = None) -> str:
     """The camera the vision policy sees: ``vision.camera``, else the first of ``cameras.names``, else (given
     the dataset's ``info``) its first recorded camera."""
     names = list(cfg.cameras.names)
-    recorded = [k.split(".", 2)[2] for k, f in (info or {}).get("features", {}).items() if f.get("dtype") == "video"]
+    recorded = recorded_cameras(info or {})
     camera = cfg.vision.camera or (names[0] if names else None) or (recorded[0] if recorded else None)
     if not camera:
         raise ValueError("the vision policy needs camera frames: collect with cameras.names (e.g. --set "
@@ -333,10 +337,10 @@ def run(cfg, run: Run) -> StepResult:
     camera = vision_camera(cfg, info)
     env_id = info["robot_type"]
     facts = env_facts(env_id)
-    feature = info["features"].get(f"observation.images.{camera}")
-    if not feature:
-        raise ValueError(f"dataset {dataset} has no frames of camera {camera!r}: collect with "
-                         f"cameras.names=[{camera}]")
+    if camera not in recorded_cameras(info):
+        raise ValueError(f"dataset {dataset} has no video of camera {camera!r} (cameras: "
+                         f"{', '.join(recorded_cameras(info)) or 'none'}): collect with cameras.names=[{camera}]")
+    feature = info["features"][f"observation.images.{camera}"]
     height, width = int(feature["shape"][0]), int(feature["shape"][1])
     stats = read_json(join(dataset, "meta", "stats.json"))
     state_dim = facts["obs_dim"] if cfg.vision.use_state else 0

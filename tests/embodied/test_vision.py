@@ -106,6 +106,22 @@ def test_vision_policy_acts_within_bounds_and_needs_its_camera(rendered_reacher)
 
 
 
+
+def test_train_vision_joins_the_run_with_cameras_and_checks_its_camera_before_ray(capsys):
+    from embodied.config import load
+    from embodied.template import TEMPLATE
+    from embodied.vision import recorded_cameras, training_vision, vision_camera
+
+    assert not training_vision(load())  # no cameras: state only, as before
+    with_camera = load(None, ["cameras.names=[top, side]"])
+    assert training_vision(with_camera) and vision_camera(with_camera) == "top"
+    assert not training_vision(load(None, ["cameras.names=[top]", "vision.enabled=false"]))
+    info = {"features": {"observation.images.side": {"dtype": "video"}, "observation.state": {"dtype": "float32"}}}
+    assert recorded_cameras(info) == ["side"] and vision_camera(load(), info) == "side"
+    assert TEMPLATE.main(["--set", "cameras.names=[top]", "--set", "vision.camera=side"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vision.camera 'side' is not recorded" in err[0], err
+
 @pytest.mark.gpu
 def test_vision_policy_runs_on_cuda_and_matches_cpu(rendered_reacher):
     import torch
