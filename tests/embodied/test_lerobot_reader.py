@@ -28,6 +28,7 @@ READER = Path(__file__).resolve().parent / "lerobot_reader" / "read_lerobot.py"
 LEROBOT = "0.4.4"
 COLUMNS = ("index", "episode_index", "frame_index", "timestamp")
 MAX_MAE = 8.0  # of 255: lerobot's decoded frame vs the rendered one, mean absolute pixel error
+SAME = 0.05  # MAE difference below which two rendered frames match a decoded one equally well
 EPISODES = 3
 ITEMS = [(0, 0), (1, 17), (2, 49)]  # (episode, frame): start of a video file, inside one, a later file
 CAMERAS = {"Reacher-v5": ["top", "side"], "Pusher-v5": ["top", "front"]}
@@ -159,3 +160,6 @@ def test_camera_dataset_decodes_with_lerobot_to_the_rendered_frames(datasets, en
             own, other = rendered[e][camera][i], rendered[(e + 1) % EPISODES][camera][i]
             assert mae(decoded[n], own) <= MAX_MAE, (env_id, camera, e, i, mae(decoded[n], own))
             assert mae(decoded[n], own) < mae(decoded[n], other), (env_id, camera, e, i)
+            # the right time too: no frame 3+ steps away matches better (a still scene ties)
+            away = [mae(decoded[n], frame) for j, frame in enumerate(rendered[e][camera]) if abs(j - i) >= 3]
+            assert mae(decoded[n], own) <= min(away) + SAME, (env_id, camera, e, i, mae(decoded[n], own), min(away))
