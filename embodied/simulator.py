@@ -125,15 +125,20 @@ class Simulator:
             if not active:
                 break
             obs = np.stack([self.slots[i].obs for i in active])
-            rendered = self._render(active)
-            images = None
-            if self.policy_images:
+            if self.policy_images:  # the policy sees this step's frames: render first
+                rendered = self._render(active)
                 images = {c: np.stack([r[c] for r in rendered]) for c in self.rig.names}
-            if self.local_policy is not None:
-                actions = self.local_policy(obs, images=images) if images else self.local_policy(obs)
-            else:
-                act = self.policy_actor.act
-                actions = ray.get(act.remote(obs, images=images) if images else act.remote(obs))
+                if self.local_policy is not None:
+                    actions = self.local_policy(obs, images=images)
+                else:
+                    actions = ray.get(self.policy_actor.act.remote(obs, images=images))
+            elif self.local_policy is not None:
+                actions = self.local_policy(obs)
+                rendered = self._render(active)
+            else:  # render the frames to record while the policy actor computes the actions
+                pending = self.policy_actor.act.remote(obs)
+                rendered = self._render(active)
+                actions = ray.get(pending)
             for i, action, frames in zip(active, actions, rendered):
                 slot = self.slots[i]
                 next_obs, reward, terminated, truncated, _ = self.envs[i].step(action)
