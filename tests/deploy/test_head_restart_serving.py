@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER_RPS, HEAD_RPS = 50.0, 5.0
 TIMEOUT_S = 10.0  # a client's timeout per request; a request past it is an error
 AFTER_S = 10.0  # load kept on after the head is back, every request of which must succeed
+# The one failure this test expects (xfail, only for it; everything else asserts): in Ray 2.60 a replica looks
+# its proxy up by name in the GCS for every HTTP request (ray.get_actor in serve/_private/common.py,
+# StreamingHTTPRequest.receive_asgi_messages) to read the body, so a worker's proxy stalls while the head is
+# down and, measured here, stays degraded after the restart while the new head proxy answers every request
+# (docs/deploy.md, Head restart). Delete the xfail when Ray fixes it.
+RAY_260_PROXY = "Ray 2.60: per-request GCS lookup of the proxy by the replica"
 CARD = 424242  # a card scored only before and after the restart: its history lives in the feature store
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 
@@ -118,11 +124,6 @@ def outage(records: list[dict], since: float) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "Ray 2.60: for every HTTP request a replica looks its proxy up by name in the GCS "
-    "(ray.get_actor in serve/_private/common.py StreamingHTTPRequest.receive_asgi_messages) to read the body: "
-    "while the head is down the worker proxy's requests hang (timeouts, 400s), and after the restart that old "
-    "worker proxy keeps timing out most requests while the new head proxy answers all (docs/deploy.md, Head restart)"))
 def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
     from tests.deploy.test_serve_command import adbray, tiny_run
 
@@ -158,32 +159,35 @@ def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
         assert restarted.returncode == 0, restarted.stderr[-3000:]
         took = json.loads(restarted.stdout.strip().splitlines()[-1])
         # the head is back: the cluster is whole (restart-head returned) and every proxy routes the app
-        deadline = time.monotonic() + 120
-        while True:
+        deadline, codes = time.monotonic() + 90, []
+        while time.monotonic() < deadline and codes != [200, 200]:
             codes = []
             for base in (head_url, worker_url):
                 try:
                     codes.append(httpx.get(f"{base}/healthz", timeout=5).status_code)
                 except httpx.HTTPError as e:
                     codes.append(type(e).__name__)
-            if codes == [200, 200]:
-                break
-            assert time.monotonic() < deadline, f"not every proxy answers 120 s after the restart: {codes}"
             time.sleep(0.25)
-        back = time.monotonic()
+        back = time.monotonic() if codes == [200, 200] else None
+        assert codes[0] == 200, f"the head's proxy does not route the app 90 s after the restart: {codes}"
         time.sleep(AFTER_S)
         records = load.stop()
 
-        reply = httpx.post(f"{worker_url}/score?features=true", json=transaction(3, CARD), timeout=30).json()
-        assert reply["features"]["card_history_count"] == 3, reply  # the feature store kept CARD's history
+        # through the head's proxy (the same replica and store): the feature store kept CARD's history
+        reply = httpx.post(f"{head_url}/score?features=true", json=transaction(3, CARD), timeout=30).json()
+        assert reply["features"]["card_history_count"] == 3, reply
 
         seen = {t: outage([r for r in records if r["target"] == t], began) for t in ("worker", "head")}
-        after = [r for r in records if r["due"] >= back]
-        figures = {"restart": took, "app_back_through_every_proxy_s": round(back - began, 2),
+        after = [r for r in records if back is not None and r["due"] >= back]
+        figures = {"restart": took, "app_back_through_every_proxy_s": round(back - began, 2) if back else None,
                    "worker_proxy": seen["worker"], "head_proxy": seen["head"],
                    "sent_after_back": len(after), "failed_after_back": sum(r["status"] != 200 for r in after)}
         print("\nhead restart under load:", json.dumps(figures, indent=1))
         print("\n".join(timeline(records, began)))
+        if back is None or seen["worker"]["errors"] or figures["failed_after_back"]:
+            pytest.xfail(RAY_260_PROXY + f": {seen['worker']['errors']} errors on the worker proxy, "
+                         + (f"{figures['failed_after_back']} of {len(after)} failed after the head was back"
+                            if back else f"its /healthz still {codes[1]} 90 s after the restart"))
         assert len(after) >= 0.9 * (WORKER_RPS + HEAD_RPS) * AFTER_S, figures  # the load really ran
         assert figures["failed_after_back"] == 0, figures
         assert seen["worker"]["errors"] == 0, figures  # the worker's proxy and replica never stopped answering
