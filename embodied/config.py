@@ -46,6 +46,9 @@ class CollectConfig(StrictModel):
     mode: Literal["batched", "local"] = "batched"
     frames_per_file: int = Field(200_000, ge=1, description="data/ parquet files hold about this many frames")
     max_reject_ratio: float = Field(0.05, ge=0, le=1)
+    action_noise: float = Field(0.0, ge=0, description="DART-style noisy demonstrations: Gaussian noise of sd "
+                                "action_noise x half the action range added to the policy's action (clipped "
+                                "to the bounds, seeded per episode); the dataset records the executed action")
 
 
 class TrainConfig(StrictModel):

@@ -39,10 +39,11 @@ from .simulator import PolicyServer, Simulator, uses_images
 class Rollout:
     """A set of simulator actors (and, in ``batched`` mode, one policy actor) for one policy."""
 
-    def __init__(self, cfg: EmbodiedConfig, policy: dict, mode: str = "batched", record: bool = True):
+    def __init__(self, cfg: EmbodiedConfig, policy: dict, mode: str = "batched", record: bool = True,
+                 action_noise: float = 0.0):
         import ray
 
-        self.cfg, self.record = cfg, record
+        self.cfg, self.record, self.action_noise = cfg, record, action_noise
         self.server = None
         self.cameras = cfg.cameras.model_dump() if cfg.cameras.names else None
         options = {"num_cpus": cfg.simulator.num_cpus, "max_restarts": 0}
@@ -82,7 +83,7 @@ class Rollout:
         policy, server = self._policy_args()
         return self.sim_cls.remote(self.cfg.env.id, self.cfg.simulator.envs_per_actor, policy=policy,
                                    policy_actor=server, record=self.record, cameras=self.cameras,
-                                   policy_images=uses_images(self.policy))
+                                   policy_images=uses_images(self.policy), action_noise=self.action_noise)
 
     def policy_device(self) -> str:
         import ray
@@ -175,7 +176,7 @@ def collect(cfg: EmbodiedConfig, run_dir: str, on_progress=None, check: bool = T
     writer = LeRobotWriter(join(run_dir, "episodes"), env_id, facts, cfg.env.task, expected=c.episodes,
                            frames_per_file=c.frames_per_file,
                            cameras=cfg.cameras.model_dump() if cfg.cameras.names else None)
-    rollout = Rollout(cfg, policy, c.mode)
+    rollout = Rollout(cfg, policy, c.mode, action_noise=c.action_noise)
     bar = Progress("collect", c.episodes, "episodes")
 
     def report(r, done):

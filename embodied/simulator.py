@@ -34,8 +34,9 @@ def uses_images(policy: dict | None) -> bool:
 class EpisodeBuffer:
     """The frames of one running episode."""
 
-    def __init__(self, episode_id: int, seed: int, obs: np.ndarray):
+    def __init__(self, episode_id: int, seed: int, obs: np.ndarray, noise_rng=None):
         self.id, self.seed, self.obs = episode_id, seed, obs
+        self.noise_rng = noise_rng  # the episode's action noise (collect.action_noise > 0), else None
         self.states, self.actions, self.rewards = [], [], []
         self.images: dict[str, list] = {}
 
@@ -68,9 +69,14 @@ class Simulator:
     """Steps ``num_envs`` copies of an env; actions come from a local policy or a policy actor."""
 
     def __init__(self, env_id: str, num_envs: int, policy: dict | None = None, policy_actor=None,
-                 record: bool = True, cameras: dict | None = None, policy_images: bool = False):
+                 record: bool = True, cameras: dict | None = None, policy_images: bool = False,
+                 action_noise: float = 0.0):
         self.env_id, self.record = env_id, record
         self.envs = [make_env(env_id) for _ in range(num_envs)]
+        space = self.envs[0].action_space
+        self.low, self.high = space.low, space.high
+        # DART-style noisy demonstrations: sd = action_noise x half the action range, per episode seed
+        self.noise_sd = action_noise * (space.high - space.low) / 2.0
         self.slots: list[EpisodeBuffer | None] = [None] * num_envs
         self.queue: deque = deque()
         self.rig = None
@@ -107,7 +113,8 @@ class Simulator:
                 episode_id, seed = self.queue.popleft()
                 obs, _ = self.envs[i].reset(seed=int(seed))
                 if np.all(np.isfinite(obs)):
-                    slot = self.slots[i] = EpisodeBuffer(episode_id, seed, obs.astype(np.float32))
+                    rng = np.random.default_rng([int(seed), 1]) if np.any(self.noise_sd > 0) else None
+                    slot = self.slots[i] = EpisodeBuffer(episode_id, seed, obs.astype(np.float32), rng)
                 else:
                     finished.append(EpisodeBuffer(episode_id, seed, obs).finish(
                         self.env_id, self.record, reject="non-finite observation at reset"))
@@ -141,6 +148,9 @@ class Simulator:
                 actions = ray.get(pending)
             for i, action, frames in zip(active, actions, rendered):
                 slot = self.slots[i]
+                if slot.noise_rng is not None:  # the dataset records the executed (noisy) action
+                    noisy = action + slot.noise_rng.normal(0.0, self.noise_sd)
+                    action = np.clip(noisy, self.low, self.high).astype(np.float32)
                 next_obs, reward, terminated, truncated, _ = self.envs[i].step(action)
                 slot.add(action, reward, next_obs.astype(np.float32), frames if self.record else None)
                 env_steps += 1

@@ -164,6 +164,28 @@ def test_simulator_returns_only_whole_episodes():
     assert all(e["length"] == 50 and e["state"].shape == (50, 10) and e["success"] for e in ended)
 
 
+def test_action_noise_records_the_executed_action_within_bounds_per_seed():
+    expert = make_policy(policy_spec("expert", "Reacher-v5"))
+    low, high = np.asarray(env_facts("Reacher-v5")["low"]), np.asarray(env_facts("Reacher-v5")["high"])
+
+    def collect(noise):
+        sim = Simulator("Reacher-v5", num_envs=2, policy=policy_spec("expert", "Reacher-v5"), action_noise=noise)
+        return sorted(sim.advance([(0, 10), (1, 11), (2, 12)], steps=200)["episodes"], key=lambda e: e["id"])
+
+    for e in collect(0.0):  # no noise: the expert's own actions
+        np.testing.assert_allclose(e["action"], expert(e["state"]), atol=1e-6)
+    noisy, again = collect(0.5), collect(0.5)
+    for e, same in zip(noisy, again):
+        np.testing.assert_array_equal(e["action"], same["action"])  # seeded per episode
+        assert np.all(e["action"] >= low) and np.all(e["action"] <= high)
+        assert np.abs(e["action"] - expert(e["state"])).mean() > 0.05
+        env = make_env("Reacher-v5")  # replaying the recorded actions reproduces the recorded states
+        obs, _ = env.reset(seed=e["seed"])
+        for t, action in enumerate(e["action"]):
+            np.testing.assert_allclose(obs, e["state"][t], atol=1e-5)
+            obs, *_ = env.step(action)
+
+
 def test_policy_server_batches_concurrent_requests():
     server = PolicyServer(policy_spec("expert", "Reacher-v5"), clients=3, batch_wait_ms=50)
     obs = np.zeros((4, 10), dtype=np.float32)
