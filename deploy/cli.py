@@ -839,11 +839,16 @@ def jobs_list(address, group_name, cluster_id, region, endpoint, token_file, as_
     """Jobs on the cluster, newest first (secret --set values and URL passwords masked). A job that died with
     the node its driver ran on (a head restart) shows as FAILED with the reason, though Ray may still list
     it RUNNING."""
-    from .jobs import lost_reason, may_be_lost, node_table, redact, redact_command, status_name
+    from .jobs import error_line, lost_reason, may_be_lost, node_table, redact, redact_command, status_name
 
     target, client = _jobs_client(address, group_name, cluster_id, region, endpoint, token_file)
     rows = sorted(_job_call(target, client.list_jobs), key=lambda j: j.start_time or 0, reverse=True)
-    nodes = _job_call(target, node_table, target) if any(may_be_lost(j) for j in rows) else []
+    try:
+        nodes = node_table(target) if any(may_be_lost(j) for j in rows) else []
+    except Exception as e:  # noqa: BLE001 - the jobs still list, as Ray reports them
+        nodes = []
+        click.echo(f"warning: no node table ({error_line(e, target)}): a job lost with its node shows as Ray "
+                   "reports it", err=True)
     shown = []
     for j in rows:
         lost = lost_reason(j, nodes)
@@ -876,7 +881,10 @@ def jobs_logs(job_id, address, group_name, cluster_id, region, endpoint, token_f
     try:
         click.echo(client.get_job_logs(job_id), nl=False)
     except Exception as e:  # noqa: BLE001 - any failure of an API call becomes one line
-        lost = lost_reason(_job_call(target, client.get_job_info, job_id), _job_call(target, node_table, target))
+        try:
+            lost = lost_reason(client.get_job_info(job_id), node_table(target))
+        except Exception:  # noqa: BLE001 - cannot tell: the log read's own error is the one to show
+            lost = None
         fail(f"the logs of job {job_id} were on its driver's node, gone with it: {lost}" if lost
              else error_line(e, target), 1)
 

@@ -614,6 +614,8 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: fl
             except Exception as e:  # the job client raises its own exception tree
                 if not unreachable(e):
                     raise
+                if deadline and time.time() > deadline:  # --timeout bounds an outage that began late, too
+                    outage.give_up(f"job {job_id}", f"past the {timeout:.0f}s timeout")
                 outage.wait(e, f"job {job_id}")
                 suspect, broke = True, None
                 continue
@@ -643,7 +645,10 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout: fl
             sleep(poll_s)
     except KeyboardInterrupt:
         print(f"\ninterrupted: stopping job {job_id}", file=err)
-        client.stop_job(job_id)
+        try:
+            client.stop_job(job_id)
+        except Exception as e:  # noqa: BLE001 - the dashboard may be down (a head restart): say so in one line
+            print(f"could not stop job {job_id}: {first_line(e)}; stop it with: adbray jobs stop {job_id}", file=err)
         raise
 
 
@@ -766,16 +771,21 @@ class Outage:
             self.since, self.tries = time.monotonic(), 0
             self.err.write(f"dashboard unreachable ({outage_text(e)}): the head may be restarting; "
                            f"following {what} again once it answers (up to {self.limit_s:.0f}s) ")
-        elapsed = time.monotonic() - self.since
-        if elapsed > self.limit_s:
-            self.err.write("gave up\n")
-            self.err.flush()
-            raise SubmitError(f"the dashboard did not answer for {elapsed:.0f}s: the state of {what} is unknown "
-                              "(adbray jobs list once the cluster is back)")
+        if time.monotonic() - self.since > self.limit_s:
+            self.give_up(what)
         self.err.write(".")
         self.err.flush()
         self.sleep(min(self.poll_s * 2 ** self.tries, 10.0))
         self.tries += 1
+
+    def give_up(self, what: str, why: str = "") -> None:
+        """End the progress line and raise the one-line SubmitError (``why``: besides the time)."""
+        elapsed = time.monotonic() - self.since if self.since is not None else 0.0
+        if self.since is not None:
+            self.err.write("gave up\n")
+            self.err.flush()
+        raise SubmitError(f"the dashboard did not answer for {elapsed:.0f}s{f' ({why})' if why else ''}: the state "
+                          f"of {what} is unknown (adbray jobs list once the cluster is back)")
 
     def over(self) -> None:
         if self.since is not None:

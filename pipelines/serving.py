@@ -370,7 +370,7 @@ def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Se
         took = [latency for _, latency in due if latency is not None]
         answered = sum(1 for _, done, latency in outcomes if latency is not None and lo <= done - start < hi)
         windows.append({"t": lo, "target_rps": next((r for a, b, r in rates if a <= lo < b), 0.0),
-                        "sent_rps": sum(1 for d, _ in sends if lo <= d - start < hi) / window_s,
+                        "sent_rps": sum(1 for _, sent in sends if lo <= sent - start < hi) / window_s,
                         "achieved_rps": answered / window_s, "errors": len(due) - len(took),
                         **{k: v for k, v in percentiles(took).items() if k != "mean_ms"}})
     n = len(offsets)

@@ -235,10 +235,25 @@ def store_kind(store: str) -> str:
     return "redis" if gcs_in_redis() else "memory"
 
 
+def _require_redis(url: str, timeout_s: float) -> None:
+    import redis
+
+    from pipelines.config import redact
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s).ping()
+    except RedisError as e:
+        raise ValueError(f"serve.store=auto on a HIGH_AVAILABILITY cluster uses Redis, but {redact(url)} does not "
+                         f"answer ({e}): set serve.redis_url, or serve.store=memory to keep the state in the "
+                         "replica (lost when it dies)") from None
+
+
 def make_store(cfg: ServeConfig):
     """The feature store ``cfg.store`` names (see :func:`store_kind`), with its bounds."""
     caps = {"max_card_recent": cfg.max_card_recent, "max_merchant_events": cfg.max_merchant_events}
     if store_kind(cfg.store) == "redis":
+        if cfg.store == "auto":  # chosen for the user: a Redis that is not there is one line, not a 503 per request
+            _require_redis(cfg.redis_url, cfg.redis_timeout_s)
         return RedisStore(cfg.redis_url, cfg.redis_prefix, cfg.redis_timeout_s, **caps)
     return MemoryStore(cfg.memory_max_entries, **caps)
 

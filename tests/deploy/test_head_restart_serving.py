@@ -134,6 +134,7 @@ def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
                                              "min_workers": 1, "max_workers": 1}])
     state = local.up(spec, disks="shared", storage=False, log=lambda *_: None)
     env = {**state.auth_env(), "RAY_ADDRESS": None}
+    load = None
     try:
         run_dir = str(tmp_path / "run")
         tiny_run(run_dir)
@@ -159,7 +160,7 @@ def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
         assert restarted.returncode == 0, restarted.stderr[-3000:]
         took = json.loads(restarted.stdout.strip().splitlines()[-1])
         # the head is back: the cluster is whole (restart-head returned) and every proxy routes the app
-        deadline, codes = time.monotonic() + 90, []
+        deadline, codes, head_back = time.monotonic() + 90, [], None
         while time.monotonic() < deadline and codes != [200, 200]:
             codes = []
             for base in (head_url, worker_url):
@@ -167,11 +168,13 @@ def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
                     codes.append(httpx.get(f"{base}/healthz", timeout=5).status_code)
                 except httpx.HTTPError as e:
                     codes.append(type(e).__name__)
+            if codes[0] == 200 and head_back is None:
+                head_back = time.monotonic()
             time.sleep(0.25)
         back = time.monotonic() if codes == [200, 200] else None
         assert codes[0] == 200, f"the head's proxy does not route the app 90 s after the restart: {codes}"
         time.sleep(AFTER_S)
-        records = load.stop()
+        records, load = load.stop(), None
 
         # through the head's proxy (the same replica and store): the feature store kept CARD's history
         reply = httpx.post(f"{head_url}/score?features=true", json=transaction(3, CARD), timeout=30).json()
@@ -184,6 +187,9 @@ def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
                    "sent_after_back": len(after), "failed_after_back": sum(r["status"] != 200 for r in after)}
         print("\nhead restart under load:", json.dumps(figures, indent=1))
         print("\n".join(timeline(records, began)))
+        # the head's proxy is not part of the expected Ray 2.60 failure: once it answers, it answers every request
+        head_after = [r for r in records if r["target"] == "head" and r["due"] >= head_back + 1.0]
+        assert head_after and all(r["status"] == 200 for r in head_after), figures
         if back is None or seen["worker"]["errors"] or figures["failed_after_back"]:
             pytest.xfail(RAY_260_PROXY + f": {seen['worker']['errors']} errors on the worker proxy, "
                          + (f"{figures['failed_after_back']} of {len(after)} failed after the head was back"
@@ -192,6 +198,8 @@ def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
         assert figures["failed_after_back"] == 0, figures
         assert seen["worker"]["errors"] == 0, figures  # the worker's proxy and replica never stopped answering
     finally:
+        if load is not None:  # a check failed under load: stop sending to a cluster about to go down
+            load.stop()
         from riskcontrol.serve import RedisStore
 
         RedisStore(redis_url, prefix).clear()

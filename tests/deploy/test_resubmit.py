@@ -165,6 +165,20 @@ def test_following_gives_up_after_the_reconnect_timeout():
                     sleep=lambda s: time.sleep(0.02))
 
 
+def test_timeout_bounds_an_outage_that_begins_late():
+    class GoneLater(FakeCluster):  # answers RUNNING for a while, then the dashboard goes away for good
+        def get_job_info(self, job_id):
+            if time.monotonic() - began < 0.1:
+                return _info("RUNNING", node=NEW_HEAD, start=T0)
+            raise OSError("Connection refused")
+
+    err, began = io.StringIO(), time.monotonic()
+    with pytest.raises(jobs.SubmitError, match=r"did not answer for \d+s \(past the 0s timeout\)"):
+        jobs.follow(GoneLater(lose=0), "raysubmit_a", out=io.StringIO(), err=err, timeout=0.3, reconnect_s=300,
+                    poll_s=0.01, sleep=lambda s: time.sleep(0.02))
+    assert time.monotonic() - began < 5 and err.getvalue().rstrip().endswith("gave up")
+
+
 def test_resubmission_waits_for_the_heads_job_agent():
     cluster, tries = FakeCluster(lose=1), []
 

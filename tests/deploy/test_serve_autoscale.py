@@ -142,7 +142,9 @@ def test_ramp_test_reports_each_window(slow_server):
     windows = result["windows"]
     assert [w["t"] for w in windows[:3]] == [0.0, 1.0, 2.0]
     assert [w["target_rps"] for w in windows[:3]] == [10, 10, 40]
-    assert [w["sent_rps"] for w in windows[:3]] == [10, 10, 40]
+    # sent when actually sent (a request due just before a window's end may go out just after it)
+    assert all(abs(w["sent_rps"] - rps) <= 1 for w, rps in zip(windows[:3], [10, 10, 40])), windows
+    assert sum(w["sent_rps"] for w in windows) == 60
     assert [w["errors"] for w in windows[:3]] == [0, 0, 5]
     assert sum(w["achieved_rps"] for w in windows) == 60 - 5  # every answer counted once, where it completed
     assert all(20 <= w["p50_ms"] < 1000 for w in windows[:3])

@@ -234,3 +234,19 @@ def test_replay_counts_only_200_replies_with_a_probability():
     assert stats["requests"] == 20 and stats["ok"] == 10 and stats["error_rate"] == 0.5, stats
     assert stats["p50_ms"] > 0 and len(stats["errors"]) == 5
     assert any(e.startswith("503") for e in stats["errors"]) and any("ReadError" in e for e in stats["errors"])
+
+
+def test_auto_store_on_an_ha_cluster_without_redis_is_one_line(monkeypatch, redis_url):
+    """serve.store=auto picks Redis on a HIGH_AVAILABILITY cluster for the user: a Redis that is not there (the
+    default 127.0.0.1 URL on a real group's worker) fails the replica in one line, not with a 503 per request."""
+    from riskcontrol import serve
+
+    monkeypatch.setattr(serve, "gcs_in_redis", lambda: True)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(ValueError, match=r"serve.store=auto on a HIGH_AVAILABILITY cluster .* set serve.redis_url"):
+        serve.make_store(ServeConfig(redis_url=f"redis://127.0.0.1:{closed}/0", redis_timeout_s=0.5))
+    assert isinstance(serve.make_store(ServeConfig(redis_url=redis_url)), RedisStore)  # a Redis that answers
+    monkeypatch.setattr(serve, "gcs_in_redis", lambda: False)
+    assert not isinstance(serve.make_store(ServeConfig(redis_url=f"redis://127.0.0.1:{closed}/0")), RedisStore)
