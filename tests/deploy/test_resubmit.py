@@ -264,6 +264,10 @@ def _drop(mysql_url, table):
     conn.close()
 
 
+RAY_JOB_ID = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+              "print(C(sys.argv[1], headers={'Authorization': 'Bearer ' + sys.argv[2]}).get_job_info(sys.argv[3]).job_id)")
+
+
 @pytest.mark.slow
 def test_resubmit_through_a_head_restart_leaves_one_row_per_key(mysql_url, redis_url):
     """The squares example upserts one row per chunk (key lo) into MariaDB while it runs; the head restarts
@@ -308,16 +312,16 @@ def test_resubmit_through_a_head_restart_leaves_one_row_per_key(mysql_url, redis
         rows = _rows(mysql_url, table)
         keys = [lo for lo, _ in rows]
         assert sorted(keys) == list(range(0, 64, 4))  # one row per key, every key
-        from ray.job_submission import JobSubmissionClient
-
-        client = JobSubmissionClient(state.dashboard_url, headers=state.headers())
-        assert {job for _, job in rows} == {client.get_job_info(again).job_id}  # all rewritten by the rerun
-        from deploy.cli import cli
-
-        listed = CliRunner().invoke(cli, ["jobs", "list", "--json", "--address", state.dashboard_url,
-                                          "--token-file", state.token_path])
-        assert listed.exit_code == 0, listed.output
-        shown = {j["job_id"]: j for j in json.loads(listed.stdout)}
+        # asked from fresh processes, as a user would (this one is a driver of the session cluster)
+        ray_job_id = subprocess.run(
+            [sys.executable, "-c", RAY_JOB_ID, state.dashboard_url, state.token(), again], env=env, capture_output=True, text=True, timeout=60,
+            check=True).stdout.strip().splitlines()[-1]
+        assert {job for _, job in rows} == {ray_job_id}  # all rewritten by the rerun
+        listed = subprocess.run([sys.executable, "-m", "deploy.cli", "jobs", "list", "--json", "--address",
+                                 state.dashboard_url, "--token-file", state.token_path], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        shown = {j["job_id"]: j for j in json.loads(listed.stdout.strip().splitlines()[-1])}
         assert shown[first]["status"] == "FAILED" and "lost with its driver's node" in shown[first]["message"]
         assert shown[again]["status"] == "SUCCEEDED"
         print(f"\n{ {k: round(v, 1) for k, v in marks.items()} }")
