@@ -145,30 +145,39 @@ def train(cfg: EmbodiedConfig, dataset: str, run_dir: str) -> dict:
     return fit(cfg, obs, act, facts["low"], facts["high"], run_dir)
 
 
+def train_with_ray(train_loop, loop_config: dict, section, run_dir: str, name: str, datasets: dict | None = None):
+    """Run ``train_loop`` with ``TorchTrainer`` on ``section.num_workers`` workers (``num_cpus``/``num_gpus``
+    each: GPUs mean ``use_gpu``), checkpoints under the run's ``checkpoints/<name>``; the Result, which
+    holds a checkpoint (else a RuntimeError)."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": section.num_cpus, **({"GPU": section.num_gpus} if section.num_gpus else {})}
+    storage_path, storage_filesystem = train_storage(join(run_dir, "checkpoints"))
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.num_gpus > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name} training finished without a checkpoint")
+    return result
+
+
 def fit(cfg: EmbodiedConfig, obs: np.ndarray, act: np.ndarray, low, high, run_dir: str) -> dict:
     """Behaviour cloning of ``act`` on ``obs`` with ``TorchTrainer`` (actions clipped to ``low``..``high``
     when the policy acts); metrics, the final checkpoint and the loss history."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     t = cfg.train
     loop_config = {"obs": ray.put(obs), "act": ray.put(act), "hidden": t.hidden, "lr": t.lr,
                    "weight_decay": t.weight_decay, "epochs": t.epochs, "batch_size": t.batch_size,
                    "checkpoint_every": t.checkpoint_every, "seed": t.seed,
                    "low": list(map(float, low)), "high": list(map(float, high))}
-    resources = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
-    storage_path, storage_filesystem = train_storage(join(run_dir, "checkpoints"))
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.num_gpus > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name="bc", storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
+    result = train_with_ray(train_loop, loop_config, t, run_dir, "bc")
     metrics = {"train_loss": float(result.metrics["loss"]), "train_epochs": int(result.metrics["epoch"]),
                "train_frames": len(obs), "train_workers": t.num_workers}
     return {"metrics": metrics, "checkpoint": result.checkpoint,

@@ -31,7 +31,7 @@ from pipelines.template import Run, StepResult
 
 from .dataset import DATA_PATH, read_episodes, read_info, vectors
 from .envs import env_facts
-from .train import TRAINED_ON, keep_checkpoint
+from .train import TRAINED_ON, keep_checkpoint, train_with_ray
 
 WEIGHTS_FILE = "policy.pt"
 
@@ -263,29 +263,13 @@ def fit_vision(vcfg, dataset, arch: dict, state_mean, state_std, low, high, run_
     """Train the vision policy on ``dataset`` (a Ray Dataset of ``{image, state, action}``) with
     ``TorchTrainer`` sized by ``vcfg`` (the ``vision`` config section); metrics, the final checkpoint and
     the loss history."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.io import train_storage
-
     loop_config = {"arch": arch, "lr": vcfg.lr, "weight_decay": vcfg.weight_decay, "epochs": vcfg.epochs,
                    "batch_size": vcfg.batch_size, "checkpoint_every": vcfg.checkpoint_every, "seed": vcfg.seed,
                    "shuffle_rows": vcfg.shuffle_rows,
                    "state_mean": None if state_mean is None else list(map(float, state_mean)),
                    "state_std": None if state_std is None else list(map(float, state_std)),
                    "low": list(map(float, low)), "high": list(map(float, high))}
-    resources = {"CPU": vcfg.num_cpus, **({"GPU": vcfg.num_gpus} if vcfg.num_gpus else {})}
-    storage_path, storage_filesystem = train_storage(join(run_dir, "checkpoints"))
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config, datasets={"train": dataset},
-        scaling_config=ScalingConfig(num_workers=vcfg.num_workers, use_gpu=vcfg.num_gpus > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name="vision", storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("vision training finished without a checkpoint")
+    result = train_with_ray(train_loop, loop_config, vcfg, run_dir, "vision", datasets={"train": dataset})
     metrics = {"vision_train_loss": float(result.metrics["loss"]), "vision_train_epochs": int(result.metrics["epoch"]),
                "vision_train_frames": int(result.metrics["frames"]), "vision_train_workers": vcfg.num_workers}
     return {"metrics": metrics, "checkpoint": result.checkpoint, "loss_history": result.metrics["loss_history"]}
