@@ -331,12 +331,14 @@ def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str,
 
 
 def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict | None = None,
-       autoscale: bool = False, disks: str | None = None, storage: bool = True, auth: bool = True) -> ClusterState:
+       autoscale: bool = False, disks: str | None = None, storage: bool = True, auth: bool = True,
+       idle_s: float | None = None) -> ClusterState:
     """Start the spec as a local multi-node cluster; returns its state.
 
     ``env`` is set on every Ray process of the cluster (e.g. Serve's
     ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``). ``autoscale`` runs Ray's autoscaler
-    (fake multi-node provider) so groups scale between min and max workers.
+    (fake multi-node provider) so groups scale between min and max workers, removing a worker idle
+    for ``idle_s`` seconds (default ``AUTOSCALE_IDLE_S``).
     ``disks`` is ``"isolated"`` (default, see :func:`plan_disks`) or ``"shared"``;
     ``storage`` starts the OSS stand-in (:mod:`deploy.objectstore`) with a bucket. ``auth=False``
     starts it without a token (``RAY_AUTH_MODE=disabled``), like a group made in the console.
@@ -360,12 +362,13 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
         extra_env=dict(env or {}),
     )
     if autoscale:
-        cfg = autoscaling_config(spec, state.gcs_address, state.temp_dir)
+        idle_s = AUTOSCALE_IDLE_S if idle_s is None else idle_s
+        cfg = autoscaling_config(spec, state.gcs_address, state.temp_dir, idle_s=idle_s)
         path = sdir / "autoscaling.json"
         path.write_text(json.dumps(cfg, indent=2))
         state.autoscaling_config = str(path)
         notes = [f"{n}: autoscaling {t['min_workers']}..{t['max_workers']} local worker(s) x "
-                 f"{t['resources']['CPU']} CPU (idle {AUTOSCALE_IDLE_S:g}s)"
+                 f"{t['resources']['CPU']} CPU (idle {idle_s:g}s)"
                  for n, t in cfg["available_node_types"].items() if n != "ray.head.default"]
         nodes = [NodePlan(g, t["labels"]["type"], t["resources"]["CPU"], t["resources"].get("GPU", 0))
                  for g, t in cfg["available_node_types"].items() if g != "ray.head.default"

@@ -179,12 +179,8 @@ def rehearsal(template: str, run_dir: str, request_path: str, payloads, override
 
     spec = ResourceGroupSpec(name=f"serve-scale-{os.getpid()}", worker_groups=[
         {"name": "cpu", "type": "CPU", "spec": "small", "min_workers": 1, "max_workers": max_workers}])
-    idle_before, local.AUTOSCALE_IDLE_S = local.AUTOSCALE_IDLE_S, idle_s  # read by up()'s autoscaler config
     t0 = time.time()
-    try:
-        state = local.up(spec, log=lambda *_: None, env=cluster_env, autoscale=True, storage=False)
-    finally:
-        local.AUTOSCALE_IDLE_S = idle_before
+    state = local.up(spec, log=lambda *_: None, env=cluster_env, autoscale=True, storage=False, idle_s=idle_s)
     log(f"cluster {spec.name} up in {time.time() - t0:.0f}s (1..{max_workers} workers, idle {idle_s:g}s)")
     try:
         tpl = load_template(template)
