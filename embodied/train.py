@@ -102,15 +102,24 @@ def train_loop(config: dict) -> None:
         if epoch % config["checkpoint_every"] and epoch != config["epochs"]:
             continue
         metrics = {"epoch": epoch, "loss": history[-1], "loss_history": list(history)}
-        if rank == 0:
-            net = model.module if hasattr(model, "module") else model
-            weights = mlp_weights(net, obs.shape[1], act.shape[1], config["hidden"], config["low"], config["high"])
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(weights, Path(tmp) / WEIGHTS_FILE)
-                (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        net = model.module if hasattr(model, "module") else model
+        report_epoch(metrics, mlp_weights(net, obs.shape[1], act.shape[1], config["hidden"], config["low"],
+                                          config["high"]) if rank == 0 else None)
+
+
+def report_epoch(metrics: dict, weights: dict | None) -> None:
+    """Report one epoch's metrics from a Ray Train worker; with ``weights`` (rank 0's) also a checkpoint of
+    them (saved with torch as ``WEIGHTS_FILE``) and the metrics."""
+    import ray.train
+    import torch
+
+    if weights is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(weights, Path(tmp) / WEIGHTS_FILE)
+        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def load_weights(checkpoint_dir: str) -> dict:

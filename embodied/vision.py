@@ -18,10 +18,6 @@ and clipped when the policy acts.
 """
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -31,9 +27,7 @@ from pipelines.template import Run, StepResult
 
 from .dataset import DATA_PATH, read_episodes, read_info, vectors
 from .envs import env_facts
-from .train import TRAINED_ON, keep_checkpoint, train_with_ray
-
-WEIGHTS_FILE = "policy.pt"
+from .train import TRAINED_ON, keep_checkpoint, report_epoch, train_with_ray
 
 
 def build_cnn(height: int, width: int, state_dim: int, act_dim: int, channels=(8, 16, 32, 32),
@@ -248,15 +242,9 @@ def train_loop(config: dict) -> None:
         if epoch % config["checkpoint_every"] and epoch != config["epochs"]:
             continue
         metrics = {"epoch": epoch, "loss": history[-1], "loss_history": list(history), "frames": int(total[1])}
-        if rank == 0:
-            net = model.module if hasattr(model, "module") else model
-            weights = vision_weights(net, {**arch, "low": config["low"], "high": config["high"]})
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(weights, Path(tmp) / WEIGHTS_FILE)
-                (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        net = model.module if hasattr(model, "module") else model
+        report_epoch(metrics, vision_weights(net, {**arch, "low": config["low"], "high": config["high"]})
+                     if rank == 0 else None)
 
 
 def fit_vision(vcfg, dataset, arch: dict, state_mean, state_std, low, high, run_dir: str) -> dict:
