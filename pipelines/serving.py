@@ -402,3 +402,58 @@ def max_rps(url: str, payloads: Sequence | Callable[[int], object], seconds: flo
 
     lat, errors, wall = asyncio.run(run())
     return {"rps": len(lat) / wall, "errors": len(errors), **percentiles(lat)}
+
+
+# ---------------------------------------------------------------- the HTTP body without the GCS
+KEEP_PROXY_HANDLES_ENV = "ADBRAY_SERVE_KEEP_PROXY_HANDLES"  # "0": Ray's own per-request lookup
+_proxy_handles: dict[str, object] = {}  # proxy actor name -> its handle, in this replica's process
+
+
+def keep_proxy_handles() -> bool:
+    """Make this (ingress) replica read HTTP request bodies without asking the GCS for every request.
+
+    In Ray 2.60 a replica reads a request's body by calling back into the proxy that holds it, and looks
+    that proxy up by name in the GCS for every request (``StreamingHTTPRequest.receive_asgi_messages`` in
+    ``ray/serve/_private/common.py``: a blocking ``ray.get_actor`` on the replica's event loop). While the
+    GCS is down (a head restart) every lookup stalls, so a worker node's proxy and its replica stop
+    answering although neither needs the head. This keeps one handle per proxy name in the process, so
+    the GCS is asked once per proxy; an actor call on a known handle goes straight to the proxy. A proxy
+    replaced by a new one under the same name (the old one died: it never ran the call) is looked up
+    again and the call repeated once, which is what Ray's fresh lookup gives. Call it from the ingress
+    deployment's ``__init__``; ``$ADBRAY_SERVE_KEEP_PROXY_HANDLES=0`` leaves Ray's behaviour. Returns
+    whether it is in place (False where Ray's private class has changed shape)."""
+    if os.environ.get(KEEP_PROXY_HANDLES_ENV, "1") == "0":
+        return False
+    try:
+        from ray.serve._private.common import SERVE_NAMESPACE, StreamingHTTPRequest
+    except ImportError:  # pragma: no cover - private API moved: Ray's own behaviour
+        return False
+    if not isinstance(StreamingHTTPRequest.__dict__.get("receive_asgi_messages"), property):
+        return False  # pragma: no cover - another Ray (or already done)
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    async def lookup(name: str, fresh: bool):
+        handle = None if fresh else _proxy_handles.get(name)
+        if handle is None:  # off the event loop: the lookup may wait on the GCS
+            handle = _proxy_handles[name] = await asyncio.to_thread(ray.get_actor, name, namespace=SERVE_NAMESPACE)
+        return handle
+
+    def receive_asgi_messages(self):
+        if self._receive_asgi_messages is not None:  # given directly (direct ingress): Ray's path
+            return self._receive_asgi_messages
+        name = self._proxy_actor_name
+
+        async def receive(request_metadata):
+            handle = await lookup(name, fresh=False)
+            try:
+                return await handle.receive_asgi_messages.remote(request_metadata)
+            except RayActorError:  # that proxy is gone; a new one of the same name holds this request
+                handle = await lookup(name, fresh=True)
+                return await handle.receive_asgi_messages.remote(request_metadata)
+
+        return receive
+
+    StreamingHTTPRequest.receive_asgi_messages = property(receive_asgi_messages)
+    return True

@@ -25,12 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER_RPS, HEAD_RPS = 50.0, 5.0
 TIMEOUT_S = 10.0  # a client's timeout per request; a request past it is an error
 AFTER_S = 10.0  # load kept on after the head is back, every request of which must succeed
-# The one failure this test expects (xfail, only for it; everything else asserts): in Ray 2.60 a replica looks
-# its proxy up by name in the GCS for every HTTP request (ray.get_actor in serve/_private/common.py,
-# StreamingHTTPRequest.receive_asgi_messages) to read the body, so a worker's proxy stalls while the head is
-# down and, measured here, stays degraded after the restart while the new head proxy answers every request
-# (docs/deploy.md, Head restart). Delete the xfail when Ray fixes it.
-RAY_260_PROXY = "Ray 2.60: per-request GCS lookup of the proxy by the replica"
+# The one failure this test expects (xfail, only for it; everything else asserts): the worker's proxy does not
+# answer every request through the restart. Ray 2.60's per-request GCS lookup of the proxy by the replica (the
+# body read, ray.get_actor in serve/_private/common.py) is gone: the templates keep the proxy handle
+# (pipelines.serving.keep_proxy_handles), and the worker's proxy now answers while the GCS is down. What is left,
+# measured on the shared 2-core machine, is CPU: the restarting head and other test runs starve the worker's
+# nice-15 proxy and replica (docs/deploy.md, Head restart). Delete the xfail once a run meets the target.
+WORKER_PROXY_ERRORS = "the worker's proxy is not error-free through a head restart (measured: CPU starvation here)"
 CARD = 424242  # a card scored only before and after the restart: its history lives in the feature store
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 
@@ -184,16 +185,18 @@ def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
         after = [r for r in records if back is not None and r["due"] >= back]
         figures = {"restart": took, "app_back_through_every_proxy_s": round(back - began, 2) if back else None,
                    "worker_proxy": seen["worker"], "head_proxy": seen["head"],
-                   "sent_after_back": len(after), "failed_after_back": sum(r["status"] != 200 for r in after)}
+                   "sent_after_back": len(after), "failed_after_back": sum(r["status"] != 200 for r in after),
+                   "client_max_lag_s": round(max((r["sent"] - r["due"] for r in records), default=0), 2)}
         print("\nhead restart under load:", json.dumps(figures, indent=1))
         print("\n".join(timeline(records, began)))
-        # the head's proxy is not part of the expected Ray 2.60 failure: once it answers, it answers every request
+        # the head's proxy is not part of the expected failure: once it answers, it answers every request
         head_after = [r for r in records if r["target"] == "head" and r["due"] >= head_back + 1.0]
         assert head_after and all(r["status"] == 200 for r in head_after), figures
         if back is None or seen["worker"]["errors"] or figures["failed_after_back"]:
-            pytest.xfail(RAY_260_PROXY + f": {seen['worker']['errors']} errors on the worker proxy, "
+            pytest.xfail(WORKER_PROXY_ERRORS + f": {seen['worker']['errors']} errors on the worker proxy, "
                          + (f"{figures['failed_after_back']} of {len(after)} failed after the head was back"
-                            if back else f"its /healthz still {codes[1]} 90 s after the restart"))
+                            if back else f"its /healthz still {codes[1]} 90 s after the restart")
+                         + f"; the client fell up to {figures['client_max_lag_s']} s behind its schedule")
         assert len(after) >= 0.9 * (WORKER_RPS + HEAD_RPS) * AFTER_S, figures  # the load really ran
         assert figures["failed_after_back"] == 0, figures
         assert seen["worker"]["errors"] == 0, figures  # the worker's proxy and replica never stopped answering

@@ -45,6 +45,102 @@ def test_deploy_app_returns_only_when_every_proxy_routes(hello_app):
         assert r.status_code == 200 and r.text == "hello", (base, r.status_code, r.text[:200])
 
 
+@pytest.fixture
+def body_app(ray_connected):
+    """One replica that reads each request's body and counts, in its own process, the GCS lookups of a
+    Serve proxy (``ray.get_actor`` in Serve's namespace); ``keep_proxy_handles`` as the templates do."""
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Echo:
+        def __init__(self):
+            import ray
+
+            from pipelines.serving import keep_proxy_handles
+
+            self.kept, self.lookups, get_actor = keep_proxy_handles(), [], ray.get_actor
+
+            def counted(name, namespace=None):
+                if namespace == "serve":
+                    self.lookups.append(name)
+                return get_actor(name, namespace=namespace)
+
+            ray.get_actor = counted
+
+        async def __call__(self, request):
+            if request.method == "GET":
+                return {"kept": self.kept, "lookups": len(self.lookups)}
+            return await request.body()
+
+    yield Echo.bind()
+    serve.delete("body-test")
+
+
+def test_a_replica_reads_request_bodies_without_a_gcs_lookup_each(body_app):
+    """Ray 2.60 looks the proxy up in the GCS for every HTTP request to read its body, so a head restart
+    (GCS down) stalls a worker's proxy; with ``keep_proxy_handles`` the replica asks once per proxy."""
+    from pipelines.serving import deploy_app
+
+    url = deploy_app(body_app, "body-test", "/body", health_path="")
+    with httpx.Client(timeout=30) as client:
+        for i in range(20):
+            r = client.post(url, content=f"payload {i}".encode())
+            assert r.status_code == 200 and r.text == f"payload {i}", (r.status_code, r.text[:200])
+        seen = client.get(url).json()
+    assert seen == {"kept": True, "lookups": 1}, seen  # Ray's own path: 20
+
+
+def test_kept_proxy_handle_is_looked_up_again_when_its_proxy_was_replaced(monkeypatch):
+    """A proxy that died and was replaced under the same name: the call on the old handle fails without
+    running, the new proxy is looked up and asked once more; then its handle is kept."""
+    import asyncio
+
+    import ray
+    from ray.exceptions import ActorDiedError
+    from ray.serve._private import common
+
+    from pipelines import serving
+
+    class Handle:
+        def __init__(self, answer):
+            self.calls, outer = 0, self
+
+            class Method:
+                @staticmethod
+                def remote(meta):
+                    outer.calls += 1
+
+                    async def reply():
+                        if isinstance(answer, Exception):
+                            raise answer
+                        return answer
+                    return reply()
+            self.receive_asgi_messages = Method
+
+    old, new = Handle(ActorDiedError()), Handle(b"body")
+    handles, lookups = iter([old, new]), []
+
+    def get_actor(name, namespace=None):
+        lookups.append(name)
+        return next(handles)
+
+    monkeypatch.setattr(ray, "get_actor", get_actor)
+    monkeypatch.setattr(common.StreamingHTTPRequest, "receive_asgi_messages",
+                        common.StreamingHTTPRequest.receive_asgi_messages)  # restored after the test
+    monkeypatch.setattr(serving, "_proxy_handles", {})
+    assert serving.keep_proxy_handles()
+
+    async def read_twice():
+        out = []
+        for _ in range(2):
+            receive = common.StreamingHTTPRequest({}, proxy_actor_name="P").receive_asgi_messages
+            out.append(await receive(None))
+        return out
+
+    assert asyncio.run(read_twice()) == [b"body", b"body"]
+    assert lookups == ["P", "P"] and (old.calls, new.calls) == (1, 2)
+
+
 # the open-loop load generator, against a local HTTP server that answers at once (no Ray)
 
 @pytest.fixture(scope="module")
