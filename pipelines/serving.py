@@ -431,13 +431,21 @@ def keep_proxy_handles() -> bool:
     if not isinstance(StreamingHTTPRequest.__dict__.get("receive_asgi_messages"), property):
         return False  # pragma: no cover - another Ray (or already done)
 
+    from concurrent.futures import ThreadPoolExecutor
+
     import ray
     from ray.exceptions import RayActorError
 
+    # off the event loop (a lookup may wait on the GCS), and on threads of its own: a stalled lookup never
+    # takes the loop's default executor, where Serve runs sync user code
+    lookups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adbray-proxy-lookup")
+
     async def lookup(name: str, fresh: bool):
         handle = None if fresh else _proxy_handles.get(name)
-        if handle is None:  # off the event loop: the lookup may wait on the GCS
-            handle = _proxy_handles[name] = await asyncio.to_thread(ray.get_actor, name, namespace=SERVE_NAMESPACE)
+        if handle is None:
+            handle = await asyncio.get_running_loop().run_in_executor(
+                lookups, lambda: ray.get_actor(name, namespace=SERVE_NAMESPACE))
+            _proxy_handles[name] = handle
         return handle
 
     def receive_asgi_messages(self):
