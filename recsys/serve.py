@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from pipelines.cli import RunFailed, exit_with, template_options
 from pipelines.io import read_table
 from pipelines.report import emit, summary
-from pipelines.serving import keep_proxy_handles, replica_options
+from pipelines.serving import replica_options
 from pipelines.template import Run, prepare_run_dir, read_manifest
 
 from . import config as C
@@ -127,7 +127,6 @@ class Ingress:
     """HTTP routes: validation, fallbacks, feature lookup, and the response."""
 
     def __init__(self, retriever, ranker, run_dir: str, serve_cfg: dict, version: str, temperature: float):
-        keep_proxy_handles()  # request bodies read without a GCS lookup each (pipelines.serving)
         s = C.ServeConfig(**serve_cfg)
         self.timeout_s, self.redis = s.request_timeout_s, s.feature_store == "redis"
         # query relevance on the retriever's logit scale, times serve.search_relevance_weight

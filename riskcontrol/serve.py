@@ -278,11 +278,8 @@ class RiskScorer:
 
     def __init__(self, model_dir: str, serve_cfg: dict | None = None,
                  high_threshold: float | None = None, medium_threshold: float | None = None):
-        from pipelines.serving import keep_proxy_handles
-
         from .score import Scorer
 
-        keep_proxy_handles()  # request bodies read without a GCS lookup each: answers through a head restart
         self.cfg = ServeConfig(**(serve_cfg or {}))
         self.scorer = Scorer(model_dir, high_threshold, medium_threshold)
         self.store = make_store(self.cfg)

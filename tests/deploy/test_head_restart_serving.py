@@ -26,12 +26,11 @@ WORKER_RPS, HEAD_RPS = 50.0, 5.0
 TIMEOUT_S = 10.0  # a client's timeout per request; a request past it is an error
 AFTER_S = 10.0  # load kept on after the head is back, every request of which must succeed
 # The one failure this test expects (xfail, only for it; everything else asserts): the worker's proxy does not
-# answer every request through the restart. Ray 2.60's per-request GCS lookup of the proxy by the replica (the
-# body read, ray.get_actor in serve/_private/common.py) is gone: the templates keep the proxy handle
-# (pipelines.serving.keep_proxy_handles), and the worker's proxy now answers while the GCS is down. What is left,
-# measured on the shared 2-core machine, is CPU: the restarting head and other test runs starve the worker's
-# nice-15 proxy and replica (docs/deploy.md, Head restart). Delete the xfail once a run meets the target.
-WORKER_PROXY_ERRORS = "the worker's proxy is not error-free through a head restart (measured: CPU starvation here)"
+# answer every request through the restart. Measured (docs/deploy.md, Head restart): not the GCS (with the head
+# killed and not restarted for 28 s the worker's proxy answered every request) but CPU: the new head starts on
+# the same 2 cores as the "worker node" (another cluster starting there does the same), and a backlog in the
+# proxy drains only after. Delete the xfail once a run meets the target.
+WORKER_PROXY_ERRORS = "the worker's proxy is not error-free through a head restart (measured: the head's start starves it of CPU here)"
 CARD = 424242  # a card scored only before and after the restart: its history lives in the feature store
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 
@@ -202,6 +201,53 @@ def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
         assert seen["worker"]["errors"] == 0, figures  # the worker's proxy and replica never stopped answering
     finally:
         if load is not None:  # a check failed under load: stop sending to a cluster about to go down
+            load.stop()
+        from riskcontrol.serve import RedisStore
+
+        RedisStore(redis_url, prefix).clear()
+        local.down(state.name, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_a_worker_proxy_answers_while_the_head_is_down(redis_url, tmp_path):
+    """The head's processes killed and not started again: for DOWN_S the worker's proxy and replica, which
+    need nothing of the head to score, answer every request at 50 req/s. (Ray 2.60 looks the proxy up in
+    the GCS for every request body, ray.get_actor in serve/_private/common.py; this shows that lookup does
+    not stall while the GCS is down: what fails in the restart test above is the head's start.)"""
+    from tests.deploy.test_serve_command import adbray, tiny_run
+
+    down_s = 25.0
+    name = f"hdn-{os.getpid()}"
+    prefix = f"riskcontrol-{name}"
+    spec = ResourceGroupSpec(name=name, category="HIGH_AVAILABILITY",
+                             worker_groups=[{"name": "cpu", "type": "CPU", "spec": "m.xlarge",
+                                             "min_workers": 1, "max_workers": 1}])
+    state = local.up(spec, disks="shared", storage=False, log=lambda *_: None)
+    load = None
+    try:
+        run_dir = str(tmp_path / "run")
+        tiny_run(run_dir)
+        served = adbray({**state.auth_env(), "RAY_ADDRESS": None}, "serve", "riskcontrol", "--address",
+                        state.dashboard_url, "--run-dir", run_dir, "--set", f"serve.redis_prefix={prefix}", "--json")
+        assert served.returncode == 0, served.output[-3000:]
+        urls = json.loads(served.stdout.strip().splitlines()[-1])["urls"]
+        head = next(n["node_id"] for n in local.alive_nodes(state) if n.get("is_head_node"))
+        urls.pop(f"proxy:{head}")
+        (worker_url,) = urls.values()
+        load = OpenLoop({"worker": (f"{worker_url}/score", WORKER_RPS)}).start()
+        time.sleep(5)
+        began = time.monotonic()
+        killed = local.head_processes(state)
+        assert killed
+        local.kill_processes(killed, grace=3)
+        time.sleep(down_s)
+        records, load = load.stop(), None
+        seen = outage(records, began)
+        print("\nhead down, not restarted:", json.dumps(seen), "\n" + "\n".join(timeline(records, began)))
+        assert seen["requests"] >= 0.9 * WORKER_RPS * down_s, seen  # the load really ran
+        assert seen["errors"] == 0, seen
+    finally:
+        if load is not None:
             load.stop()
         from riskcontrol.serve import RedisStore
 
