@@ -28,9 +28,9 @@ AFTER_S = 10.0  # load kept on after the head is back, every request of which mu
 # The one failure this test expects (xfail, only for it; everything else asserts): the worker's proxy does not
 # answer every request through the restart. Measured (docs/deploy.md, Head restart): not the GCS (with the head
 # killed and not restarted for 28 s the worker's proxy answered every request) but CPU: the new head starts on
-# the same 2 cores as the "worker node" (another cluster starting there does the same), and a backlog in the
-# proxy drains only after. Delete the xfail once a run meets the target.
-WORKER_PROXY_ERRORS = "the worker's proxy is not error-free through a head restart (measured: the head's start starves it of CPU here)"
+# the same 2 cores as the "worker node" (another cluster starting there does the same), and the backlog that
+# forms in the worker's proxy does not drain while the load goes on. Delete the xfail once a run meets the target.
+WORKER_PROXY_ERRORS = "the worker's proxy is not error-free through a head restart (measured: the head's start starves it of CPU here, and its backlog does not drain)"
 CARD = 424242  # a card scored only before and after the restart: its history lives in the feature store
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 
