@@ -1,7 +1,8 @@
-"""Online scoring through a head restart: riskcontrol's Serve app on a HIGH_AVAILABILITY local cluster
-takes 50 req/s through a worker's proxy (and a few through the head's) while `adbray cluster
-restart-head` stops and restarts the head. One cluster for every check: the app, its replica and its
-feature store (Redis: the HA default) survive; what a client saw is measured and printed (-s)."""
+"""Online scoring through head restarts: riskcontrol's Serve app (Redis feature store, the HA default) on one
+HIGH_AVAILABILITY local cluster, shared by the two slow tests below in this order (one cluster start and one
+deployment instead of two): the worker's proxy answers while the head is down, then what a client sees at
+50 req/s through a worker's proxy (and 5 through the head's) while `adbray cluster restart-head` stops and
+restarts the head. (A detached actor through a restart: test_ha.py; a lost job resubmitted: test_resubmit.py.)"""
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,11 @@ import pytest
 
 from deploy import local
 from deploy.spec import ResourceGroupSpec
+from tests.conftest import require_service
 
 ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
 WORKER_RPS, HEAD_RPS = 50.0, 5.0
 TIMEOUT_S = 10.0  # a client's timeout per request; a request past it is an error
 AFTER_S = 10.0  # load kept on after the head is back, every request of which must succeed
@@ -123,133 +127,142 @@ def outage(records: list[dict], since: float) -> dict:
             "answers_again_s": round(back - since, 2) if back is not None else None}
 
 
-@pytest.mark.slow
-def test_online_scoring_through_a_head_restart(redis_url, tmp_path):
-    from tests.deploy.test_serve_command import adbray, tiny_run
-
-    name = f"hrs-{os.getpid()}"
-    prefix = f"riskcontrol-{name}"
-    spec = ResourceGroupSpec(name=name, category="HIGH_AVAILABILITY",
+@pytest.fixture(scope="module")
+def ha():
+    """The HIGH_AVAILABILITY cluster of this module: a 0-CPU head and one m.xlarge worker, one shared disk.
+    (Not shared with test_ha/test_resubmit: a job lost with the head leaves its actors holding the worker's
+    CPUs in Ray 2.60, which would starve this app's replica.)"""
+    require_service("Redis", "127.0.0.1", 6379)  # the GCS state
+    spec = ResourceGroupSpec(name=f"ha-{os.getpid()}", category="HIGH_AVAILABILITY",
                              worker_groups=[{"name": "cpu", "type": "CPU", "spec": "m.xlarge",
                                              "min_workers": 1, "max_workers": 1}])
     state = local.up(spec, disks="shared", storage=False, log=lambda *_: None)
-    env = {**state.auth_env(), "RAY_ADDRESS": None}
-    load = None
     try:
-        run_dir = str(tmp_path / "run")
-        tiny_run(run_dir)
-        # the default serve section (store: auto), a feature-store prefix of its own
-        served = adbray(env, "serve", "riskcontrol", "--address", state.dashboard_url, "--run-dir", run_dir,
-                        "--set", f"serve.redis_prefix={prefix}", "--json")
-        assert served.returncode == 0, served.output[-3000:]
-        urls = json.loads(served.stdout.strip().splitlines()[-1])["urls"]
-        head = next(n["node_id"] for n in local.alive_nodes(state) if n.get("is_head_node"))
-        head_url = urls.pop(f"proxy:{head}")
-        (worker_url,) = urls.values()  # the worker holding the replica has a proxy of its own
-        health = httpx.get(f"{worker_url}/healthz", timeout=30).json()
-        assert health["store"] == "redis", health  # the HA default: state outside the replica
-        for i in range(3):  # CARD's history before the restart
-            assert httpx.post(f"{worker_url}/score", json=transaction(i, CARD), timeout=30).status_code == 200
-
-        load = OpenLoop({"worker": (f"{worker_url}/score", WORKER_RPS), "head": (f"{head_url}/score", HEAD_RPS)})
-        load.start()
-        time.sleep(5)
-        began = time.monotonic()
-        restarted = subprocess.run([str(Path(sys.executable).with_name("adbray")), "cluster", "restart-head", "--name", name,
-                                    "--json"], cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
-        assert restarted.returncode == 0, restarted.stderr[-3000:]
-        took = json.loads(restarted.stdout.strip().splitlines()[-1])
-        # the head is back: the cluster is whole (restart-head returned) and every proxy routes the app
-        deadline, codes, head_back = time.monotonic() + 90, [], None
-        while time.monotonic() < deadline and codes != [200, 200]:
-            codes = []
-            for base in (head_url, worker_url):
-                try:
-                    codes.append(httpx.get(f"{base}/healthz", timeout=5).status_code)
-                except httpx.HTTPError as e:
-                    codes.append(type(e).__name__)
-            if codes[0] == 200 and head_back is None:
-                head_back = time.monotonic()
-            time.sleep(0.25)
-        back = time.monotonic() if codes == [200, 200] else None
-        assert codes[0] == 200, f"the head's proxy does not route the app 90 s after the restart: {codes}"
-        time.sleep(AFTER_S)
-        records, load = load.stop(), None
-
-        # through the head's proxy (the same replica and store): the feature store kept CARD's history
-        reply = httpx.post(f"{head_url}/score?features=true", json=transaction(3, CARD), timeout=30).json()
-        assert reply["features"]["card_history_count"] == 3, reply
-
-        seen = {t: outage([r for r in records if r["target"] == t], began) for t in ("worker", "head")}
-        after = [r for r in records if back is not None and r["due"] >= back]
-        figures = {"restart": took, "app_back_through_every_proxy_s": round(back - began, 2) if back else None,
-                   "worker_proxy": seen["worker"], "head_proxy": seen["head"],
-                   "sent_after_back": len(after), "failed_after_back": sum(r["status"] != 200 for r in after),
-                   "client_max_lag_s": round(max((r["sent"] - r["due"] for r in records), default=0), 2)}
-        print("\nhead restart under load:", json.dumps(figures, indent=1))
-        print("\n".join(timeline(records, began)))
-        # the head's proxy is not part of the expected failure: once it answers, it answers every request
-        head_after = [r for r in records if r["target"] == "head" and r["due"] >= head_back + 1.0]
-        assert head_after and all(r["status"] == 200 for r in head_after), figures
-        if back is None or seen["worker"]["errors"] or figures["failed_after_back"]:
-            pytest.xfail(WORKER_PROXY_ERRORS + f": {seen['worker']['errors']} errors on the worker proxy, "
-                         + (f"{figures['failed_after_back']} of {len(after)} failed after the head was back"
-                            if back else f"its /healthz still {codes[1]} 90 s after the restart")
-                         + f"; the client fell up to {figures['client_max_lag_s']} s behind its schedule")
-        assert len(after) >= 0.9 * (WORKER_RPS + HEAD_RPS) * AFTER_S, figures  # the load really ran
-        assert figures["failed_after_back"] == 0, figures
-        assert seen["worker"]["errors"] == 0, figures  # the worker's proxy and replica never stopped answering
+        yield state
     finally:
-        if load is not None:  # a check failed under load: stop sending to a cluster about to go down
-            load.stop()
-        from riskcontrol.serve import RedisStore
-
-        RedisStore(redis_url, prefix).clear()
         local.down(state.name, log=lambda *_: None)
 
 
-@pytest.mark.slow
-def test_a_worker_proxy_answers_while_the_head_is_down(redis_url, tmp_path):
-    """The head's processes killed and not started again: for DOWN_S the worker's proxy and replica, which
-    need nothing of the head to score, answer every request at 50 req/s. (Ray 2.60 looks the proxy up in
-    the GCS for every request body, ray.get_actor in serve/_private/common.py; this shows that lookup does
-    not stall while the GCS is down: what fails in the restart test above is the head's start.)"""
+@pytest.fixture(scope="module")
+def served(ha, tmp_path_factory):
+    """riskcontrol's app on ``ha`` (default serve section, store: auto -> Redis, a feature-store prefix of its
+    own): ``{"head": URL of the head's proxy, "worker": URL of the proxy of the worker holding the replica}``."""
+    from riskcontrol.serve import RedisStore
     from tests.deploy.test_serve_command import adbray, tiny_run
 
-    down_s = 25.0
-    name = f"hdn-{os.getpid()}"
-    prefix = f"riskcontrol-{name}"
-    spec = ResourceGroupSpec(name=name, category="HIGH_AVAILABILITY",
-                             worker_groups=[{"name": "cpu", "type": "CPU", "spec": "m.xlarge",
-                                             "min_workers": 1, "max_workers": 1}])
-    state = local.up(spec, disks="shared", storage=False, log=lambda *_: None)
-    load = None
+    prefix = f"riskcontrol-{ha.name}"
+    run_dir = str(tmp_path_factory.mktemp("served") / "run")
+    tiny_run(run_dir)
+    served = adbray({**ha.auth_env(), "RAY_ADDRESS": None}, "serve", "riskcontrol", "--address", ha.dashboard_url,
+                    "--run-dir", run_dir, "--set", f"serve.redis_prefix={prefix}", "--json")
+    assert served.returncode == 0, served.output[-3000:]
+    urls = json.loads(served.stdout.strip().splitlines()[-1])["urls"]
+    head = next(n["node_id"] for n in local.alive_nodes(ha) if n.get("is_head_node"))
+    head_url = urls.pop(f"proxy:{head}")
+    (worker_url,) = urls.values()  # the worker holding the replica has a proxy of its own
+    health = httpx.get(f"{worker_url}/healthz", timeout=30).json()
+    assert health["store"] == "redis", health  # the HA default: state outside the replica
     try:
-        run_dir = str(tmp_path / "run")
-        tiny_run(run_dir)
-        served = adbray({**state.auth_env(), "RAY_ADDRESS": None}, "serve", "riskcontrol", "--address",
-                        state.dashboard_url, "--run-dir", run_dir, "--set", f"serve.redis_prefix={prefix}", "--json")
-        assert served.returncode == 0, served.output[-3000:]
-        urls = json.loads(served.stdout.strip().splitlines()[-1])["urls"]
-        head = next(n["node_id"] for n in local.alive_nodes(state) if n.get("is_head_node"))
-        urls.pop(f"proxy:{head}")
-        (worker_url,) = urls.values()
-        load = OpenLoop({"worker": (f"{worker_url}/score", WORKER_RPS)}).start()
+        yield {"head": head_url, "worker": worker_url}
+    finally:
+        RedisStore(REDIS_URL, prefix).clear()
+
+
+def app_answers(urls: list[str], within: float = 90.0) -> tuple[list, float | None]:
+    """Poll every URL's /healthz until all answer 200 or ``within`` s pass: (last codes, when the first URL
+    first answered 200, ``time.monotonic()``)."""
+    deadline, codes, first_back = time.monotonic() + within, [], None
+    while time.monotonic() < deadline and codes != [200] * len(urls):
+        codes = []
+        for base in urls:
+            try:
+                codes.append(httpx.get(f"{base}/healthz", timeout=5).status_code)
+            except httpx.HTTPError as e:
+                codes.append(type(e).__name__)
+        if codes[0] == 200 and first_back is None:
+            first_back = time.monotonic()
+        time.sleep(0.25)
+    return codes, first_back
+
+
+@pytest.mark.slow
+def test_a_worker_proxy_answers_while_the_head_is_down(ha, served):
+    """The head's processes killed and not started for DOWN_S: the worker's proxy and replica, which need
+    nothing of the head to score, answer every request at 50 req/s. (Ray 2.60 looks the proxy up in the GCS
+    for every request body, ray.get_actor in serve/_private/common.py; this shows that lookup does not stall
+    while the GCS is down: what fails in the restart test below is the head's start.) The head is then
+    started again (same ports, GCS state from Redis) for the next test."""
+    down_s = 25.0
+    load = OpenLoop({"worker": (f"{served['worker']}/score", WORKER_RPS)}).start()
+    try:
         time.sleep(5)
         began = time.monotonic()
-        killed = local.head_processes(state)
+        killed = local.head_processes(ha)
         assert killed
         local.kill_processes(killed, grace=3)
         time.sleep(down_s)
         records, load = load.stop(), None
-        seen = outage(records, began)
-        print("\nhead down, not restarted:", json.dumps(seen), "\n" + "\n".join(timeline(records, began)))
-        assert seen["requests"] >= 0.9 * WORKER_RPS * down_s, seen  # the load really ran
-        assert seen["errors"] == 0, seen
     finally:
         if load is not None:
             load.stop()
-        from riskcontrol.serve import RedisStore
+        if not local.head_processes(ha):  # within the worker raylet's ~60 s patience for its GCS
+            local.start_head(ha)
+    seen = outage(records, began)
+    print("\nhead down, not restarted:", json.dumps(seen), "\n" + "\n".join(timeline(records, began)))
+    codes, _ = app_answers([served["head"], served["worker"]], within=120)
+    assert codes == [200, 200], f"the app does not answer through every proxy after the head started again: {codes}"
+    assert seen["requests"] >= 0.9 * WORKER_RPS * down_s, seen  # the load really ran
+    assert seen["errors"] == 0, seen
 
-        RedisStore(redis_url, prefix).clear()
-        local.down(state.name, log=lambda *_: None)
+
+@pytest.mark.slow
+def test_online_scoring_through_a_head_restart(ha, served):
+    """riskcontrol's app takes 50 req/s through a worker's proxy (and 5 through the head's) while `adbray
+    cluster restart-head` stops and restarts the head: the app, its replica and its feature store survive;
+    what a client saw is measured and printed (-s)."""
+    head_url, worker_url = served["head"], served["worker"]
+    for i in range(3):  # CARD's history before the restart
+        assert httpx.post(f"{worker_url}/score", json=transaction(i, CARD), timeout=30).status_code == 200
+    load = OpenLoop({"worker": (f"{worker_url}/score", WORKER_RPS), "head": (f"{head_url}/score", HEAD_RPS)})
+    load.start()
+    try:
+        time.sleep(5)
+        began = time.monotonic()
+        restarted = subprocess.run([str(Path(sys.executable).with_name("adbray")), "cluster", "restart-head", "--name",
+                                    ha.name, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                                   check=False)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+        took = json.loads(restarted.stdout.strip().splitlines()[-1])
+        # the head is back: the cluster is whole (restart-head returned) and every proxy routes the app
+        codes, head_back = app_answers([head_url, worker_url])
+        back = time.monotonic() if codes == [200, 200] else None
+        assert codes[0] == 200, f"the head's proxy does not route the app 90 s after the restart: {codes}"
+        time.sleep(AFTER_S)
+        records, load = load.stop(), None
+    finally:
+        if load is not None:  # a check failed under load: stop sending to a cluster about to go down
+            load.stop()
+
+    # through the head's proxy (the same replica and store): the feature store kept CARD's history
+    reply = httpx.post(f"{head_url}/score?features=true", json=transaction(3, CARD), timeout=30).json()
+    assert reply["features"]["card_history_count"] == 3, reply
+
+    seen = {t: outage([r for r in records if r["target"] == t], began) for t in ("worker", "head")}
+    after = [r for r in records if back is not None and r["due"] >= back]
+    figures = {"restart": took, "app_back_through_every_proxy_s": round(back - began, 2) if back else None,
+               "worker_proxy": seen["worker"], "head_proxy": seen["head"],
+               "sent_after_back": len(after), "failed_after_back": sum(r["status"] != 200 for r in after),
+               "client_max_lag_s": round(max((r["sent"] - r["due"] for r in records), default=0), 2)}
+    print("\nhead restart under load:", json.dumps(figures, indent=1))
+    print("\n".join(timeline(records, began)))
+    # the head's proxy is not part of the expected failure: once it answers, it answers every request
+    head_after = [r for r in records if r["target"] == "head" and r["due"] >= head_back + 1.0]
+    assert head_after and all(r["status"] == 200 for r in head_after), figures
+    if back is None or seen["worker"]["errors"] or figures["failed_after_back"]:
+        pytest.xfail(WORKER_PROXY_ERRORS + f": {seen['worker']['errors']} errors on the worker proxy, "
+                     + (f"{figures['failed_after_back']} of {len(after)} failed after the head was back"
+                        if back else f"its /healthz still {codes[1]} 90 s after the restart")
+                     + f"; the client fell up to {figures['client_max_lag_s']} s behind its schedule")
+    assert len(after) >= 0.9 * (WORKER_RPS + HEAD_RPS) * AFTER_S, figures  # the load really ran
+    assert figures["failed_after_back"] == 0, figures
+    assert seen["worker"]["errors"] == 0, figures  # the worker's proxy and replica never stopped answering
