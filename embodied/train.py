@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 
+from pipelines import training
 from pipelines.config import redact
 from pipelines.io import (
     exists,
@@ -170,7 +171,7 @@ def train_with_ray(train_loop, loop_config: dict, section, run_dir: str, name: s
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    result = training.fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"{name} training finished without a checkpoint")
     return result

@@ -20,6 +20,8 @@ import tempfile
 
 import numpy as np
 
+from pipelines import training
+
 STATE_FILE = "state.pt"
 
 
@@ -60,7 +62,7 @@ def fit(loop, loop_config: dict, datasets: dict, workers, storage: str, name: st
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
-    return trainer.fit()
+    return training.fit(trainer)
 
 
 def cache_shard(name: str, batch_rows: int = 8192) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from itertools import pairwise
 import numpy as np
 import pandas as pd
 
+from pipelines import training
 from pipelines.io import (
     exists,
     filesystem_for,
@@ -223,7 +224,7 @@ def train_ray(features_path: str, t1, t2, cfg: TrainConfig, pos_weight: float, o
         run_config=ray.train.RunConfig(name=f"riskcontrol-{posixpath.basename(parent)}-{int(time.time())}",
                                        storage_path=storage, storage_filesystem=storage_fs),
     )
-    result = trainer.fit()
+    result = training.fit(trainer)
     with tempfile.TemporaryDirectory() as tmp:  # checkpoint storage -> the model folder
         upload_dir(result.checkpoint.to_directory(tmp), out_dir)
     return read_json(join(out_dir, "model.json"))
