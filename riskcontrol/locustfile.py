@@ -5,8 +5,8 @@
 
 Each simulated payment switch sends ``/score`` requests built from the template's own transaction
 generator (real card, merchant, amount, device and location mixes; ``RISKCONTROL_LOCUST_SEED``
-picks another sample), with fresh transaction ids and the current time, and now and then a batch of
-late labels to ``/labels``. A reply other than 200 with a probability counts as a failure.
+picks another sample), with fresh transaction ids and the current time, and late labels to
+``/labels``: one batch when it connects, then now and then. A reply other than 200 with a probability counts as a failure.
 """
 from __future__ import annotations
 
@@ -30,9 +30,13 @@ _IDS = itertools.count(int(time.time() * 1000) * 1000)  # unique across runs, in
 
 
 class PaymentSwitch(HttpUser):
-    """One payment switch: a transaction every 50-200 ms, a label batch now and then."""
+    """One payment switch: a label batch when it connects, then a transaction every 50-200 ms and a label
+    batch now and then."""
 
     wait_time = between(0.05, 0.2)
+
+    def on_start(self):
+        self.labels()
 
     def _transaction(self) -> dict:
         body = transaction_payload(random.choice(_ROWS))
