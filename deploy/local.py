@@ -264,18 +264,20 @@ def start_head(state: ClusterState) -> None:
     if state.autoscaling_config:
         cmd.append(f"--autoscaling-config={state.autoscaling_config}")
     _run(cmd, _start_env(state, state.category == "HIGH_AVAILABILITY"), "starting the head")
-    on_workers = _worker_node_pids(state)  # what worker nodes started meanwhile is not the head's
-    state.head_pids = sorted(p.pid for p in processes(state) if p.pid not in before and p.pid not in on_workers)
+    now = processes(state)
+    on_workers = _worker_node_pids(state, now)  # what worker nodes started meanwhile is not the head's
+    state.head_pids = sorted(p.pid for p in now if p.pid not in before and p.pid not in on_workers)
     record_processes(state)
 
 
-def _worker_node_pids(state: ClusterState) -> set[int]:
-    """Pids of the worker nodes' processes: those naming a worker's temp dir (``<temp_dir>/w<i>``) on their
-    command line, and everything the worker raylets run (workers rename themselves, e.g. ``ray::IDLE``)."""
+def _worker_node_pids(state: ClusterState, procs: list) -> set[int]:
+    """Pids of the worker nodes' processes among ``procs`` (the cluster's): those naming a worker's temp dir
+    (``<temp_dir>/w<i>``) on their command line, and everything the worker raylets run (workers rename
+    themselves, e.g. ``ray::IDLE``)."""
     import psutil
 
     mine, raylets = set(), {}
-    for p in processes(state):
+    for p in procs:
         try:
             if f"{state.temp_dir}/w" in " ".join(p.cmdline()):
                 mine.add(p.pid)
