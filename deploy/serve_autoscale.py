@@ -94,9 +94,9 @@ def rehearse(state, st, app_name: str, url: str, payloads, stages, floor_replica
              every_s: float = 0.5, window_s: float = 1.0, settle_s: float = 90.0, timeout: float = 10.0) -> dict:
     """Ramp ``stages`` (``(req/s, seconds)``) of open-loop load at ``url`` while sampling replicas and workers;
     after the load, keep sampling until replicas are back at ``floor_replicas`` and workers at
-    ``floor_workers`` (at most ``settle_s``). Returns ``{samples, windows, total, load_s, settled_s}``: samples
-    and load windows on one clock (seconds from the load's start); ``settled_s`` is when both were back (None
-    if not within ``settle_s``)."""
+    ``floor_workers`` (at most ``settle_s``). Returns ``{samples, windows, total, started_at, load_s,
+    settled_s}``: samples and load windows on one clock (seconds from the load's start, ``started_at``, a
+    ``time.time()``); ``settled_s`` is when both were back (None if not within ``settle_s``)."""
     watcher = Watcher(state, st, app_name, every_s).start()
     try:
         load = ramp_test(url, payloads, stages, window_s=window_s, timeout=timeout)
@@ -108,7 +108,7 @@ def rehearse(state, st, app_name: str, url: str, payloads, stages, floor_replica
     shift = load["started_at"] - watcher.t0  # the samples' clock -> the load's
     samples = [{**s, "t": round(s["t"] - shift, 2)} for s in samples]
     return {"samples": samples, "windows": load["windows"], "total": load["total"],
-            "load_s": round(load_end - load["started_at"], 2),
+            "started_at": load["started_at"], "load_s": round(load_end - load["started_at"], 2),
             "settled_s": round(back["t"] - shift, 2) if back else None}
 
 
@@ -128,7 +128,8 @@ def summarize(result: dict) -> dict:
             "workers_end": samples[-1]["workers"] if samples else None,
             "max_achieved_rps": busiest.get("achieved_rps"), "p50_ms": result["total"]["p50_ms"],
             "p99_ms": result["total"]["p99_ms"], "requests": result["total"]["requests"],
-            "errors": result["total"]["errors"], "load_s": result["load_s"], "settled_s": result["settled_s"]}
+            "errors": result["total"]["errors"], "error_kinds": result["total"].get("error_kinds"),
+            "load_s": result["load_s"], "settled_s": result["settled_s"]}
 
 
 def write_figures(result: dict, out_dir: str | Path, title: str = "Serve autoscaling") -> dict:
@@ -169,7 +170,11 @@ def rehearsal(template: str, run_dir: str, request_path: str, payloads, override
     proxy + ``request_path``, floors = the replicas after the deploy and 1 worker; :func:`write_figures` into
     ``out_dir``; the cluster stopped. ``cluster_env`` is set on the cluster's Ray processes (e.g. Serve's
     ``RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S``: a worker whose replicas left keeps its proxy draining that long,
-    default 30 s, before it is idle). Returns :func:`summarize`'s figures plus ``figures`` (their paths)."""
+    default 30 s, before it is idle). The cluster's workers run at nice 0 (``RAY_worker_niceness``, Ray's
+    default 15): every node here shares the same cores, and at 15 the serving replica and proxies yield to
+    any nice-0 process (an added node's raylet and agents starting, the load generator, other users), which
+    on a group of separate machines they do not compete with. Returns :func:`summarize`'s figures plus
+    ``figures`` (their paths)."""
     from pipelines.template import load_template
 
     from . import local
@@ -180,7 +185,8 @@ def rehearsal(template: str, run_dir: str, request_path: str, payloads, override
     spec = ResourceGroupSpec(name=f"serve-scale-{os.getpid()}", worker_groups=[
         {"name": "cpu", "type": "CPU", "spec": "small", "min_workers": 1, "max_workers": max_workers}])
     t0 = time.time()
-    state = local.up(spec, log=lambda *_: None, env=cluster_env, autoscale=True, storage=False, idle_s=idle_s)
+    env = {"RAY_worker_niceness": "0", **(cluster_env or {})}
+    state = local.up(spec, log=lambda *_: None, env=env, autoscale=True, storage=False, idle_s=idle_s)
     log(f"cluster {spec.name} up in {time.time() - t0:.0f}s (1..{max_workers} workers, idle {idle_s:g}s)")
     try:
         tpl = load_template(template)

@@ -18,6 +18,7 @@ import math
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -351,7 +352,8 @@ def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Se
     of the run: ``windows`` rows ``{t, target_rps, sent_rps, achieved_rps, errors, p50_ms, p99_ms}`` (``t``: the
     window's start in seconds from the run's start; requests belong to the window they were due in, except
     ``achieved_rps``: the answers that completed in it, per second) and ``total`` (:func:`load_test`'s
-    figures over the whole run, less the send rate). ``started_at`` is the run's start (``time.time()``)."""
+    figures over the whole run, less the send rate, plus ``error_kinds``: the failures by status code or
+    exception name). ``started_at`` is the run's start (``time.time()``)."""
     offsets, rates, t = [], [], 0.0
     for rps, seconds in stages:
         if rps <= 0 or seconds <= 0:
@@ -375,7 +377,8 @@ def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Se
                         **{k: v for k, v in percentiles(took).items() if k != "mean_ms"}})
     n = len(offsets)
     return {"started_at": started_at, "windows": windows,
-            "total": {**percentiles(lat), "requests": n, "errors": len(errors), "error_rate": len(errors) / max(n, 1)}}
+            "total": {**percentiles(lat), "requests": n, "errors": len(errors), "error_rate": len(errors) / max(n, 1),
+                      "error_kinds": dict(Counter(str(e) for e in errors))}}
 
 
 def max_rps(url: str, payloads: Sequence | Callable[[int], object], seconds: float = 5.0,
