@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from pipelines.config import redact
 from pipelines.input import column, read_input, source_columns, split_rejects
 from pipelines.io import REJECT_SCHEMA, reject_ratio_failure, write_dataset
+from pipelines.shuffle import partition_by
 from pipelines.template import Run, StepResult
 
 from .vocab import CATEGORIES, CHANNELS, CURRENCIES
@@ -125,7 +126,7 @@ def ingest_transactions(cfg, run: Run, blocks: int = 8) -> StepResult:
         # by transaction_id so that a block holds every row of its transactions, joined block by block
         both = txn.map_batches(_side, batch_format="pyarrow", fn_kwargs={"labels": False}).union(
             labels.map_batches(_side, batch_format="pyarrow", fn_kwargs={"labels": True}))
-        txn = both.repartition(blocks, keys=["transaction_id"]).map_batches(
+        txn = partition_by(both, ["transaction_id"], blocks).map_batches(
             join_block, batch_format="pyarrow", batch_size=None)
     has_fraud = inp.columns.get("is_fraud", "is_fraud") in names
     done = txn.map_batches(finish, batch_format="pyarrow",

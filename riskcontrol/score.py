@@ -25,6 +25,7 @@ from pipelines.io import (
     write_dataset,
     write_table,
 )
+from pipelines.shuffle import value_counts
 from pipelines.template import Run, StepResult
 
 from .config import FeatureConfig, RiskConfig, RiskInputConfig, ScoreConfig
@@ -108,8 +109,9 @@ def score_dataset(features, model_dir: str, cfg: ScoreConfig):
 
 
 def build_scores(transactions, model_dir: str, cfg: ScoreConfig, fcfg: FeatureConfig):
-    """Lazy ``(scores, rejects)`` Datasets from transactions (features computed on the way)."""
-    features, rejects = build_features(transactions, fcfg.num_cpus, fcfg.blocks)
+    """Lazy ``(scores, rejects)`` Datasets from transactions (features computed on the way, streamed into
+    the ``Scorer`` actors so that a lost node does not leave them waiting for lost partitions)."""
+    features, rejects = build_features(transactions, fcfg.num_cpus, fcfg.blocks, streaming=True)
     return score_dataset(features, model_dir, cfg), rejects
 
 
@@ -148,9 +150,7 @@ def write_scores(scores, cfg: ScoreConfig, out_dir: str) -> dict:
         scores.map_batches(_upsert_batch, batch_format="pyarrow", batch_size=2000,
                            fn_kwargs={"url": cfg.output_mysql_url, "table": table}).materialize()
         outputs["scores_mysql"] = table
-    counts = scores.groupby("risk_tier").count().to_pandas()
-    by_tier = dict(zip(counts["risk_tier"], counts["count()"].astype(int)))
-    return {"outputs": outputs, "rows": scores.count(), "tiers": by_tier}
+    return {"outputs": outputs, "rows": scores.count(), "tiers": value_counts(scores, "risk_tier")}
 
 
 def run_score(transactions, model_dir: str, cfg: ScoreConfig, out_dir: str, fcfg: FeatureConfig,
