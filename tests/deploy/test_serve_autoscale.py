@@ -195,6 +195,7 @@ def test_a_load_ramp_grows_replicas_then_workers_and_both_shrink_after(tmp_path,
     series = json.loads(Path(got["figures"]["json"]).read_text())
     samples = series["samples"]
     assert got["replicas_start"] == 1 and got["workers_start"] == 1, samples[:3]
+    assert all(s["target_replicas"] == 1 for s in samples if s["t"] < 0), samples[:3]  # no load, no demand
     assert got["replicas_peak"] >= 2 and got["workers_peak"] >= 2, got  # both grew under the ramp
     # the order of cause and effect: Serve wanted a second replica before the group had a second worker
     first_worker = next(s["t"] for s in samples if s["workers"] >= 2)
