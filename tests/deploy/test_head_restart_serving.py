@@ -32,8 +32,9 @@ AFTER_S = 10.0  # load kept on after the head is back, every request of which mu
 # The one failure this test expects (xfail, only for it; everything else asserts): the worker's proxy does not
 # answer every request through the restart. Measured (docs/deploy.md, Head restart): not the GCS (with the head
 # killed and not restarted for 25-28 s the worker's proxy answered every request); a backlog forms in the
-# worker's proxy during the restart and does not drain while the load goes on. CPU is suspected (the new head
-# starts on the same 2 cores) but not shown: with the head pinned to its own core it failed the same way.
+# worker's proxy during the restart and does not drain while the load goes on. Not CPU (a core stays free; the
+# head pinned to its own core failed the same way): the worker proxy's router logs unanswered queue-length
+# probes of the idle replica after the restart.
 # Delete the xfail once a run meets the target.
 WORKER_PROXY_ERRORS = "the worker's proxy is not error-free through a head restart (a backlog that does not drain; not the GCS lookup)"
 CARD = 424242  # a card scored only before and after the restart: its history lives in the feature store
