@@ -48,13 +48,14 @@ def _split(keys: list[str], blocks: int, *tables: pa.Table):
     # an empty block may lack the columns (a Dataset filtered to nothing): it adds no rows anyway
     table = pa.concat_tables([t for t in tables if t.num_rows] or tables[:1], promote_options="permissive")
     if not table.num_rows:
-        return [table] * blocks if blocks > 1 else table
-    part = key_hash(table, keys) % blocks
-    order = np.argsort(part, kind="stable")
-    bounds = np.searchsorted(part[order], np.arange(blocks + 1))
-    ordered = table.take(order)
-    parts = [ordered.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(blocks)]
-    return parts if blocks > 1 else parts[0]
+        parts = [table] * blocks
+    else:
+        part = key_hash(table, keys) % blocks
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(blocks + 1))
+        ordered = table.take(order)
+        parts = [ordered.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(blocks)]
+    return parts if blocks > 1 else parts[0]  # Ray's num_returns=1 returns the one value itself
 
 
 def _concat(*tables: pa.Table) -> pa.Table:
