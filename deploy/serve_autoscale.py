@@ -91,15 +91,22 @@ class Watcher:
 
 
 def rehearse(state, st, app_name: str, url: str, payloads, stages, floor_replicas: int, floor_workers: int,
-             every_s: float = 0.5, window_s: float = 1.0, settle_s: float = 90.0, timeout: float = 10.0) -> dict:
+             every_s: float = 0.5, window_s: float = 1.0, settle_s: float = 90.0, timeout: float = 10.0,
+             hold_until_replicas: int | None = None, hold_max_s: float = 60.0) -> dict:
     """Ramp ``stages`` (``(req/s, seconds)``) of open-loop load at ``url`` while sampling replicas and workers;
     after the load, keep sampling until replicas are back at ``floor_replicas`` and workers at
-    ``floor_workers`` (at most ``settle_s``). Returns ``{samples, windows, total, started_at, load_s,
-    settled_s}``: samples and load windows on one clock (seconds from the load's start, ``started_at``, a
-    ``time.time()``); ``settled_s`` is when both were back (None if not within ``settle_s``)."""
+    ``floor_workers`` (at most ``settle_s``). With ``hold_until_replicas``, the last stage's rate goes on
+    until that many replicas have run (at most ``hold_max_s`` more): how long a replica takes to come up on a
+    worker the group adds for it varies with the machine, and a load that ends first shows nothing.
+    Returns ``{samples, windows, total, started_at, load_s, held_s, settled_s}``: samples and load windows
+    on one clock (seconds from the load's start, ``started_at``, a ``time.time()``); ``settled_s`` is when
+    both were back (None if not within ``settle_s``)."""
     watcher = Watcher(state, st, app_name, every_s).start()
+    hold = None
+    if hold_until_replicas:
+        hold = (lambda: any(s["replicas"] >= hold_until_replicas for s in watcher.samples), hold_max_s)
     try:
-        load = ramp_test(url, payloads, stages, window_s=window_s, timeout=timeout)
+        load = ramp_test(url, payloads, stages, window_s=window_s, timeout=timeout, hold=hold)
         load_end = time.time()
         back = watcher.wait_for(lambda s: s["replicas"] <= floor_replicas and s["target_replicas"] <= floor_replicas
                                 and s["workers"] <= floor_workers, settle_s)
@@ -109,6 +116,7 @@ def rehearse(state, st, app_name: str, url: str, payloads, stages, floor_replica
     samples = [{**s, "t": round(s["t"] - shift, 2)} for s in samples]
     return {"samples": samples, "windows": load["windows"], "total": load["total"],
             "started_at": load["started_at"], "load_s": round(load_end - load["started_at"], 2),
+            "held_s": load["held_s"],
             "settled_s": round(back["t"] - shift, 2) if back else None}
 
 
@@ -129,7 +137,7 @@ def summarize(result: dict) -> dict:
             "max_achieved_rps": busiest.get("achieved_rps"), "p50_ms": result["total"]["p50_ms"],
             "p99_ms": result["total"]["p99_ms"], "requests": result["total"]["requests"],
             "errors": result["total"]["errors"], "error_kinds": result["total"].get("error_kinds"),
-            "load_s": result["load_s"], "settled_s": result["settled_s"]}
+            "load_s": result["load_s"], "held_s": result.get("held_s", 0.0), "settled_s": result["settled_s"]}
 
 
 def write_figures(result: dict, out_dir: str | Path, title: str = "Serve autoscaling") -> dict:
@@ -162,13 +170,14 @@ def write_figures(result: dict, out_dir: str | Path, title: str = "Serve autosca
 
 def rehearsal(template: str, run_dir: str, request_path: str, payloads, overrides: Sequence[str], stages,
               out_dir: str | Path, max_workers: int = 3, idle_s: float = 4.0, every_s: float = 0.5,
-              settle_s: float = 90.0, cluster_env: dict | None = None, log=print) -> dict:
+              settle_s: float = 90.0, cluster_env: dict | None = None, hold_until_replicas: int | None = None,
+              log=print) -> dict:
     """The whole rehearsal on a cluster of its own: a local cluster whose one CPU group of 1-CPU (``small``)
     workers autoscales between 1 and ``max_workers`` (idle workers removed after ``idle_s``), ``template``'s
     app deployed from ``run_dir`` (a local folder: this cluster's nodes share the disk) as ``adbray serve``
     does, with ``overrides`` (``serve.autoscaling.*=...``); :func:`rehearse` with ``stages`` at the head's
     proxy + ``request_path``, floors = the replicas after the deploy and 1 worker; :func:`write_figures` into
-    ``out_dir``; the cluster stopped. ``cluster_env`` is set on the cluster's Ray processes (e.g. Serve's
+    ``out_dir``; the cluster stopped. ``hold_until_replicas``: see :func:`rehearse`. ``cluster_env`` is set on the cluster's Ray processes (e.g. Serve's
     ``RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S``: a worker whose replicas left keeps its proxy draining that long,
     default 30 s, before it is idle). The cluster's workers run at nice 0 (``RAY_worker_niceness``, Ray's
     default 15): every node here shares the same cores, and at 15 the serving replica and proxies yield to
@@ -203,7 +212,7 @@ def rehearsal(template: str, run_dir: str, request_path: str, payloads, override
         floor = replica_counts(st, section.app_name)["running"]
         log(f"{template} app up in {time.time() - t0:.0f}s with {floor} replica(s); load {list(stages)} at {url}")
         result = rehearse(state, st, section.app_name, url, payloads, stages, floor, 1, every_s=every_s,
-                          settle_s=settle_s)
+                          settle_s=settle_s, hold_until_replicas=hold_until_replicas)
     finally:
         local.down(state.name, log=lambda *_: None)
     figures = write_figures(result, out_dir, title=f"{template}: Serve autoscaling drives worker autoscaling")

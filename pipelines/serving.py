@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -325,10 +325,10 @@ def load_test(url: str, payloads: Sequence | Callable[[int], object], rps: float
             **send_stats(start, rps, sends)}
 
 
-async def _send_at(offsets: Sequence[float], url, payloads, method, timeout, lat, errors, sends,
+async def _send_at(offsets: Iterable[float], url, payloads, method, timeout, lat, errors, sends,
                    outcomes=None) -> float:
     """Send request ``i`` at ``offsets[i]`` seconds after the start (open loop, see :func:`_scheduled`);
-    returns the start (``time.perf_counter()``)."""
+    ``offsets`` may be a generator (read as the requests go out). Returns the start (``time.perf_counter()``)."""
     import httpx
 
     tasks = []
@@ -347,23 +347,42 @@ async def _send_at(offsets: Sequence[float], url, payloads, method, timeout, lat
 
 
 def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Sequence[tuple[float, float]],
-              window_s: float = 1.0, method: str = "POST", timeout: float = 10.0) -> dict:
+              window_s: float = 1.0, method: str = "POST", timeout: float = 10.0,
+              hold: tuple[Callable[[], bool], float] | None = None) -> dict:
     """An open-loop load whose rate changes in ``stages`` of ``(req/s, seconds)``, reported per ``window_s``
     of the run: ``windows`` rows ``{t, target_rps, sent_rps, achieved_rps, errors, p50_ms, p99_ms}`` (``t``: the
     window's start in seconds from the run's start; requests belong to the window they were due in, except
     ``achieved_rps``: the answers that completed in it, per second) and ``total`` (:func:`load_test`'s
     figures over the whole run, less the send rate, plus ``error_kinds``: the failures by status code or
-    exception name). ``started_at`` is the run's start (``time.time()``)."""
-    offsets, rates, t = [], [], 0.0
+    exception name). ``started_at`` is the run's start (``time.time()``). ``hold=(done, max_s)`` keeps the
+    last stage's rate after the stages until ``done()`` is true, at most ``max_s`` seconds more (``held_s``:
+    how long it did), e.g. until an autoscaler under the load has acted."""
+    rates, t = [], 0.0
     for rps, seconds in stages:
         if rps <= 0 or seconds <= 0:
             raise ValueError(f"ramp stage ({rps}, {seconds}): req/s and seconds must be > 0")
-        offsets += [t + i / rps for i in range(int(rps * seconds))]
         rates.append((t, t + seconds, rps))
         t += seconds
+    held = [0.0]
+
+    def offsets():
+        for a, b, rps in rates:
+            yield from (a + i / rps for i in range(int(rps * (b - a))))
+        if hold and rates:
+            done, max_s = hold
+            rps = rates[-1][2]
+            for i in range(int(rps * max_s)):
+                if done():
+                    return
+                held[0] = (i + 1) / rps
+                yield t + i / rps
+
     lat, errors, sends, outcomes = [], [], [], []
     started_at = time.time()
-    start = asyncio.run(_send_at(offsets, url, payloads, method, timeout, lat, errors, sends, outcomes))
+    start = asyncio.run(_send_at(offsets(), url, payloads, method, timeout, lat, errors, sends, outcomes))
+    if held[0]:
+        a, _, rps = rates[-1]
+        rates[-1], t = (a, t + held[0], rps), t + held[0]
     windows = []
     end = max([t] + [done - start for _, done, _ in outcomes])  # the last answers may come after the last send
     for k in range(max(1, math.ceil(end / window_s))):
@@ -375,8 +394,8 @@ def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Se
                         "sent_rps": sum(1 for _, sent in sends if lo <= sent - start < hi) / window_s,
                         "achieved_rps": answered / window_s, "errors": len(due) - len(took),
                         **{k: v for k, v in percentiles(took).items() if k != "mean_ms"}})
-    n = len(offsets)
-    return {"started_at": started_at, "windows": windows,
+    n = len(sends)
+    return {"started_at": started_at, "windows": windows, "held_s": round(held[0], 2),
             "total": {**percentiles(lat), "requests": n, "errors": len(errors), "error_rate": len(errors) / max(n, 1),
                       "error_kinds": dict(Counter(str(e) for e in errors))}}
 
