@@ -160,12 +160,17 @@ def driver_snapshot(app_name: str) -> tuple[set[str], dict[str, str], dict[str, 
 
 def wait_until_routed(app_name: str, route_prefix: str, health_path: str = "/healthz",
                       timeout: float = 90.0, snapshot: Callable | None = None) -> list[str]:
-    """Block until EVERY Serve proxy answers 200 on ``route_prefix + health_path``; returns their URLs.
+    """Block until every Serve proxy in rotation answers 200 on ``route_prefix + health_path``; returns
+    their URLs.
 
     A Serve app is RUNNING before each proxy knows its route, and Serve starts a
     proxy on a node only once a replica lands there: so wait until every node that
     holds a replica has a healthy proxy, and every proxy (head's included) routes
-    the app. ``snapshot(app_name)`` says where replicas and proxies are
+    the app. A proxy DRAINING on a node that holds no replica of the app is leaving
+    (Serve drains a node's proxy at least 30 s after its last replica went, e.g. an
+    app deleted before this one was deployed; its health check already answers 503,
+    so a load balancer has taken it out): it is neither waited for nor returned.
+    ``snapshot(app_name)`` says where replicas and proxies are
     (:func:`driver_snapshot` by default; ``deploy.serve`` reads the same from the
     dashboard's REST API); it raises :class:`AppFailed` to stop waiting. Raises TimeoutError naming the proxies that did not.
     """
@@ -176,6 +181,9 @@ def wait_until_routed(app_name: str, route_prefix: str, health_path: str = "/hea
     while time.time() < deadline:
         try:
             replica_nodes, proxies, urls = snapshot(app_name)
+            leaving = {n for n, s in proxies.items() if s == "DRAINING" and n not in replica_nodes}
+            proxies = {n: s for n, s in proxies.items() if n not in leaving}
+            urls = {key: base for key, base in urls.items() if _proxy_node(key) not in leaving}
             missing = replica_nodes - set(proxies)
             unhealthy = [n for n, s in proxies.items() if s != "HEALTHY"]
             if missing or unhealthy:
@@ -198,6 +206,12 @@ def wait_until_routed(app_name: str, route_prefix: str, health_path: str = "/hea
             last = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
         time.sleep(0.25)
     raise TimeoutError(f"Serve app {app_name!r} not routed by every proxy within {timeout:.0f}s: {last}")
+
+
+def _proxy_node(url_key: str) -> str:
+    """The node id in a snapshot's URL key: ``<node id>`` (:func:`proxy_urls`) or ``proxy:<node id>``
+    (``deploy.serve.client_urls`` on a local cluster); other keys (a group's one address) name no node."""
+    return url_key.removeprefix("proxy:")
 
 
 def deploy_app(app, name: str, route_prefix: str, health_path: str = "/healthz",

@@ -45,6 +45,58 @@ def test_deploy_app_returns_only_when_every_proxy_routes(hello_app):
         assert r.status_code == 200 and r.text == "hello", (base, r.status_code, r.text[:200])
 
 
+def test_a_proxy_draining_after_a_delete_is_neither_waited_for_nor_returned(ray_connected):
+    """An app on both workers is deleted: Serve drains both workers' proxies (>= 30 s). The next app's one
+    replica takes one worker back; deploy_app returns while the other proxy still drains, and every URL it
+    would return routes the new app."""
+    from ray import serve
+
+    from pipelines.serving import _replica_nodes, deploy_app, driver_snapshot, wait_until_routed
+
+    def hello(replicas):
+        @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0.1})
+        class Hello:
+            async def __call__(self, request):
+                return "hello"
+
+        return Hello.bind()
+
+    try:
+        deploy_app(hello(2), "hello-both", "/both", health_path="")
+        assert len(_replica_nodes("hello-both")) == 2  # Serve spreads replicas over the nodes
+        serve.delete("hello-both")
+        deploy_app(hello(1), "hello-one", "/one", health_path="")
+        replica_nodes, proxies, urls = driver_snapshot("hello-one")
+        draining = {n for n, status in proxies.items() if status == "DRAINING"}
+        assert draining and not draining & replica_nodes, proxies  # still leaving when deploy_app returned
+        bases = wait_until_routed("hello-one", "/one", "", timeout=10)
+        assert not {urls[n] for n in draining} & set(bases) and len(bases) == len(urls) - len(draining)
+        assert all(httpx.get(f"{base}/one", timeout=10).text == "hello" for base in bases)
+    finally:
+        for name in ("hello-both", "hello-one"):
+            serve.delete(name)
+
+
+def test_wait_until_routed_leaves_out_only_leaving_proxies(instant_server):
+    """No Ray: a fake snapshot. A draining proxy on a node without a replica is skipped (its URL is dead);
+    a draining proxy on a replica's node is waited for, until the timeout names it."""
+    from pipelines.serving import wait_until_routed
+
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port
+    live = instant_server.rstrip("/")
+
+    def snapshot(replicas, proxies, urls):
+        return lambda app_name: (replicas, proxies, urls)
+
+    leaving = snapshot({"a"}, {"a": "HEALTHY", "b": "DRAINING"}, {"proxy:a": live, "proxy:b": dead})
+    assert wait_until_routed("x", "/x", "", timeout=5, snapshot=leaving) == [live]
+    by_node = snapshot({"a"}, {"a": "HEALTHY", "b": "DRAINING"}, {"a": live, "b": dead})  # a driver's keys
+    assert wait_until_routed("x", "/x", "", timeout=5, snapshot=by_node) == [live]
+    coming_back = snapshot({"a", "b"}, {"a": "HEALTHY", "b": "DRAINING"}, {"a": live, "b": live})
+    with pytest.raises(TimeoutError, match="1 proxy"):
+        wait_until_routed("x", "/x", "", timeout=1, snapshot=coming_back)
+
+
 # the open-loop load generator, against a local HTTP server that answers at once (no Ray)
 
 @pytest.fixture(scope="module")
@@ -55,6 +107,12 @@ def instant_server():
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # else each answer waits ~40 ms for a delayed ACK
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
