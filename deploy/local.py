@@ -263,7 +263,8 @@ def start_head(state: ClusterState) -> None:
     ]
     if state.autoscaling_config:
         cmd.append(f"--autoscaling-config={state.autoscaling_config}")
-    _run(cmd, _start_env(state, state.category == "HIGH_AVAILABILITY"), "starting the head")
+    _run(cmd, {**haproxy_ports_env(), **_start_env(state, state.category == "HIGH_AVAILABILITY")},
+         "starting the head")
     now = processes(state)
     on_workers = _worker_node_pids(state, now)  # what worker nodes started meanwhile is not the head's
     state.head_pids = sorted(p.pid for p in now if p.pid not in before and p.pid not in on_workers)
@@ -326,9 +327,17 @@ def worker_proxy_env(port: int) -> dict:
     client cannot tell which proxy (node) answered. A port per worker (Ray reads
     ``RAY_SERVE_WORKER_PROXY_HTTP_PORT``; the head keeps Serve's configured port)
     makes each proxy addressable, as each node's is on a real group. The port is
-    also the node's ``serve-port`` label, which :func:`pipelines.serving.proxy_urls` reads.
+    also the node's ``serve-port`` label, which :func:`pipelines.serving.proxy_urls` reads. With Serve's
+    HAProxy ingress on (``RAY_SERVE_ENABLE_HA_PROXY=1``), each node's HAProxy also binds a metrics and a
+    stats port on all interfaces (Ray's defaults 9101 and 8404): on one host the second node's HAProxy
+    exits ("Address already in use") and that node's proxy stays STARTING, so they get free ports too.
     """
-    return {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(port)}
+    return {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(port), **haproxy_ports_env()}
+
+
+def haproxy_ports_env() -> dict:
+    """Free ports for a node's HAProxy metrics and stats listeners (see :func:`worker_proxy_env`)."""
+    return {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
 
 
 def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str,

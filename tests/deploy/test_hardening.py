@@ -284,6 +284,14 @@ def test_start_env_passes_an_allow_list(tmp_path, monkeypatch):
     assert env["RAY_AUTH_MODE"] == "token" and env["ADBRAY_CLUSTER_DIR"] == "/tmp/adbray-hard-a1b2c3"
 
 
+def test_each_nodes_haproxy_gets_ports_of_its_own():
+    """Serve's HAProxy ingress binds a metrics and a stats port on every node (Ray's defaults 9101, 8404):
+    on one host a second node's HAProxy would exit and its proxy stay STARTING (seen with FAST_SERVE_ENV)."""
+    envs = [local.worker_proxy_env(local.free_port()) for _ in range(2)] + [local.haproxy_ports_env()]
+    ports = [int(e[k]) for e in envs for k in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")]
+    assert len(set(ports)) == len(ports) == 6 and not {9101, 8404} & set(ports), envs
+
+
 def _only_directories_chmod(monkeypatch):
     """Files must be created with their final mode: a chmod after the write does not count."""
     real = os.chmod
