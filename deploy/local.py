@@ -369,13 +369,20 @@ def autoscaling_config(spec: ResourceGroupSpec, gcs_address: str, temp_dir: str,
     }
 
 
+# Serve's proxies send requests to replicas over gRPC instead of Ray actor calls. Through a head restart
+# the actor-call path lost 1,740-2,900 of ~3,000 requests at 50 req/s on the worker's proxy (its backlog
+# never drained while the load went on); over gRPC none (docs/deploy.md, Head restart).
+HA_SERVE_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+
 def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict | None = None,
        autoscale: bool = False, disks: str | None = None, storage: bool = True, auth: bool = True,
        idle_s: float | None = None) -> ClusterState:
     """Start the spec as a local multi-node cluster; returns its state.
 
     ``env`` is set on every Ray process of the cluster (e.g. Serve's
-    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``). ``autoscale`` runs Ray's autoscaler
+    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``); a HIGH_AVAILABILITY cluster also gets :data:`HA_SERVE_ENV`
+    unless ``env`` says otherwise. ``autoscale`` runs Ray's autoscaler
     (fake multi-node provider) so groups scale between min and max workers, removing a worker idle
     for ``idle_s`` seconds (default ``AUTOSCALE_IDLE_S``).
     ``disks`` is ``"isolated"`` (default, see :func:`plan_disks`) or ``"shared"``;
@@ -398,7 +405,7 @@ def up(spec: ResourceGroupSpec, token: str | None = None, log=print, env: dict |
         token_path=str(token_path), nodes=[asdict(n) for n in nodes], scaling=notes,
         redis_namespace=f"adbray-{spec.name}-{secrets.token_hex(4)}" if spec.category == "HIGH_AVAILABILITY"
         else None,
-        extra_env=dict(env or {}),
+        extra_env={**(HA_SERVE_ENV if spec.category == "HIGH_AVAILABILITY" else {}), **(env or {})},
     )
     if autoscale:
         idle_s = AUTOSCALE_IDLE_S if idle_s is None else idle_s

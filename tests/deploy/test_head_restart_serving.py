@@ -29,14 +29,9 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 WORKER_RPS, HEAD_RPS = 50.0, 5.0
 TIMEOUT_S = 10.0  # a client's timeout per request; a request past it is an error
 AFTER_S = 10.0  # load kept on after the head is back, every request of which must succeed
-# The one failure this test expects (xfail, only for it; everything else asserts): the worker's proxy does not
-# answer every request through the restart. Measured (docs/deploy.md, Head restart): not the GCS (with the head
-# killed and not restarted for 25-28 s the worker's proxy answered every request); a backlog forms in the
-# worker's proxy during the restart and does not drain while the load goes on. Not CPU (a core stays free; the
-# head pinned to its own core failed the same way): the worker proxy's router logs unanswered queue-length
-# probes of the idle replica after the restart.
-# Delete the xfail once a run meets the target.
-WORKER_PROXY_ERRORS = "the worker's proxy is not error-free through a head restart (a backlog that does not drain; not the GCS lookup)"
+# The worker's proxy answers every request through the restart since its cluster (HIGH_AVAILABILITY) sends
+# Serve's requests to replicas over gRPC (deploy.local.HA_SERVE_ENV). With Ray's default actor-call path it
+# lost 1,740-2,900 of ~3,000 requests here, for 35-65 s (docs/deploy.md, Head restart).
 CARD = 424242  # a card scored only before and after the restart: its history lives in the feature store
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 
@@ -190,10 +185,10 @@ def app_answers(urls: list[str], within: float = 90.0) -> tuple[list, float | No
 @pytest.mark.slow
 def test_a_worker_proxy_answers_while_the_head_is_down(ha, served):
     """The head's processes killed and not started for DOWN_S: the worker's proxy and replica, which need
-    nothing of the head to score, answer every request at 50 req/s. (Ray 2.60 looks the proxy up in the GCS
-    for every request body, ray.get_actor in serve/_private/common.py; this shows that lookup does not stall
-    while the GCS is down: what fails in the restart test below is the head's start.) The head is then
-    started again (same ports, GCS state from Redis) for the next test."""
+    nothing of the head to score, answer every request at 50 req/s (so did they over Ray's actor-call path,
+    which looks the proxy up in the GCS for every request body: the GCS being down was never what failed;
+    the head's start was, see the next test). The head is then started again (same ports, GCS state from
+    Redis) for the next test."""
     down_s = 25.0
     load = OpenLoop({"worker": (f"{served['worker']}/score", WORKER_RPS)}).start()
     try:
@@ -257,14 +252,10 @@ def test_online_scoring_through_a_head_restart(ha, served):
                "client_max_lag_s": round(max((r["sent"] - r["due"] for r in records), default=0), 2)}
     print("\nhead restart under load:", json.dumps(figures, indent=1))
     print("\n".join(timeline(records, began)))
-    # the head's proxy is not part of the expected failure: once it answers, it answers every request
+    # the head's proxy is down with the head; once it answers again, it answers every request
     head_after = [r for r in records if r["target"] == "head" and r["due"] >= head_back + 1.0]
     assert head_after and all(r["status"] == 200 for r in head_after), figures
-    if back is None or seen["worker"]["errors"] or figures["failed_after_back"]:
-        pytest.xfail(WORKER_PROXY_ERRORS + f": {seen['worker']['errors']} errors on the worker proxy, "
-                     + (f"{figures['failed_after_back']} of {len(after)} failed after the head was back"
-                        if back else f"its /healthz still {codes[1]} 90 s after the restart")
-                     + f"; the client fell up to {figures['client_max_lag_s']} s behind its schedule")
+    assert back is not None, f"the worker's proxy does not route the app 90 s after the restart: {codes}"
     assert len(after) >= 0.9 * (WORKER_RPS + HEAD_RPS) * AFTER_S, figures  # the load really ran
     assert figures["failed_after_back"] == 0, figures
     assert seen["worker"]["errors"] == 0, figures  # the worker's proxy and replica never stopped answering
