@@ -54,7 +54,7 @@ def test_a_proxy_draining_after_a_delete_is_neither_waited_for_nor_returned(ray_
     from pipelines.serving import _replica_nodes, deploy_app, driver_snapshot, wait_until_routed
 
     def hello(replicas):
-        @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0.1})
+        @serve.deployment(num_replicas=replicas, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.1})
         class Hello:
             async def __call__(self, request):
                 return "hello"
@@ -63,7 +63,7 @@ def test_a_proxy_draining_after_a_delete_is_neither_waited_for_nor_returned(ray_
 
     try:
         deploy_app(hello(2), "hello-both", "/both", health_path="")
-        assert len(_replica_nodes("hello-both")) == 2  # Serve spreads replicas over the nodes
+        assert len(_replica_nodes("hello-both")) == 2  # one per worker
         serve.delete("hello-both")
         deploy_app(hello(1), "hello-one", "/one", health_path="")
         replica_nodes, proxies, urls = driver_snapshot("hello-one")
