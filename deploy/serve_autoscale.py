@@ -137,7 +137,7 @@ def summarize(result: dict) -> dict:
             "max_achieved_rps": busiest.get("achieved_rps"), "p50_ms": result["total"]["p50_ms"],
             "p99_ms": result["total"]["p99_ms"], "requests": result["total"]["requests"],
             "errors": result["total"]["errors"], "error_kinds": result["total"].get("error_kinds"),
-            "load_s": result["load_s"], "held_s": result.get("held_s", 0.0), "settled_s": result["settled_s"]}
+            "load_s": result["load_s"], "held_s": result["held_s"], "settled_s": result["settled_s"]}
 
 
 def write_figures(result: dict, out_dir: str | Path, title: str = "Serve autoscaling") -> dict:

@@ -377,7 +377,7 @@ def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Se
             raise ValueError(f"ramp stage ({rps}, {seconds}): req/s and seconds must be > 0")
         rates.append((t, t + seconds, rps))
         t += seconds
-    held = [0.0]
+    planned = sum(int(rps * (b - a)) for a, b, rps in rates)
 
     def offsets():
         for a, b, rps in rates:
@@ -388,15 +388,15 @@ def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Se
             for i in range(int(rps * max_s)):
                 if done():
                     return
-                held[0] = (i + 1) / rps
                 yield t + i / rps
 
     lat, errors, sends, outcomes = [], [], [], []
     started_at = time.time()
     start = asyncio.run(_send_at(offsets(), url, payloads, method, timeout, lat, errors, sends, outcomes))
-    if held[0]:
+    held_s = (len(sends) - planned) / rates[-1][2] if rates else 0.0  # the requests sent past the stages
+    if held_s:
         a, _, rps = rates[-1]
-        rates[-1], t = (a, t + held[0], rps), t + held[0]
+        rates[-1], t = (a, t + held_s, rps), t + held_s
     windows = []
     end = max([t] + [done - start for _, done, _ in outcomes])  # the last answers may come after the last send
     for k in range(max(1, math.ceil(end / window_s))):
@@ -409,7 +409,7 @@ def ramp_test(url: str, payloads: Sequence | Callable[[int], object], stages: Se
                         "achieved_rps": answered / window_s, "errors": len(due) - len(took),
                         **{k: v for k, v in percentiles(took).items() if k != "mean_ms"}})
     n = len(sends)
-    return {"started_at": started_at, "windows": windows, "held_s": round(held[0], 2),
+    return {"started_at": started_at, "windows": windows, "held_s": round(held_s, 2),
             "total": {**percentiles(lat), "requests": n, "errors": len(errors), "error_rate": len(errors) / max(n, 1),
                       "error_kinds": dict(Counter(str(e) for e in errors))}}
 

@@ -46,7 +46,7 @@ def key_hash(table: pa.Table, keys: list[str]) -> np.ndarray:
 def _split(keys: list[str], blocks: int, *tables: pa.Table):
     """The rows of ``tables`` in ``blocks`` parts by :func:`key_hash` (one sort, then slices)."""
     # an empty block may lack the columns (a Dataset filtered to nothing): it adds no rows anyway
-    table = pa.concat_tables([t for t in tables if t.num_rows] or tables[:1], promote_options="permissive")
+    table = _concat(*([t for t in tables if t.num_rows] or tables[:1]))
     if not table.num_rows:
         parts = [table] * blocks
     else:

@@ -8,16 +8,23 @@ import pytest
 from pipelines.serving import SERVE_PORT_LABEL
 
 
-@pytest.fixture
-def hello_app(ray_connected):
+def _hello(replicas: int, **options):
+    """A Serve app answering "hello" with ``replicas`` small replicas (``options``: more deployment options)."""
     from ray import serve
 
-    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.1})
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0.1}, **options)
     class Hello:
         async def __call__(self, request):
             return "hello"
 
-    yield Hello.bind()
+    return Hello.bind()
+
+
+@pytest.fixture
+def hello_app(ray_connected):
+    from ray import serve
+
+    yield _hello(2)
     serve.delete("hello-test")
 
 
@@ -53,19 +60,11 @@ def test_a_proxy_draining_after_a_delete_is_neither_waited_for_nor_returned(ray_
 
     from pipelines.serving import _replica_nodes, deploy_app, driver_snapshot, wait_until_routed
 
-    def hello(replicas):
-        @serve.deployment(num_replicas=replicas, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.1})
-        class Hello:
-            async def __call__(self, request):
-                return "hello"
-
-        return Hello.bind()
-
     try:
-        deploy_app(hello(2), "hello-both", "/both", health_path="")
+        deploy_app(_hello(2, max_replicas_per_node=1), "hello-both", "/both", health_path="")
         assert len(_replica_nodes("hello-both")) == 2  # one per worker
         serve.delete("hello-both")
-        deploy_app(hello(1), "hello-one", "/one", health_path="")
+        deploy_app(_hello(1), "hello-one", "/one", health_path="")
         replica_nodes, proxies, urls = driver_snapshot("hello-one")
         draining = {n for n, status in proxies.items() if status == "DRAINING"}
         assert draining and not draining & replica_nodes, proxies  # still leaving when deploy_app returned
