@@ -3,9 +3,10 @@
 Both run the same policy (the template's MLP with fixed random weights) over the
 same number of envs. Bare: one ``gymnasium.vector.SyncVectorEnv`` stepping all
 envs with one batched forward pass per step. Ray: ``simulator.max_actors``
-actors x ``simulator.envs_per_actor`` envs, observations batched across
-simulators by the policy actor, trajectories recorded and returned as in
-``collect``. Actor start-up is excluded (a warm-up round runs first).
+actors x ``simulator.envs_per_actor`` envs in the template's ``collect.mode``
+(``auto``: a policy copy in each simulator on CPU, the batched policy actor with a GPU;
+``--set collect.mode=batched`` measures the policy actor on CPU), trajectories recorded
+and returned as in ``collect``. Actor start-up is excluded (a warm-up round runs first).
 
     python benchmarks/embodied.py [--env Reacher-v5] [--steps 100000] [--set simulator.envs_per_actor=32]
 
@@ -87,7 +88,7 @@ def measure(cfg, policy: dict, steps: int, rounds: int) -> dict:
     per_episode = env_facts(cfg.env.id)["max_episode_steps"]
     envs = cfg.simulator.max_actors * cfg.simulator.envs_per_actor
     bare = BareLoop(cfg.env.id, policy, envs, cfg.cameras.model_dump() if cfg.cameras.names else None)
-    rollout = Rollout(cfg, policy, "batched", record=True)
+    rollout = Rollout(cfg, policy, cfg.collect.mode, record=True)
     totals = {"bare": [0, 0.0], "ray": [0, 0.0]}
     try:
         rollout.run([(k, k) for k in range(envs)], lambda ep: None)  # warm-up: actors started, imports done
@@ -100,12 +101,13 @@ def measure(cfg, policy: dict, steps: int, rounds: int) -> dict:
             stats = rollout.run([(k, k) for k in range(first, first + episodes)], lambda ep: None)
             totals["ray"][0] += stats["env_steps"]
             totals["ray"][1] += stats["seconds"]
-        server = ray.get(rollout.server.stats.remote())
+        server = ray.get(rollout.server.stats.remote()) if rollout.server is not None else None
         device = rollout.policy_device()
     finally:
         rollout.close()
     return {"steps_per_s": totals["ray"][0] / totals["ray"][1], "bare_steps_per_s": totals["bare"][0] / totals["bare"][1],
-            "mean_policy_batch": round(server["mean_batch"], 1), "policy_device": device,
+            "mode": rollout.mode, "mean_policy_batch": round(server["mean_batch"], 1) if server else None,
+            "policy_device": device,
             "ray_env_steps": totals["ray"][0], "bare_env_steps": totals["bare"][0]}
 
 

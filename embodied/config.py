@@ -43,7 +43,8 @@ class CollectConfig(StrictModel):
     policy: Literal["expert", "random"] = "expert"
     episodes: int = Field(200, ge=1)
     seed: int = Field(0, ge=0, description="episode k is reset with seed + k")
-    mode: Literal["batched", "local"] = "batched"
+    mode: Literal["auto", "batched", "local"] = Field(
+        "auto", description="auto: batched when policy_server.num_gpus > 0, else local (a CPU policy per simulator)")
     frames_per_file: int = Field(200_000, ge=1, description="data/ parquet files hold about this many frames")
     max_reject_ratio: float = Field(0.05, ge=0, le=1)
     action_noise: float = Field(0.0, ge=0, description="DART-style noisy demonstrations: Gaussian noise of sd "
@@ -67,7 +68,8 @@ class TrainConfig(StrictModel):
 class EvaluateConfig(StrictModel):
     episodes: int = Field(50, ge=1)
     seed: int = Field(1_000_000, ge=0, description="held-out seeds: seed + k, disjoint from collect seeds")
-    mode: Literal["batched", "local"] = "batched"
+    mode: Literal["auto", "batched", "local"] = Field(
+        "auto", description="auto: batched when policy_server.num_gpus > 0, else local (a CPU policy per simulator)")
     min_gap_closed: float = Field(0.0, ge=0, le=1,
                                   description="fail the run when BC closes less of the random->expert gap")
 

@@ -35,6 +35,19 @@ from .envs import SUCCESS_DISTANCE, env_facts, goal_distance
 from .policies import policy_spec
 from .simulator import PolicyServer, Simulator, uses_images
 
+ROLLOUT_MODES = ("auto", "batched", "local")
+
+
+def resolve_mode(mode: str, cfg: EmbodiedConfig) -> str:
+    """``auto`` -> ``batched`` when the policy actor has a GPU (one forward pass for every simulator),
+    else ``local``: on CPU a policy copy in each simulator beats a round trip per step (benchmarks/embodied.py:
+    1.6x the bare loop local, 0.4x batched, 2 cores)."""
+    if mode not in ROLLOUT_MODES:
+        raise ValueError(f"unknown rollout mode {mode!r} (allowed: {', '.join(ROLLOUT_MODES)})")
+    if mode == "auto":
+        return "batched" if cfg.policy_server.num_gpus > 0 else "local"
+    return mode
+
 
 class Rollout:
     """A set of simulator actors (and, in ``batched`` mode, one policy actor) for one policy."""
@@ -57,11 +70,11 @@ class Rollout:
         self.restarts = 0
 
     def set_policy(self, policy: dict, mode: str = "batched") -> None:
-        """Switch every simulator to ``policy`` (batched: through a new policy actor; local: a copy each)."""
+        """Switch every simulator to ``policy`` (batched: through a new policy actor; local: a copy each;
+        auto: :func:`resolve_mode`)."""
         import ray
 
-        if mode not in ("batched", "local"):
-            raise ValueError(f"unknown rollout mode {mode!r} (allowed: batched, local)")
+        mode = resolve_mode(mode, self.cfg)
         if self.server is not None:
             ray.kill(self.server, no_restart=True)
             self.server = None

@@ -19,7 +19,7 @@ from embodied.dataset import (
 )
 from embodied.envs import env_facts, is_success, make_env
 from embodied.policies import make_policy, policy_spec
-from embodied.rollout import plot_trajectories
+from embodied.rollout import plot_trajectories, resolve_mode
 from embodied.simulator import PolicyServer, Simulator
 from pipelines.config import ConfigError
 
@@ -205,6 +205,17 @@ def test_bad_config_is_one_line_naming_the_field():
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"simulator\.envs_per_actor"):
         config_mod.load(None, ["simulator.envs_per_actor=0"])
+
+
+def test_auto_rollout_mode_batches_only_for_a_gpu_policy_actor():
+    cpu = config_mod.load(None, [])
+    gpu = config_mod.load(None, ["policy_server.num_gpus=0.5"])
+    assert cpu.collect.mode == cpu.evaluate.mode == "auto"
+    assert resolve_mode("auto", cpu) == "local"
+    assert resolve_mode("auto", gpu) == "batched"
+    assert resolve_mode("batched", cpu) == "batched" and resolve_mode("local", gpu) == "local"
+    with pytest.raises(ValueError, match="unknown rollout mode 'remote'"):
+        resolve_mode("remote", cpu)
 
 
 def test_preflight_refuses_a_missing_expert_before_any_ray_work(capsys, monkeypatch):
