@@ -6,13 +6,13 @@ then:
   (per-epoch time inside the loop, as reported with the checkpoint) vs the same model, data,
   batch size and epoch code in one bare process;
 - online: ``GET /recsys/recommend`` (100 candidates ranked) at a fixed 50 req/s, and max req/s
-  with 8 closed-loop clients, Serve in Ray 2.60's throughput-optimized mode;
+  with 8 closed-loop clients, Serve as the template starts it (``serve.fast_serve``: Ray 2.60's
+  throughput-optimized mode and HAProxy ingress);
 - batch: users/s of the batch top-k step.
 Prints one JSON line last.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +21,6 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-# throughput-optimized Serve (Ray 2.60); must be set before Ray/Serve start
-os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 from pipelines.bench import emit, guard, log
 from pipelines.report import write_summary

@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipelines.bench import emit, guard, log, timer
-from riskcontrol.config import FAST_SERVE_ENV, RiskConfig, ServeConfig
+from pipelines.config import FAST_SERVE_ENV
+from riskcontrol.config import RiskConfig, ServeConfig
 
 
 def make_features(cfg: RiskConfig, out: str) -> str:

@@ -113,7 +113,7 @@ class RankerDeployment:
     def version(self) -> str:
         return self.scorer.version
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
     async def score(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
         """Per request: (its scores, how many requests this forward pass held)."""
         sizes = [len(s) for s, _ in requests]

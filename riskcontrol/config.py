@@ -7,16 +7,15 @@ from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 
-from pipelines.config import LocalRayConfig, StrictModel, load_config
+from pipelines.config import FAST_SERVE_ENV, LocalRayConfig, StrictModel, load_config
 from pipelines.input import InputConfig
 from pipelines.serving import Autoscaling, check_replicas
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
-# Ray Serve's throughput-optimized mode with the HAProxy ingress; these must be in the environment of
-# the Ray processes (controller, proxy, replicas): set when this template starts its own local Ray,
-# `deploy.local.up(spec, env=FAST_SERVE_ENV)` for a local cluster, the cluster's env for a managed one.
-FAST_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# serve.fast_serve: FAST_SERVE_ENV (Serve's throughput-optimized mode with the HAProxy ingress) must be in
+# the environment of the Ray processes (controller, proxy, replicas): set when this template starts its own
+# local Ray, `deploy.local.up(spec, env=FAST_SERVE_ENV)` for a local cluster, the cluster's env for a managed one.
 
 
 class DataConfig(StrictModel):
@@ -168,7 +167,7 @@ class RiskConfig(StrictModel):
     @model_validator(mode="after")
     def _fast_serve_env(self):
         if self.serve.fast_serve:  # an in-process Ray's Serve processes must start with these
-            self.local_ray.env = {**FAST_SERVE_ENV, **self.local_ray.env}
+            self.local_ray.add_env(FAST_SERVE_ENV)
         return self
 
 

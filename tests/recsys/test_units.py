@@ -264,3 +264,12 @@ def test_a_serve_config_app_uses_the_runs_own_config(tmp_path):
     cfg = app_config({"run_dir": str(tmp_path), "serve": serve})
     assert (cfg.retrieval.vocab_buckets, cfg.retrieval.candidates, cfg.serve.max_batch_size) == (4321, 77, 5)
     assert app_config({"run_dir": str(tmp_path / "none")}).retrieval.vocab_buckets == C.load().retrieval.vocab_buckets
+
+
+def test_fast_serve_reaches_the_in_process_rays_environment_and_an_explicit_env_wins():
+    from pipelines.config import FAST_SERVE_ENV
+
+    assert C.load().local_ray.env == FAST_SERVE_ENV
+    assert C.load(None, ["serve.fast_serve=false"]).local_ray.env == {}
+    mine = C.load(None, ["local_ray.env.RAY_SERVE_ENABLE_HA_PROXY='0'"]).local_ray.env
+    assert mine == {**FAST_SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
