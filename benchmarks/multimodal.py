@@ -118,7 +118,7 @@ def main(n, width, height, repeat, address):
                 seen.append(cpu_ms_per_image(sample, d))
         print(f"decoder CPU ms per image ({width}x{height} JPEG -> {SIZE}px + features): "
               + ", ".join(f"{d} {min(v):.2f}" for d, v in cpu.items()), file=sys.stderr)
-        base = [f"images.size={SIZE}", f"images.analysis_size={ANALYSIS}", "images.batch_size=64"]
+        base = [f"images.size={SIZE}", f"images.analysis_size={ANALYSIS}"]  # images.batch_size: the template's
         cfg = load(None, base + ["images.embed.enabled=false"])
         cfg_embed = load(None, base + ["images.embed.batch_size=64"])
         # Ray starts its workers at nice 15; on a machine shared with other load that alone cuts

@@ -81,7 +81,8 @@ class ImageConfig(StrictModel):
     size: int = Field(64, ge=8)             # output square side (resize shorter side + center crop)
     analysis_size: int = Field(256, ge=32)  # longest side used for blur/brightness
     near_dup_hamming: int = Field(6, ge=0, le=32)  # phash Hamming distance counted as near-duplicate
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(256, ge=1, description="images per decode task: a Ray task costs tens of ms, so few large "
+                                                        "tasks (2 cores, 2000 images: 64 -> 365 img/s, 256 -> 465-500 img/s)")
     num_cpus: float = Field(1, gt=0)
     memory_mb: int = Field(256, ge=16)      # memory reserved per decode task
     embed: EmbedConfig = EmbedConfig()
