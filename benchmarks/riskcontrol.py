@@ -60,14 +60,20 @@ def bench_training(cfg: RiskConfig, features: str, out: str) -> dict:
 
     test = test_slice(features, cfg.train)
     with timer() as t_ray:
-        run_training(cfg, features, out, num_workers=2, name="model")
+        ray_meta = run_training(cfg, features, out, num_workers=2, name="model")
     with timer() as t_local:
-        run_training(cfg, features, out, num_workers=0, name="model_inprocess")
+        local_meta = run_training(cfg, features, out, num_workers=0, name="model_inprocess")
     report = evaluate(f"{out}/model", test, cfg.eval, out, {"inprocess": f"{out}/model_inprocess"})
-    log(f"train: ray {t_ray():.1f}s, in-process {t_local():.1f}s")
+    log(f"train: ray {t_ray():.1f}s (worker 0: read {ray_meta['read_s']}s, LightGBM {ray_meta['fit_s']}s, "
+        f"{ray_meta['best_iteration']} trees), in-process {t_local():.1f}s (read {local_meta['read_s']}s, "
+        f"LightGBM {local_meta['fit_s']}s, {local_meta['best_iteration']} trees)")
     ray_auprc, local_auprc = report["model"]["auprc"], report["inprocess"]["auprc"]
     return {"train_wall_ratio": t_ray() / t_local(), "auprc_ray": ray_auprc, "auprc_inprocess": local_auprc,
-            "auprc_gap": abs(ray_auprc - local_auprc)}
+            "auprc_gap": abs(ray_auprc - local_auprc),
+            "train_seconds": {"ray": round(t_ray(), 1), "ray_worker0_read": ray_meta["read_s"],
+                              "ray_worker0_lightgbm": ray_meta["fit_s"], "inprocess": round(t_local(), 1),
+                              "inprocess_read": local_meta["read_s"], "inprocess_lightgbm": local_meta["fit_s"]},
+            "trees": {"ray": ray_meta["best_iteration"], "inprocess": local_meta["best_iteration"]}}
 
 
 def bare_batch(features: str, model_dir: str, out: str) -> float:

@@ -181,23 +181,26 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    started = time.perf_counter()
     groups = row_groups(config["features"])
     if config["by_groups"]:
         train_df = read_window(my_share(groups, rank, world), config["columns"], end=config["t1"])
     else:  # some worker's share of the row groups has no training rows: share the rows instead
         train_df = read_window(groups, config["columns"], end=config["t1"]).iloc[rank::world]
     valid_df = read_window(groups, config["columns"], start=config["t1"], end=config["t2"])
+    read_s = time.perf_counter() - started
     network = get_network_params()
     params = {**lgb_params(cfg, config["pos_weight"], max(1, int(cfg.num_cpus))),
               **network, "tree_learner": "data_parallel"}
     booster = fit_booster(train_df, valid_df, params, cfg)
+    seconds = {"read_s": round(read_s, 2), "fit_s": round(time.perf_counter() - started - read_s, 2)}
     metrics = {"rows_worker": len(train_df), "best_iteration": int(booster.best_iteration), "rows_seen": rows_seen(booster),
                "valid_average_precision": float(booster.best_score["valid"]["average_precision"])}
     # rank 0 saves the model (identical on every worker) with its own shard size as evidence
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save_model(booster, tmp, {"trainer": "ray", "num_workers": world,
-                                      "rows_worker_0": len(train_df), **config["meta"]})
+                                      "rows_worker_0": len(train_df), **seconds, **config["meta"]})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics)
@@ -234,7 +237,9 @@ def train_inprocess(train_df: pd.DataFrame, valid_df: pd.DataFrame, cfg: TrainCo
                     out_dir: str, meta: dict) -> dict:
     """Fit in this process with the same function and parameters (``num_workers: 0``)."""
     params = lgb_params(cfg, pos_weight, max(1, os.cpu_count() or 1))
+    started = time.perf_counter()
     booster = fit_booster(train_df, valid_df, params, cfg)
+    meta = {**meta, "fit_s": round(time.perf_counter() - started, 2)}
     save_model(booster, out_dir, {"trainer": "inprocess", "num_workers": 0, **meta})
     return read_json(join(out_dir, "model.json"))
 
@@ -289,8 +294,10 @@ def run_training(cfg: RiskConfig, features_path: str, out_dir: str, num_workers:
             "valid_end": str(t2), "train_rows": len(labels), "pos_weight": pos_weight}
     if tcfg.num_workers == 0:
         groups = split["groups"]  # listed once, by label_counts
-        return train_inprocess(read_window(groups, cols, end=t1), read_window(groups, cols, t1, t2), tcfg,
-                               pos_weight, model_dir, meta)
+        started = time.perf_counter()
+        train_df, valid_df = read_window(groups, cols, end=t1), read_window(groups, cols, t1, t2)
+        meta["read_s"] = round(time.perf_counter() - started, 2)
+        return train_inprocess(train_df, valid_df, tcfg, pos_weight, model_dir, meta)
     return train_ray(features_path, t1, t2, tcfg, pos_weight, model_dir, meta, split["by_groups"])
 
 
